@@ -1,0 +1,1 @@
+//! Shared inputs for kefu benchmarks; the benchmarks themselves live in `benches/benches/`.

@@ -1,0 +1,1 @@
+//! The binary TCP protocol: payloads of handshake, send, subscribe, ack and stream frames.

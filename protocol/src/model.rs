@@ -1,0 +1,1 @@
+//! The conversation model of the public API as strict serde types.

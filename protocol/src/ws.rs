@@ -1,0 +1,1 @@
+//! WebSocket (RFC 6455) server side: handshake and frame codec.
