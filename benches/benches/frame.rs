@@ -1,0 +1,2 @@
+//! Benchmarks for the frame code (placeholder until its module lands).
+fn main() {}

@@ -1,0 +1,2 @@
+//! Benchmarks for the http code (placeholder until its module lands).
+fn main() {}

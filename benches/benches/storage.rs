@@ -1,0 +1,2 @@
+//! Benchmarks for the storage code (placeholder until its module lands).
+fn main() {}

@@ -1,0 +1,2 @@
+//! Benchmarks for the ws code (placeholder until its module lands).
+fn main() {}
