@@ -1,2 +1,3 @@
 //! The kefu gateway: thread-per-core io_uring server that carries conversations end to end (lands with the gateway-core issue).
 pub mod intent;
+pub mod routing;
