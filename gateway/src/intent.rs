@@ -185,7 +185,7 @@ impl IntentModel {
             });
         }
         let file: IntentsFile = toml::from_str(text).map_err(|e| IntentError::Parse {
-            reason: e.to_string().trim_end().to_owned(),
+            reason: one_line_toml_error(text, &e),
         })?;
         validate(&file)?;
         train(file)
@@ -267,6 +267,21 @@ impl IntentModel {
     /// Number of distinct tokens learned.
     pub fn vocabulary_len(&self) -> usize {
         self.vocabulary.len()
+    }
+}
+
+/// toml's own message spans several lines with a source excerpt; config errors are one line.
+fn one_line_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end().replace('\n', "; ");
+    match error.span() {
+        Some(span) => {
+            // Spans are byte offsets at token boundaries; `get` keeps a bad one from panicking.
+            let before = text.get(..span.start).unwrap_or_default();
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
     }
 }
 
@@ -867,6 +882,11 @@ mod tests {
         ));
         let unknown = err(&format!("{head}colour = 1\n"));
         assert!(unknown.to_string().contains("colour"), "{unknown}");
+        assert!(
+            unknown.to_string().contains("line 2, column 1"),
+            "{unknown}"
+        );
+        assert!(!unknown.to_string().contains('\n'), "{unknown}");
         let unknown =
             err(&format!("{head}{}", intent("a", "b", "[\"x\"]")).replace("examples", "exemples"));
         assert!(unknown.to_string().contains("exemples"), "{unknown}");
