@@ -40,7 +40,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         return Ok(());
     }
     if !targets.contains(&target) {
-        bail!("unknown fuzz target `{target}`; targets: {}", targets.join(", "));
+        bail!(
+            "unknown fuzz target `{target}`; targets: {}",
+            targets.join(", ")
+        );
     }
     ensure_cargo_fuzz()?;
     // cargo-fuzz passes -Z flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them.
