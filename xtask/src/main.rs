@@ -1,6 +1,7 @@
 //! `cargo xtask`: project automation as a plain binary (matklad's cargo-xtask pattern).
 //!
 //! - `cargo xtask test`: make sure the tools the tests need are present, then run every test.
+//! - `cargo xtask setup`: only install those tools (CI runs it before clippy).
 //! - `cargo xtask fuzz TARGET --seconds N`: run one cargo-fuzz target for a bounded time.
 //! - `cargo xtask loadtest ...`: build release, start kefu, run a load scenario, check targets.
 
@@ -22,6 +23,7 @@ fn main() -> anyhow::Result<()> {
     let rest: Vec<String> = args.collect();
     match task.as_str() {
         "test" => test(&rest),
+        "setup" => tools::ensure_test_tools(),
         "fuzz" => fuzz::run(&rest),
         "loadtest" => loadtest::run(&rest),
         "help" | "--help" | "-h" => {
@@ -41,6 +43,7 @@ fn print_usage() {
          \n\
          tasks:\n\
          \x20 test [ARGS]                   install missing test tools, then `cargo test --workspace [ARGS]`\n\
+         \x20 setup                         only install the tools the build and tests need (CI runs it first)\n\
          \x20 fuzz TARGET [--seconds N]     run a cargo-fuzz target for N seconds (default 60)\n\
          \x20 fuzz list                     list the fuzz targets\n\
          \x20 loadtest [OPTIONS]            run a load scenario against a fresh release kefu (see --help)"
