@@ -10,7 +10,8 @@
 //! ```
 //! use kefu_trace_common::{RequestRecord, Stage, emit, now_ns, route, trace_enabled};
 //!
-//! // When a request starts: one relaxed atomic load, false while no tracer is attached.
+//! // Once when a request starts: one relaxed atomic load, false while no tracer is attached
+//! // (and, with sampling, for the requests it skips).
 //! let traced = trace_enabled();
 //! let mut rec = RequestRecord::default();
 //! if traced {
@@ -61,7 +62,7 @@
 
 #![no_std]
 
-use core::sync::atomic::{AtomicU16, Ordering};
+use core::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 
 /// The version of the [`RequestRecord`] layout; the tracer refuses records of another version.
 pub const RECORD_VERSION: u16 = 1;
@@ -366,22 +367,52 @@ mod pod {
 #[used]
 pub static KEFU_TRACE_SEMAPHORE: AtomicU16 = AtomicU16::new(0);
 
+/// Sampling: trace one request in this many (0 and 1 = every request). The tracer writes it in
+/// the traced process (through `/proc/PID/mem`) before it attaches; like the semaphore it lives
+/// in `.probes` so the tracer finds it by symbol at a fixed file offset.
+#[cfg(not(target_arch = "bpf"))]
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".probes")]
+#[used]
+pub static KEFU_TRACE_SAMPLE_EVERY: AtomicU32 = AtomicU32::new(0);
+
+/// Requests seen while tracing, for [`KEFU_TRACE_SAMPLE_EVERY`]; only touched while traced.
+#[cfg(not(target_arch = "bpf"))]
+static SAMPLE_COUNTER: AtomicU32 = AtomicU32::new(0);
+
 /// The symbol names the tracer looks up in the gateway binary.
 pub const MARKER_SYMBOL: &str = "kefu_request_marker";
 pub const SEMAPHORE_SYMBOL: &str = "KEFU_TRACE_SEMAPHORE";
+pub const SAMPLE_EVERY_SYMBOL: &str = "KEFU_TRACE_SAMPLE_EVERY";
 
-/// True while a tracer is attached: only then should the gateway take timestamps and [`emit`].
+/// Should this request be traced? Call it once when a request starts: false (one relaxed load)
+/// while no tracer is attached; while one is, true for every request or, with sampling, for one
+/// request in [`KEFU_TRACE_SAMPLE_EVERY`]. Only traced requests need timestamps and [`emit`].
 #[cfg(not(target_arch = "bpf"))]
 #[inline(always)]
 pub fn trace_enabled() -> bool {
+    KEFU_TRACE_SEMAPHORE.load(Ordering::Relaxed) != 0 && sampled()
+}
+
+/// True while a tracer has the request probe attached (no sampling).
+#[cfg(not(target_arch = "bpf"))]
+#[inline(always)]
+pub fn tracer_attached() -> bool {
     KEFU_TRACE_SEMAPHORE.load(Ordering::Relaxed) != 0
+}
+
+#[cfg(not(target_arch = "bpf"))]
+#[inline(never)]
+fn sampled() -> bool {
+    let every = KEFU_TRACE_SAMPLE_EVERY.load(Ordering::Relaxed);
+    every <= 1 || SAMPLE_COUNTER.fetch_add(1, Ordering::Relaxed) % every == 0
 }
 
 /// Hand a finished request record to the tracer (a no-op costing one branch when untraced).
 #[cfg(not(target_arch = "bpf"))]
 #[inline(always)]
 pub fn emit(record: &RequestRecord) {
-    if trace_enabled() {
+    if tracer_attached() {
         // SAFETY: the marker only returns; the uprobe reads the record through the pointer while
         // `record` is borrowed for the whole call.
         unsafe { kefu_request_marker(record) }
