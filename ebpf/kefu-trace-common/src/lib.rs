@@ -405,7 +405,10 @@ pub fn tracer_attached() -> bool {
 #[inline(never)]
 fn sampled() -> bool {
     let every = KEFU_TRACE_SAMPLE_EVERY.load(Ordering::Relaxed);
-    every <= 1 || SAMPLE_COUNTER.fetch_add(1, Ordering::Relaxed) % every == 0
+    every <= 1
+        || SAMPLE_COUNTER
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(every)
 }
 
 /// Hand a finished request record to the tracer (a no-op costing one branch when untraced).
