@@ -1,1 +1,0 @@
-//! WebSocket (RFC 6455) server side: handshake and frame codec.
