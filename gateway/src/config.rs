@@ -1,0 +1,765 @@
+//! Gateway configuration: the TOML file (unknown keys rejected), the embedded default, command-line flags, and the checks that turn bad values into one-line errors naming the key.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The config `kefu` runs on without `--config`.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../kefu.default.toml");
+
+/// A bad config or bad flags: `key` names what is wrong, so the operator can find it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// When an appended record counts as durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fdatasync before every acknowledgement (group commit: one sync per batch).
+    Always,
+    /// Acknowledge after the write; a background sync every `ms`.
+    Interval { ms: u64 },
+    /// Never sync (the kernel writes back when it likes).
+    Never,
+}
+
+impl Durability {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            _ => {
+                let ms = text
+                    .strip_prefix("interval:")
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                    .filter(|ms| (1..=60_000).contains(ms))
+                    .ok_or_else(|| {
+                        format!("{text:?} is not always, never or interval:MS with MS in 1..=60000")
+                    })?;
+                Ok(Self::Interval { ms })
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Always => f.write_str("always"),
+            Self::Never => f.write_str("never"),
+            Self::Interval { ms } => write!(f, "interval:{ms}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerFile,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub auth: AuthFile,
+    #[serde(default)]
+    pub tls: Option<TlsFile>,
+    #[serde(default)]
+    pub tenant: Vec<TenantFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerFile {
+    pub http: String,
+    pub tcp: String,
+    pub data_dir: PathBuf,
+    pub shards: usize,
+    pub backlog: u32,
+    pub durability: String,
+    pub uring_entries: u32,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        Self {
+            http: "127.0.0.1:8080".into(),
+            tcp: "127.0.0.1:7070".into(),
+            data_dir: "./kefu-data".into(),
+            shards: 0,
+            backlog: 1024,
+            durability: "always".into(),
+            uring_entries: 1024,
+        }
+    }
+}
+
+/// Every bound of the gateway, chosen at start. Units are in the names.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub connections_per_shard_max: usize,
+    pub shard_inbox_depth: usize,
+    pub subscriber_queue_depth: usize,
+    pub subscriptions_per_socket_max: usize,
+    pub request_head_bytes_max: usize,
+    pub request_uri_bytes_max: usize,
+    pub request_headers_max: usize,
+    pub request_body_bytes_max: usize,
+    pub ws_frame_bytes_max: usize,
+    pub binary_frame_bytes_max: usize,
+    pub text_bytes_max: usize,
+    pub client_msg_id_bytes_max: usize,
+    pub idle_timeout_ms: u64,
+    pub ws_ping_interval_ms: u64,
+    pub long_poll_timeout_ms_max: u64,
+    pub history_limit_max: usize,
+    pub conversations_per_shard_max: usize,
+    pub idempotency_keys_per_conversation_max: usize,
+    pub buffers_per_shard_max: usize,
+    pub buffer_bytes: usize,
+    pub stream_chunk_bytes_max: usize,
+    pub overload_inflight_per_shard_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connections_per_shard_max: 20_000,
+            shard_inbox_depth: 8192,
+            subscriber_queue_depth: 1024,
+            subscriptions_per_socket_max: 64,
+            request_head_bytes_max: 8192,
+            request_uri_bytes_max: 2048,
+            request_headers_max: 64,
+            request_body_bytes_max: 65_536,
+            ws_frame_bytes_max: 65_536,
+            binary_frame_bytes_max: 65_536,
+            text_bytes_max: 8192,
+            client_msg_id_bytes_max: 128,
+            idle_timeout_ms: 60_000,
+            ws_ping_interval_ms: 20_000,
+            long_poll_timeout_ms_max: 60_000,
+            history_limit_max: 1000,
+            conversations_per_shard_max: 100_000,
+            idempotency_keys_per_conversation_max: 1024,
+            buffers_per_shard_max: 4096,
+            buffer_bytes: 4096,
+            stream_chunk_bytes_max: 1 << 20,
+            overload_inflight_per_shard_max: 4096,
+        }
+    }
+}
+
+impl Limits {
+    fn check(&self) -> Result<(), ConfigError> {
+        let ranges: [(&str, usize, usize, usize); 20] = [
+            (
+                "connections_per_shard_max",
+                self.connections_per_shard_max,
+                1,
+                1 << 20,
+            ),
+            ("shard_inbox_depth", self.shard_inbox_depth, 16, 1 << 20),
+            (
+                "subscriber_queue_depth",
+                self.subscriber_queue_depth,
+                4,
+                1 << 20,
+            ),
+            (
+                "subscriptions_per_socket_max",
+                self.subscriptions_per_socket_max,
+                1,
+                1 << 16,
+            ),
+            (
+                "request_head_bytes_max",
+                self.request_head_bytes_max,
+                256,
+                1 << 20,
+            ),
+            (
+                "request_uri_bytes_max",
+                self.request_uri_bytes_max,
+                16,
+                1 << 16,
+            ),
+            ("request_headers_max", self.request_headers_max, 4, 1024),
+            (
+                "request_body_bytes_max",
+                self.request_body_bytes_max,
+                64,
+                1 << 30,
+            ),
+            ("ws_frame_bytes_max", self.ws_frame_bytes_max, 64, 1 << 26),
+            (
+                "binary_frame_bytes_max",
+                self.binary_frame_bytes_max,
+                64,
+                1 << 26,
+            ),
+            ("text_bytes_max", self.text_bytes_max, 1, 1 << 24),
+            (
+                "client_msg_id_bytes_max",
+                self.client_msg_id_bytes_max,
+                1,
+                4096,
+            ),
+            ("history_limit_max", self.history_limit_max, 1, 100_000),
+            (
+                "conversations_per_shard_max",
+                self.conversations_per_shard_max,
+                1,
+                1 << 28,
+            ),
+            (
+                "idempotency_keys_per_conversation_max",
+                self.idempotency_keys_per_conversation_max,
+                1,
+                1 << 20,
+            ),
+            (
+                "buffers_per_shard_max",
+                self.buffers_per_shard_max,
+                1,
+                1 << 24,
+            ),
+            ("buffer_bytes", self.buffer_bytes, 512, 1 << 24),
+            (
+                "stream_chunk_bytes_max",
+                self.stream_chunk_bytes_max,
+                4096,
+                1 << 30,
+            ),
+            (
+                "overload_inflight_per_shard_max",
+                self.overload_inflight_per_shard_max,
+                1,
+                1 << 24,
+            ),
+            (
+                "idle_timeout_ms",
+                self.idle_timeout_ms.min(u64::from(u32::MAX)) as usize,
+                100,
+                86_400_000,
+            ),
+        ];
+        for (key, value, lo, hi) in ranges {
+            if !(lo..=hi).contains(&value) {
+                return Err(ConfigError::new(
+                    format!("limits.{key}"),
+                    format!("{value} is not in {lo}..={hi}"),
+                ));
+            }
+        }
+        if !(10..=self.idle_timeout_ms).contains(&self.ws_ping_interval_ms) {
+            return Err(ConfigError::new(
+                "limits.ws_ping_interval_ms",
+                "must be in 10..=idle_timeout_ms",
+            ));
+        }
+        if !(1..=600_000).contains(&self.long_poll_timeout_ms_max) {
+            return Err(ConfigError::new(
+                "limits.long_poll_timeout_ms_max",
+                "must be in 1..=600000",
+            ));
+        }
+        if self.text_bytes_max + 1024 > self.request_body_bytes_max {
+            return Err(ConfigError::new(
+                "limits.text_bytes_max",
+                "must leave 1024 bytes of request_body_bytes_max for the JSON around it",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthFile {
+    pub visitor_token_ttl_ms: u64,
+}
+
+impl Default for AuthFile {
+    fn default() -> Self {
+        Self {
+            visitor_token_ttl_ms: 86_400_000,
+        }
+    }
+}
+
+/// TLS for the listeners that ask for it (PEM files).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    #[serde(default = "yes")]
+    pub http: bool,
+    #[serde(default)]
+    pub tcp: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantFile {
+    pub name: String,
+    /// Demo tenant: agent and integration tokens are generated on first start, kept in the data
+    /// dir, and printed.
+    #[serde(default)]
+    pub demo: bool,
+    pub groups: Vec<String>,
+    /// Intents file picking a group from the first message; the embedded demo intents if absent.
+    #[serde(default)]
+    pub intents: Option<PathBuf>,
+    #[serde(default)]
+    pub agent: Vec<AgentFile>,
+    #[serde(default)]
+    pub integration: Vec<IntegrationFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    pub name: String,
+    pub groups: Vec<String>,
+    #[serde(default = "capacity_default")]
+    pub capacity: u32,
+    /// Required unless the tenant is a demo tenant.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn capacity_default() -> u32 {
+    8
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntegrationFile {
+    pub name: String,
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// Flag overrides (`None`: keep the file's value).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Flags {
+    pub config: Option<PathBuf>,
+    pub http: Option<String>,
+    pub tcp: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub shards: Option<String>,
+    pub durability: Option<String>,
+}
+
+/// What the command line asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Serve(Flags),
+    Help,
+    Version,
+}
+
+pub const USAGE: &str = "usage: kefu [serve] [--config PATH] [--http ADDR] [--tcp ADDR] [--data-dir DIR] [--shards N] [--durability always|interval:MS|never]";
+
+/// Parses the arguments after the program name.
+pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigError> {
+    let mut flags = Flags::default();
+    let mut args = args.into_iter().peekable();
+    if args.peek().map(String::as_str) == Some("serve") {
+        args.next();
+    }
+    while let Some(arg) = args.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        match name.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            "--config" | "--http" | "--tcp" | "--data-dir" | "--shards" | "--durability" => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => args
+                        .next()
+                        .ok_or_else(|| ConfigError::new(&name, "needs a value"))?,
+                };
+                let slot = match name.as_str() {
+                    "--config" => {
+                        flags.config = Some(value.into());
+                        continue;
+                    }
+                    "--data-dir" => {
+                        flags.data_dir = Some(value.into());
+                        continue;
+                    }
+                    "--http" => &mut flags.http,
+                    "--tcp" => &mut flags.tcp,
+                    "--shards" => &mut flags.shards,
+                    _ => &mut flags.durability,
+                };
+                *slot = Some(value);
+            }
+            _ => return Err(ConfigError::new(arg, "unknown argument (see kefu --help)")),
+        }
+    }
+    Ok(Command::Serve(flags))
+}
+
+/// The checked configuration the gateway runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub http: SocketAddr,
+    pub tcp: SocketAddr,
+    pub data_dir: PathBuf,
+    pub shards: usize,
+    pub backlog: u32,
+    pub durability: Durability,
+    pub uring_entries: u32,
+    pub limits: Limits,
+    pub visitor_token_ttl_ms: u64,
+    pub tls: Option<TlsFile>,
+    pub tenants: Vec<TenantFile>,
+}
+
+/// Reads the file named by `--config` (or the embedded default) and applies the flags.
+pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+    let (text, origin) = match &flags.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::new("--config", format!("{}: {e}", path.display())))?;
+            (text, path.display().to_string())
+        }
+        None => (
+            DEFAULT_CONFIG_TOML.to_owned(),
+            "embedded default".to_owned(),
+        ),
+    };
+    let file = parse_toml(&text, &origin)?;
+    resolve(file, flags)
+}
+
+/// Parses config text; errors name the key (or the line and column where TOML gave up).
+pub fn parse_toml(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str::<FileConfig>(text).map_err(|e| {
+        let (line, col) = e
+            .span()
+            .map(|span| line_col(text, span.start))
+            .unwrap_or((0, 0));
+        let message = e.message().replace('\n', " ");
+        ConfigError::new(
+            format!("{origin} line {line} column {col}"),
+            message.trim().to_owned(),
+        )
+    })
+}
+
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+fn addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        ConfigError::new(
+            key,
+            format!("{text:?} is not an IP:PORT address (e.g. 127.0.0.1:8080)"),
+        )
+    })
+}
+
+/// Applies flags over the file and checks every value.
+pub fn resolve(file: FileConfig, flags: &Flags) -> Result<Config, ConfigError> {
+    let http = match &flags.http {
+        Some(v) => addr("--http", v)?,
+        None => addr("server.http", &file.server.http)?,
+    };
+    let tcp = match &flags.tcp {
+        Some(v) => addr("--tcp", v)?,
+        None => addr("server.tcp", &file.server.tcp)?,
+    };
+    let shards = match &flags.shards {
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| ConfigError::new("--shards", format!("{v:?} is not a number")))?,
+        None => file.server.shards,
+    };
+    let shards = if shards == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        shards
+    };
+    // 16 bits of a conversation id name its shard; far fewer threads make sense.
+    if !(1..=256).contains(&shards) {
+        return Err(ConfigError::new("server.shards", "must be in 0..=256"));
+    }
+    let durability = match &flags.durability {
+        Some(v) => Durability::parse(v).map_err(|p| ConfigError::new("--durability", p))?,
+        None => Durability::parse(&file.server.durability)
+            .map_err(|p| ConfigError::new("server.durability", p))?,
+    };
+    if !(1..=65_535).contains(&file.server.backlog) {
+        return Err(ConfigError::new("server.backlog", "must be in 1..=65535"));
+    }
+    if !(64..=32_768).contains(&file.server.uring_entries)
+        || !file.server.uring_entries.is_power_of_two()
+    {
+        return Err(ConfigError::new(
+            "server.uring_entries",
+            "must be a power of two in 64..=32768",
+        ));
+    }
+    file.limits.check()?;
+    if !(1000..=365 * 86_400_000).contains(&file.auth.visitor_token_ttl_ms) {
+        return Err(ConfigError::new(
+            "auth.visitor_token_ttl_ms",
+            "must be in 1000..=31536000000",
+        ));
+    }
+    check_tenants(&file.tenant)?;
+    Ok(Config {
+        http,
+        tcp,
+        data_dir: flags
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| file.server.data_dir.clone()),
+        shards,
+        backlog: file.server.backlog,
+        durability,
+        uring_entries: file.server.uring_entries,
+        limits: file.limits,
+        visitor_token_ttl_ms: file.auth.visitor_token_ttl_ms,
+        tls: file.tls,
+        tenants: file.tenant,
+    })
+}
+
+fn check_tenants(tenants: &[TenantFile]) -> Result<(), ConfigError> {
+    if tenants.is_empty() {
+        return Err(ConfigError::new(
+            "tenant",
+            "at least one [[tenant]] is needed",
+        ));
+    }
+    if tenants.len() > 64 {
+        return Err(ConfigError::new("tenant", "at most 64 tenants"));
+    }
+    let mut tokens = std::collections::HashSet::new();
+    for (ti, tenant) in tenants.iter().enumerate() {
+        let at = format!("tenant[{ti}]");
+        if !valid_name(&tenant.name) {
+            return Err(ConfigError::new(
+                format!("{at}.name"),
+                "must be 1..=64 bytes of [A-Za-z0-9_-]",
+            ));
+        }
+        if tenants[..ti].iter().any(|t| t.name == tenant.name) {
+            return Err(ConfigError::new(format!("{at}.name"), "used twice"));
+        }
+        if tenant.groups.is_empty() || tenant.groups.len() > 64 {
+            return Err(ConfigError::new(
+                format!("{at}.groups"),
+                "needs 1..=64 groups",
+            ));
+        }
+        for (gi, group) in tenant.groups.iter().enumerate() {
+            if !valid_name(group) || tenant.groups[..gi].contains(group) {
+                return Err(ConfigError::new(
+                    format!("{at}.groups"),
+                    format!("{group:?} is not a valid, unique group name"),
+                ));
+            }
+        }
+        if tenant.agent.len() > 1024 {
+            return Err(ConfigError::new(
+                format!("{at}.agent"),
+                "at most 1024 agents",
+            ));
+        }
+        for (ai, agent) in tenant.agent.iter().enumerate() {
+            let at = format!("{at}.agent[{ai}]");
+            if !valid_name(&agent.name) || tenant.agent[..ai].iter().any(|a| a.name == agent.name) {
+                return Err(ConfigError::new(
+                    format!("{at}.name"),
+                    "must be a unique name of 1..=64 bytes of [A-Za-z0-9_-]",
+                ));
+            }
+            if let Some(group) = agent.groups.iter().find(|g| !tenant.groups.contains(g)) {
+                return Err(ConfigError::new(
+                    format!("{at}.groups"),
+                    format!("{group:?} is not one of the tenant's groups"),
+                ));
+            }
+            if !(1..=64).contains(&agent.capacity) {
+                return Err(ConfigError::new(
+                    format!("{at}.capacity"),
+                    "must be in 1..=64",
+                ));
+            }
+            check_token(
+                &format!("{at}.token"),
+                &agent.token,
+                tenant.demo,
+                &mut tokens,
+            )?;
+        }
+        for (ii, integration) in tenant.integration.iter().enumerate() {
+            let at = format!("{at}.integration[{ii}]");
+            if !valid_name(&integration.name) {
+                return Err(ConfigError::new(format!("{at}.name"), "not a valid name"));
+            }
+            check_token(
+                &format!("{at}.token"),
+                &integration.token,
+                tenant.demo,
+                &mut tokens,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn check_token(
+    key: &str,
+    token: &Option<String>,
+    demo: bool,
+    seen: &mut std::collections::HashSet<String>,
+) -> Result<(), ConfigError> {
+    match token {
+        None if demo => Ok(()),
+        None => Err(ConfigError::new(key, "required outside a demo tenant")),
+        Some(t) if t.len() < 16 || t.len() > 256 || !t.bytes().all(|b| b.is_ascii_graphic()) => {
+            Err(ConfigError::new(
+                key,
+                "must be 16..=256 printable ASCII characters",
+            ))
+        }
+        Some(t) if !seen.insert(t.clone()) => Err(ConfigError::new(key, "token used twice")),
+        Some(_) => Ok(()),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn embedded_default_loads() {
+        let config = load(&Flags::default()).expect("default config is valid");
+        assert_eq!(config.http.port(), 8080);
+        assert_eq!(config.tcp.port(), 7070);
+        assert_eq!(config.durability, Durability::Always);
+        assert!(config.tenants[0].demo);
+        assert!(config.shards >= 1);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let Command::Serve(flags) = parse_args(args(&[
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--tcp=127.0.0.1:0",
+            "--shards",
+            "3",
+            "--durability",
+            "interval:5",
+            "--data-dir",
+            "/tmp/x",
+        ]))
+        .unwrap() else {
+            panic!("serve expected");
+        };
+        let config = load(&flags).unwrap();
+        assert_eq!(config.http.port(), 0);
+        assert_eq!(config.shards, 3);
+        assert_eq!(config.durability, Durability::Interval { ms: 5 });
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_on_one_line() {
+        let text = format!("{DEFAULT_CONFIG_TOML}\n[limits2]\nx = 1\n");
+        let err = parse_toml(&text, "f.toml").unwrap_err();
+        let line = err.to_string();
+        assert!(line.contains("limits2"), "{line}");
+        assert!(!line.contains('\n'), "{line}");
+        let text = DEFAULT_CONFIG_TOML.replace("idle_timeout_ms", "idle_timeout_secs");
+        let err = parse_toml(&text, "f.toml").unwrap_err().to_string();
+        assert!(err.contains("idle_timeout_secs"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let bad = |flags: Flags| load(&flags).unwrap_err().key;
+        assert_eq!(
+            bad(Flags {
+                durability: Some("sometimes".into()),
+                ..Flags::default()
+            }),
+            "--durability"
+        );
+        assert_eq!(
+            bad(Flags {
+                http: Some("localhost".into()),
+                ..Flags::default()
+            }),
+            "--http"
+        );
+        let text = DEFAULT_CONFIG_TOML.replace("buffer_bytes = 4096", "buffer_bytes = 1");
+        let file = parse_toml(&text, "x").unwrap();
+        assert_eq!(
+            resolve(file, &Flags::default()).unwrap_err().key,
+            "limits.buffer_bytes"
+        );
+        let text = DEFAULT_CONFIG_TOML.replace("demo = true", "demo = false");
+        let file = parse_toml(&text, "x").unwrap();
+        assert_eq!(
+            resolve(file, &Flags::default()).unwrap_err().key,
+            "tenant[0].agent[0].token"
+        );
+    }
+
+    #[test]
+    fn cli_shapes() {
+        assert_eq!(
+            parse_args(args(&[])).unwrap(),
+            Command::Serve(Flags::default())
+        );
+        assert_eq!(parse_args(args(&["--help"])).unwrap(), Command::Help);
+        assert_eq!(parse_args(args(&["--bogus"])).unwrap_err().key, "--bogus");
+        assert_eq!(parse_args(args(&["--http"])).unwrap_err().key, "--http");
+    }
+}

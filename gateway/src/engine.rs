@@ -1,0 +1,1373 @@
+//! Per-shard conversation engine without I/O: conversation states, dense seqs, idempotency keys, subscribers and routing, writing every record to the shard log before anything about it leaves the shard.
+//!
+//! The shard's committer feeds commands in batches. Each command may append records to the log
+//! (through [`RecordLog`]) and queue deliveries; the committer then makes the log durable (one sync
+//! for the whole batch: group commit) and only then calls [`Engine::release`], which hands the
+//! deliveries to subscribers and lets the caller send the replies. So no client sees a record
+//! that a crash could still take back.
+//!
+//! Replay (`subscribe`/`history` with `after = n`) reads from the log, never past
+//! `released_seq`, and a subscriber is registered in the same step, so a resuming client gets
+//! `n+1..released` from the log and everything after from the live path: no gap, no duplicate.
+//!
+//! Recovery folds the whole log through [`Engine::recover_record`]: states (via the model's
+//! `apply_event`), last seqs, idempotency keys and queue order come back as they were.
+//!
+//! Routing: one [`Router`] per tenant per shard. A conversation is routed by the shard that owns
+//! it; agent status is broadcast to every shard. Limitation (documented in the README): an
+//! agent's capacity applies per shard, so with N shards an agent may hold up to N times its
+//! configured capacity.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use atomic_waker::AtomicWaker;
+use crossbeam_queue::ArrayQueue;
+use kefu_protocol::frame::{self, Header, Kind};
+use kefu_protocol::model::{
+    ConversationId, ConversationState, ConversationView, Event, EventRecord, MessageRecord,
+    ModelLimits, Opened, Participant, Role, TransferTarget, apply_event,
+};
+
+use crate::intent::IntentModel;
+use crate::routing::{AgentId, Effect, GroupId, Placement, RouteError, Router, RouterLimits};
+
+/// What the engine needs from the shard log. The real one is `kefu_storage::Log`; tests use a
+/// vector.
+pub trait RecordLog {
+    /// Appends one record and returns its log offset. The record is not durable until the
+    /// committer syncs.
+    fn append(&mut self, header: &Header, payload: &[u8]) -> Result<u64, String>;
+    /// Calls `each` with the records of `conv` whose seq is above `after_seq`, oldest first, at
+    /// most `limit` of them.
+    fn read_conversation(
+        &mut self,
+        conv: u64,
+        after_seq: u64,
+        limit: usize,
+        each: &mut dyn FnMut(&Header, &[u8]),
+    ) -> Result<(), String>;
+}
+
+/// A record (or an ephemeral event) on its way to subscribers, rendered once and shared.
+#[derive(Debug)]
+pub struct Delivery {
+    pub conversation_id: u64,
+    /// 0 for ephemeral events (typing, read).
+    pub seq: u64,
+    /// The frame as stored (header + JSON payload), for binary-protocol subscribers.
+    pub frame: Box<[u8]>,
+    /// The WebSocket/HTTP JSON form (`{"type":"message",...}` or `{"type":"event",...}`).
+    pub json: Box<[u8]>,
+}
+
+/// The bounded delivery queue of one socket (or one long-poll). Filled by the owning shard of
+/// a conversation (any thread), drained by the socket's task. Lock-free; overflow marks the
+/// socket too slow instead of blocking or growing.
+#[derive(Debug)]
+pub struct Outbox {
+    queue: ArrayQueue<Arc<Delivery>>,
+    waker: AtomicWaker,
+    overflowed: AtomicBool,
+    closed: AtomicBool,
+    /// Deliveries dropped by overflow, for metrics.
+    pub dropped: AtomicU64,
+}
+
+impl Outbox {
+    pub fn new(depth: usize) -> Arc<Self> {
+        Arc::new(Self {
+            queue: ArrayQueue::new(depth.max(1)),
+            waker: AtomicWaker::new(),
+            overflowed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// Queues a delivery; on a full queue marks the outbox overflowed (the socket is then closed
+    /// with 4008 and resumes with `after`).
+    pub fn push(&self, delivery: Arc<Delivery>) {
+        if self.queue.push(delivery).is_err() {
+            self.overflowed.store(true, Ordering::Release);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.waker.wake();
+    }
+
+    pub fn pop(&self) -> Option<Arc<Delivery>> {
+        self.queue.pop()
+    }
+
+    pub fn is_overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
+    }
+
+    /// The socket is gone: the engine drops the outbox on its next delivery.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Registers the current task to be woken on the next push.
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
+    /// Waits until a delivery is queued, the outbox overflowed, or it was closed.
+    pub async fn ready(&self) {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            if !self.queue.is_empty() || self.is_overflowed() || self.is_closed() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Who asks. Tokens are checked before a command reaches the engine; the engine checks what
+/// depends on conversation state (is this the assigned agent?).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// Holds a visitor token for exactly this conversation.
+    Visitor {
+        conversation_id: u64,
+    },
+    Agent {
+        tenant: u16,
+        name: Arc<str>,
+    },
+    /// Integration token: reads everything of its tenant.
+    Integration {
+        tenant: u16,
+    },
+}
+
+/// A refused command, with the HTTP status it maps to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("conversation not found")]
+    NotFound,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{reason}")]
+    Conflict {
+        reason: String,
+        state: ConversationState,
+    },
+    #[error("{0}")]
+    BadRequest(String),
+    /// Limits reached (conversations, queue): the client should retry later.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The log failed; the shard refuses writes until restarted.
+    #[error("storage failure: {0}")]
+    Storage(String),
+}
+
+impl EngineError {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NotFound => 404,
+            Self::Forbidden(_) => 403,
+            Self::Conflict { .. } => 409,
+            Self::BadRequest(_) => 400,
+            Self::Overloaded(_) | Self::Storage(_) => 503,
+        }
+    }
+}
+
+/// Bounds of one shard's engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    pub conversations_max: usize,
+    pub idempotency_keys_per_conversation_max: usize,
+    pub history_limit_max: usize,
+    pub subscribers_per_conversation_max: usize,
+    pub model: ModelLimits,
+}
+
+/// One tenant as a shard sees it.
+pub struct TenantSetup {
+    pub name: String,
+    pub groups: Vec<String>,
+    /// (name, groups, capacity)
+    pub agents: Vec<(String, Vec<String>, u32)>,
+    pub intents: Arc<IntentModel>,
+}
+
+struct Tenant {
+    name: Arc<str>,
+    router: Router,
+    intents: Arc<IntentModel>,
+    /// Groups of each agent, by `AgentId::index`.
+    agent_groups: Vec<Vec<GroupId>>,
+    /// Agent sockets on any shard that want this tenant's offers and assignments.
+    inboxes: HashMap<AgentId, Vec<Arc<Outbox>>>,
+}
+
+struct Conversation {
+    tenant: u16,
+    state: ConversationState,
+    group: Arc<str>,
+    agent: Option<Arc<str>>,
+    channel: Arc<str>,
+    visitor_id: Arc<str>,
+    last_seq: u64,
+    /// Highest seq handed to subscribers (durable).
+    released_seq: u64,
+    order_key: u64,
+    idempotency: HashMap<Box<str>, (u64, u64)>,
+    idempotency_order: VecDeque<Box<str>>,
+    subscribers: Vec<Arc<Outbox>>,
+}
+
+/// Answer to a create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub conversation_id: u64,
+    pub visitor_id: String,
+    pub state: ConversationState,
+    pub group: String,
+    pub queue_position: Option<u32>,
+    pub first_message_seq: Option<u64>,
+}
+
+/// Answer to a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub seq: u64,
+    pub ts: u64,
+    /// An idempotent retry: nothing was stored.
+    pub duplicate: bool,
+}
+
+/// Agent commands on a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    Accept,
+    Resolve,
+    Reopen,
+    TransferToAgent(String),
+    TransferToGroup(String),
+}
+
+/// Answer to a replay request (history, subscribe, poll).
+#[derive(Debug, Default)]
+pub struct Replay {
+    pub entries: Vec<Arc<Delivery>>,
+    pub last_seq: u64,
+    /// Whether the subscriber was registered (the replay reached the live edge).
+    pub registered: bool,
+}
+
+pub struct Engine {
+    shard: u16,
+    limits: EngineLimits,
+    tenants: Vec<Tenant>,
+    conversations: HashMap<u64, Conversation>,
+    next_local: u64,
+    /// Records and ephemeral events waiting for the batch's sync.
+    pending: Vec<Arc<Delivery>>,
+    /// Agent-inbox deliveries waiting for the batch's sync.
+    pending_inbox: Vec<(u16, AgentId, Arc<Delivery>)>,
+    effects: Vec<Effect>,
+    scratch: Vec<u8>,
+    /// Records appended since the last `release`.
+    appended: usize,
+    poisoned: Option<String>,
+}
+
+impl Engine {
+    pub fn new(
+        shard: u16,
+        limits: EngineLimits,
+        tenants: Vec<TenantSetup>,
+        router_limits: RouterLimits,
+    ) -> Result<Self, String> {
+        let mut out = Vec::with_capacity(tenants.len());
+        for setup in tenants {
+            let mut router = Router::new(router_limits).map_err(|e| e.to_string())?;
+            for group in &setup.groups {
+                router.add_group(group).map_err(|e| e.to_string())?;
+            }
+            let mut agent_groups = Vec::with_capacity(setup.agents.len());
+            for (name, groups, capacity) in &setup.agents {
+                let ids: Vec<GroupId> = groups
+                    .iter()
+                    .map(|g| router.group_id(g).ok_or(format!("unknown group {g}")))
+                    .collect::<Result<_, _>>()?;
+                let agent = router
+                    .add_agent(name, &ids, *capacity)
+                    .map_err(|e| e.to_string())?;
+                assert_eq!(agent.index(), agent_groups.len());
+                agent_groups.push(ids);
+            }
+            out.push(Tenant {
+                name: setup.name.into(),
+                router,
+                intents: setup.intents,
+                agent_groups,
+                inboxes: HashMap::new(),
+            });
+        }
+        Ok(Self {
+            shard,
+            limits,
+            tenants: out,
+            conversations: HashMap::new(),
+            next_local: 1,
+            pending: Vec::new(),
+            pending_inbox: Vec::new(),
+            effects: Vec::new(),
+            scratch: Vec::new(),
+            appended: 0,
+            poisoned: None,
+        })
+    }
+
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+
+    pub fn conversations_len(&self) -> usize {
+        self.conversations.len()
+    }
+
+    /// Whether records were appended since the last release (the committer then syncs).
+    pub fn needs_sync(&self) -> bool {
+        self.appended > 0
+    }
+
+    /// A failed append or sync: refuse writes from now on (fjall-style poisoning).
+    pub fn poison(&mut self, why: String) {
+        self.poisoned.get_or_insert(why);
+        // Nothing of this batch may be delivered: it may not be durable.
+        self.pending.clear();
+        self.pending_inbox.clear();
+    }
+
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    pub fn tenant_index(&self, name: &str) -> Option<u16> {
+        self.tenants
+            .iter()
+            .position(|t| &*t.name == name)
+            .map(|i| i as u16)
+    }
+
+    pub fn tenant_name(&self, tenant: u16) -> Option<&str> {
+        self.tenants.get(tenant as usize).map(|t| &*t.name)
+    }
+
+    /// After the batch's records are durable: hands deliveries to subscribers.
+    pub fn release(&mut self) {
+        self.appended = 0;
+        for delivery in self.pending.drain(..) {
+            let Some(conv) = self.conversations.get_mut(&delivery.conversation_id) else {
+                continue;
+            };
+            if delivery.seq > 0 {
+                assert_eq!(delivery.seq, conv.released_seq + 1, "dense release order");
+                conv.released_seq = delivery.seq;
+            }
+            conv.subscribers
+                .retain(|s| !s.is_closed() && !s.is_overflowed());
+            for sub in &conv.subscribers {
+                sub.push(delivery.clone());
+            }
+        }
+        for (tenant, agent, delivery) in self.pending_inbox.drain(..) {
+            if let Some(list) = self.tenants[tenant as usize].inboxes.get_mut(&agent) {
+                list.retain(|s| !s.is_closed() && !s.is_overflowed());
+                for sub in list.iter() {
+                    sub.push(delivery.clone());
+                }
+            }
+        }
+    }
+
+    fn conv(&self, id: u64) -> Result<&Conversation, EngineError> {
+        self.conversations.get(&id).ok_or(EngineError::NotFound)
+    }
+
+    /// May `actor` see this conversation? Its visitor, the tenant's integration, the assigned
+    /// agent, and (extension) the agents of its group, so they can look before accepting.
+    fn check_read(&self, id: u64, actor: &Actor) -> Result<(), EngineError> {
+        let conv = self.conv(id)?;
+        match actor {
+            Actor::Visitor { conversation_id } if *conversation_id == id => Ok(()),
+            Actor::Visitor { .. } => Err(EngineError::Forbidden(
+                "the visitor token is for another conversation".into(),
+            )),
+            Actor::Integration { tenant } if *tenant == conv.tenant => Ok(()),
+            Actor::Agent { tenant, name } if *tenant == conv.tenant => {
+                if conv.agent.as_deref() == Some(&**name) || self.agent_in_group(conv, name) {
+                    Ok(())
+                } else {
+                    Err(EngineError::Forbidden(
+                        "the conversation is neither assigned to you nor in your groups".into(),
+                    ))
+                }
+            }
+            _ => Err(EngineError::Forbidden(
+                "the conversation belongs to another tenant".into(),
+            )),
+        }
+    }
+
+    fn agent_in_group(&self, conv: &Conversation, agent: &str) -> bool {
+        let tenant = &self.tenants[conv.tenant as usize];
+        let router = &tenant.router;
+        let (Some(agent), Some(group)) = (router.agent_id(agent), router.group_id(&conv.group))
+        else {
+            return false;
+        };
+        tenant.agent_groups[agent.index()].contains(&group)
+    }
+
+    fn check_writable(&self) -> Result<(), EngineError> {
+        match &self.poisoned {
+            Some(why) => Err(EngineError::Storage(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Opens a conversation owned by this shard.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &mut self,
+        log: &mut dyn RecordLog,
+        tenant: u16,
+        visitor_name: &str,
+        channel: &str,
+        text: Option<&str>,
+        group_hint: Option<&str>,
+        now_us: u64,
+    ) -> Result<Created, EngineError> {
+        self.check_writable()?;
+        let t = self
+            .tenants
+            .get(tenant as usize)
+            .ok_or_else(|| EngineError::BadRequest("unknown tenant".into()))?;
+        if self.conversations.len() >= self.limits.conversations_max {
+            return Err(EngineError::Overloaded(format!(
+                "this shard holds conversations_max = {} conversations",
+                self.limits.conversations_max
+            )));
+        }
+        let group_name: String = match group_hint {
+            Some(g) => g.to_owned(),
+            None => t.intents.classify(text.unwrap_or("")).group.to_owned(),
+        };
+        let group = t.router.group_id(&group_name).ok_or_else(|| {
+            EngineError::BadRequest(format!("group {group_name:?} does not exist"))
+        })?;
+        let id = ConversationId::from_parts(self.shard, self.next_local)
+            .ok_or_else(|| EngineError::Overloaded("conversation ids exhausted".into()))?
+            .0;
+        let order_key = self.next_local;
+        let mut effects = std::mem::take(&mut self.effects);
+        effects.clear();
+        let routed =
+            self.tenants[tenant as usize]
+                .router
+                .enqueue(id, group, order_key, &mut effects);
+        if let Err(e) = routed {
+            self.effects = effects;
+            return Err(EngineError::Overloaded(e.to_string()));
+        }
+        self.next_local += 1;
+        let visitor_id = format!("v{:x}", id);
+        self.conversations.insert(
+            id,
+            Conversation {
+                tenant,
+                state: ConversationState::Queued,
+                group: group_name.as_str().into(),
+                agent: None,
+                channel: channel.into(),
+                visitor_id: visitor_id.as_str().into(),
+                last_seq: 0,
+                released_seq: 0,
+                order_key,
+                idempotency: HashMap::new(),
+                idempotency_order: VecDeque::new(),
+                subscribers: Vec::new(),
+            },
+        );
+        let position = self.tenants[tenant as usize]
+            .router
+            .position(id)
+            .unwrap_or(1);
+        let opened = Opened {
+            channel: channel.to_owned(),
+            visitor_id: visitor_id.clone(),
+            visitor_name: visitor_name.to_owned(),
+        };
+        let queued = Event::Queued {
+            group: group_name.clone(),
+            queue_position: position,
+            reason: None,
+        };
+        let appended = self.append_event(log, id, None, queued, Some(opened), now_us);
+        if let Err(e) = appended {
+            self.effects = effects;
+            return Err(e);
+        }
+        // The opening `queued` is written above with its `opened` facts; skip its effect.
+        effects.retain(|e| !matches!(e, Effect::Queued { conv, .. } if *conv == id));
+        let mut first_message_seq = None;
+        if let Some(text) = text {
+            let from = Participant::new(Role::Visitor, visitor_id.clone());
+            match self.append_message(log, id, from, text, None, now_us) {
+                Ok(sent) => first_message_seq = Some(sent.seq),
+                Err(e) => {
+                    self.effects = effects;
+                    return Err(e);
+                }
+            }
+        }
+        self.tenants[tenant as usize].router.dispatch(&mut effects);
+        let result = self.apply_effects(log, tenant, &effects, now_us);
+        self.effects = effects;
+        result?;
+        let conv = self.conv(id)?;
+        Ok(Created {
+            conversation_id: id,
+            visitor_id,
+            state: conv.state,
+            group: group_name,
+            queue_position: self.tenants[tenant as usize].router.position(id),
+            first_message_seq,
+        })
+    }
+
+    /// Turns routing effects into stored events and inbox notices.
+    fn apply_effects(
+        &mut self,
+        log: &mut dyn RecordLog,
+        tenant: u16,
+        effects: &[Effect],
+        now_us: u64,
+    ) -> Result<(), EngineError> {
+        for effect in effects {
+            match *effect {
+                Effect::Queued { conv, group } => {
+                    let router = &self.tenants[tenant as usize].router;
+                    let group_name = router.group_name(group).unwrap_or("").to_owned();
+                    let position = router.position(conv).unwrap_or(1);
+                    let Some(c) = self.conversations.get(&conv) else {
+                        continue;
+                    };
+                    let reason = if c.state == ConversationState::Assigned {
+                        Some("agent_offline".to_owned())
+                    } else {
+                        None
+                    };
+                    let event = Event::Queued {
+                        group: group_name,
+                        queue_position: position,
+                        reason,
+                    };
+                    self.append_event(log, conv, None, event, None, now_us)?;
+                    self.offer(tenant, group, conv);
+                }
+                Effect::Assigned { conv, agent, group } => {
+                    let router = &self.tenants[tenant as usize].router;
+                    let event = Event::Assigned {
+                        agent: router.agent_name(agent).unwrap_or("").to_owned(),
+                        group: router.group_name(group).unwrap_or("").to_owned(),
+                    };
+                    self.append_event(log, conv, None, event, None, now_us)?;
+                    self.notify_agent(tenant, agent, conv);
+                }
+                Effect::Unassigned { .. }
+                | Effect::QueuePositionChanged { .. }
+                | Effect::AgentOffline { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the conversation's latest record to the agents of `group` (an offer).
+    fn offer(&mut self, tenant: u16, group: GroupId, conv: u64) {
+        let Some(delivery) = self.pending.last().cloned() else {
+            return;
+        };
+        assert_eq!(delivery.conversation_id, conv);
+        let t = &self.tenants[tenant as usize];
+        for (&agent, _) in t.inboxes.iter() {
+            if t.agent_groups[agent.index()].contains(&group) {
+                self.pending_inbox.push((tenant, agent, delivery.clone()));
+            }
+        }
+    }
+
+    fn notify_agent(&mut self, tenant: u16, agent: AgentId, conv: u64) {
+        let Some(delivery) = self.pending.last().cloned() else {
+            return;
+        };
+        assert_eq!(delivery.conversation_id, conv);
+        if self.tenants[tenant as usize].inboxes.contains_key(&agent) {
+            self.pending_inbox.push((tenant, agent, delivery));
+        }
+    }
+
+    fn next_seq(&mut self, id: u64) -> Result<u64, EngineError> {
+        let conv = self
+            .conversations
+            .get_mut(&id)
+            .ok_or(EngineError::NotFound)?;
+        Ok(conv.last_seq + 1)
+    }
+
+    fn append_event(
+        &mut self,
+        log: &mut dyn RecordLog,
+        id: u64,
+        from: Option<Participant>,
+        event: Event,
+        opened: Option<Opened>,
+        now_us: u64,
+    ) -> Result<u64, EngineError> {
+        let seq = self.next_seq(id)?;
+        let conv = &self.conversations[&id];
+        let next_state = apply_event(Some(conv.state), &event)
+            .or_else(|e| {
+                // The opening `queued` starts from no state.
+                if opened.is_some() {
+                    apply_event(None, &event)
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|e| EngineError::Conflict {
+                reason: e.to_string(),
+                state: conv.state,
+            })?;
+        let record = EventRecord {
+            tenant: self.tenants[conv.tenant as usize].name.to_string(),
+            conversation_id: ConversationId(id),
+            seq,
+            ts: now_us,
+            from,
+            event,
+            opened,
+        };
+        self.scratch.clear();
+        serde_json::to_writer(&mut self.scratch, &record)
+            .map_err(|e| EngineError::Storage(e.to_string()))?;
+        let mut json = Vec::with_capacity(self.scratch.len() + 32);
+        record.write_ws_json(&mut json);
+        self.write(log, Kind::Event, id, seq, now_us, json)?;
+        let conv = self.conversations.get_mut(&id).expect("checked");
+        fold_event(conv, &record.event, next_state);
+        Ok(seq)
+    }
+
+    fn append_message(
+        &mut self,
+        log: &mut dyn RecordLog,
+        id: u64,
+        from: Participant,
+        text: &str,
+        client_msg_id: Option<&str>,
+        now_us: u64,
+    ) -> Result<Sent, EngineError> {
+        let seq = self.next_seq(id)?;
+        let conv = &self.conversations[&id];
+        let record = MessageRecord {
+            tenant: self.tenants[conv.tenant as usize].name.to_string(),
+            conversation_id: ConversationId(id),
+            seq,
+            ts: now_us,
+            from,
+            text: text.to_owned(),
+            client_msg_id: client_msg_id.map(str::to_owned),
+        };
+        self.scratch.clear();
+        serde_json::to_writer(&mut self.scratch, &record)
+            .map_err(|e| EngineError::Storage(e.to_string()))?;
+        let mut json = Vec::with_capacity(self.scratch.len() + 32);
+        record.write_ws_json(&mut json);
+        self.write(log, Kind::Message, id, seq, now_us, json)?;
+        let keys_max = self.limits.idempotency_keys_per_conversation_max;
+        let conv = self.conversations.get_mut(&id).expect("checked");
+        conv.last_seq = seq;
+        if let Some(key) = client_msg_id {
+            remember_key(conv, key, seq, now_us, keys_max);
+        }
+        Ok(Sent {
+            seq,
+            ts: now_us,
+            duplicate: false,
+        })
+    }
+
+    /// Appends `self.scratch` as the payload of a record and queues its delivery.
+    fn write(
+        &mut self,
+        log: &mut dyn RecordLog,
+        kind: Kind,
+        id: u64,
+        seq: u64,
+        now_us: u64,
+        json: Vec<u8>,
+    ) -> Result<(), EngineError> {
+        let header = Header::new(kind, id, seq, now_us);
+        let offset = log.append(&header, &self.scratch).map_err(|e| {
+            self.poison(e.clone());
+            EngineError::Storage(e)
+        })?;
+        let mut stored = header;
+        stored.log_offset = offset;
+        let frame = frame::encode(&stored, &self.scratch);
+        self.appended += 1;
+        self.pending.push(Arc::new(Delivery {
+            conversation_id: id,
+            seq,
+            frame: frame.into_boxed_slice(),
+            json: json.into_boxed_slice(),
+        }));
+        Ok(())
+    }
+
+    /// Stores a message from a participant. A retry with a known `client_msg_id` returns the
+    /// original seq and stores nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send(
+        &mut self,
+        log: &mut dyn RecordLog,
+        id: u64,
+        actor: &Actor,
+        text: &str,
+        client_msg_id: Option<&str>,
+        now_us: u64,
+    ) -> Result<Sent, EngineError> {
+        let conv = self.conv(id)?;
+        let from = match actor {
+            Actor::Visitor { conversation_id } if *conversation_id == id => {
+                Participant::new(Role::Visitor, &*conv.visitor_id)
+            }
+            Actor::Agent { tenant, name }
+                if *tenant == conv.tenant && conv.agent.as_deref() == Some(&**name) =>
+            {
+                Participant::new(Role::Agent, &**name)
+            }
+            Actor::Agent { tenant, .. } if *tenant == conv.tenant => {
+                return Err(EngineError::Forbidden(
+                    "only the assigned agent can write here; accept it first".into(),
+                ));
+            }
+            _ => {
+                return Err(EngineError::Forbidden(
+                    "not a participant of this conversation".into(),
+                ));
+            }
+        };
+        if let Some(key) = client_msg_id
+            && let Some(&(seq, ts)) = conv.idempotency.get(key)
+        {
+            return Ok(Sent {
+                seq,
+                ts,
+                duplicate: true,
+            });
+        }
+        self.check_writable()?;
+        match conv.state {
+            ConversationState::Closed => {
+                return Err(EngineError::Conflict {
+                    reason: "the conversation is closed".into(),
+                    state: ConversationState::Closed,
+                });
+            }
+            ConversationState::Resolved if from.role == Role::Visitor => {
+                // The visitor writing again reopens the conversation.
+                self.reopen(log, id, Some(from.clone()), now_us)?;
+            }
+            ConversationState::Resolved => {
+                return Err(EngineError::Conflict {
+                    reason: "the conversation is resolved; reopen it first".into(),
+                    state: ConversationState::Resolved,
+                });
+            }
+            _ => {}
+        }
+        self.append_message(log, id, from, text, client_msg_id, now_us)
+    }
+
+    fn reopen(
+        &mut self,
+        log: &mut dyn RecordLog,
+        id: u64,
+        from: Option<Participant>,
+        now_us: u64,
+    ) -> Result<(), EngineError> {
+        let conv = self.conv(id)?;
+        let (tenant, order_key) = (conv.tenant, conv.order_key);
+        let group = self.tenants[tenant as usize]
+            .router
+            .group_id(&conv.group)
+            .ok_or(EngineError::NotFound)?;
+        if conv.state != ConversationState::Resolved {
+            return Err(EngineError::Conflict {
+                reason: format!("cannot reopen a {} conversation", conv.state.as_str()),
+                state: conv.state,
+            });
+        }
+        let mut effects = std::mem::take(&mut self.effects);
+        effects.clear();
+        let result = (|| {
+            self.tenants[tenant as usize]
+                .router
+                .enqueue(id, group, order_key, &mut effects)
+                .map_err(|e| EngineError::Overloaded(e.to_string()))?;
+            self.append_event(log, id, from, Event::Reopened, None, now_us)?;
+            self.tenants[tenant as usize].router.dispatch(&mut effects);
+            self.apply_effects(log, tenant, &effects, now_us)
+        })();
+        self.effects = effects;
+        result
+    }
+
+    /// Agent commands (accept, resolve, reopen, transfer). Illegal ones answer 409 with the
+    /// conversation's state.
+    pub fn transition(
+        &mut self,
+        log: &mut dyn RecordLog,
+        id: u64,
+        agent_name: &str,
+        tenant: u16,
+        what: &Transition,
+        now_us: u64,
+    ) -> Result<ConversationState, EngineError> {
+        self.check_writable()?;
+        let conv = self.conv(id)?;
+        if conv.tenant != tenant {
+            return Err(EngineError::Forbidden(
+                "the conversation belongs to another tenant".into(),
+            ));
+        }
+        let state = conv.state;
+        let assigned_to_me = conv.agent.as_deref() == Some(agent_name);
+        let router = &self.tenants[tenant as usize].router;
+        let agent = router
+            .agent_id(agent_name)
+            .ok_or_else(|| EngineError::Forbidden("unknown agent".into()))?;
+        let conflict = |reason: String| EngineError::Conflict { reason, state };
+        let mut effects = std::mem::take(&mut self.effects);
+        effects.clear();
+        let me = Participant::new(Role::Agent, agent_name);
+        let result = (|| -> Result<(), EngineError> {
+            match what {
+                Transition::Accept => {
+                    if state != ConversationState::Queued {
+                        return Err(conflict(format!(
+                            "only a queued conversation can be accepted, this one is {}",
+                            state.as_str()
+                        )));
+                    }
+                    let router = &mut self.tenants[tenant as usize].router;
+                    if !router.is_online(agent) {
+                        router.agent_online(agent).map_err(route_error(state))?;
+                    }
+                    router
+                        .accept(agent, id, &mut effects)
+                        .map_err(route_error(state))?;
+                    self.apply_effects(log, tenant, &effects, now_us)
+                }
+                Transition::Resolve => {
+                    if state != ConversationState::Assigned {
+                        return Err(conflict(format!(
+                            "only an assigned conversation can be resolved, this one is {}",
+                            state.as_str()
+                        )));
+                    }
+                    if !assigned_to_me {
+                        return Err(EngineError::Forbidden(
+                            "the conversation is assigned to another agent".into(),
+                        ));
+                    }
+                    self.append_event(log, id, Some(me), Event::Resolved, None, now_us)?;
+                    let router = &mut self.tenants[tenant as usize].router;
+                    router
+                        .resolve(id, &mut effects)
+                        .map_err(route_error(state))?;
+                    router.dispatch(&mut effects);
+                    self.apply_effects(log, tenant, &effects, now_us)
+                }
+                Transition::Reopen => self.reopen(log, id, Some(me), now_us),
+                Transition::TransferToAgent(to) | Transition::TransferToGroup(to) => {
+                    if !matches!(
+                        state,
+                        ConversationState::Queued | ConversationState::Assigned
+                    ) {
+                        return Err(conflict(format!(
+                            "cannot transfer a {} conversation",
+                            state.as_str()
+                        )));
+                    }
+                    if state == ConversationState::Assigned && !assigned_to_me {
+                        return Err(EngineError::Forbidden(
+                            "the conversation is assigned to another agent".into(),
+                        ));
+                    }
+                    let router = &mut self.tenants[tenant as usize].router;
+                    let target = match what {
+                        Transition::TransferToAgent(_) => {
+                            let to_id = router.agent_id(to).ok_or_else(|| {
+                                EngineError::BadRequest(format!("no agent {to:?}"))
+                            })?;
+                            router
+                                .transfer_to_agent(id, to_id, &mut effects)
+                                .map_err(route_error(state))?;
+                            TransferTarget::Agent(to.clone())
+                        }
+                        _ => {
+                            let group = router.group_id(to).ok_or_else(|| {
+                                EngineError::BadRequest(format!("no group {to:?}"))
+                            })?;
+                            router
+                                .transfer_to_group(id, group, &mut effects)
+                                .map_err(route_error(state))?;
+                            router.dispatch(&mut effects);
+                            TransferTarget::Group(to.clone())
+                        }
+                    };
+                    let from_agent = self.conv(id)?.agent.as_deref().map(str::to_owned);
+                    let event = Event::Transferred {
+                        from_agent,
+                        to: target,
+                    };
+                    self.append_event(log, id, Some(me), event, None, now_us)?;
+                    if let Transition::TransferToGroup(group) = what {
+                        // A group transfer re-queues even where the router reports no change
+                        // of queue (it was already waiting elsewhere): the state follows the
+                        // effects below.
+                        let c = self.conversations.get_mut(&id).expect("checked");
+                        c.group = group.as_str().into();
+                    }
+                    self.apply_effects(log, tenant, &effects, now_us)
+                }
+            }
+        })();
+        self.effects = effects;
+        result?;
+        Ok(self.conv(id)?.state)
+    }
+
+    /// An agent went online or offline (broadcast to every shard). Offline re-queues its
+    /// conversations on this shard.
+    pub fn agent_status(
+        &mut self,
+        log: &mut dyn RecordLog,
+        tenant: u16,
+        agent_name: &str,
+        online: bool,
+        now_us: u64,
+    ) -> Result<(), EngineError> {
+        let Some(t) = self.tenants.get_mut(tenant as usize) else {
+            return Err(EngineError::BadRequest("unknown tenant".into()));
+        };
+        let agent = t
+            .router
+            .agent_id(agent_name)
+            .ok_or_else(|| EngineError::Forbidden("unknown agent".into()))?;
+        let mut effects = std::mem::take(&mut self.effects);
+        effects.clear();
+        let t = &mut self.tenants[tenant as usize];
+        if online {
+            let _ = t.router.agent_online(agent);
+        } else {
+            let _ = t.router.agent_offline(agent, &mut effects);
+        }
+        t.router.dispatch(&mut effects);
+        let result = if self.poisoned.is_some() {
+            Ok(())
+        } else {
+            // Conversations leaving this agent go back to queued in the engine's state too.
+            for effect in &effects {
+                if let Effect::Unassigned { conv, .. } = *effect
+                    && let Some(c) = self.conversations.get_mut(&conv)
+                {
+                    c.agent = None;
+                }
+            }
+            self.apply_effects(log, tenant, &effects, now_us)
+        };
+        self.effects = effects;
+        result
+    }
+
+    /// Registers (or drops, with `None`) an agent socket's inbox on this shard.
+    pub fn agent_inbox(&mut self, tenant: u16, agent_name: &str, outbox: Arc<Outbox>) {
+        let Some(t) = self.tenants.get_mut(tenant as usize) else {
+            return;
+        };
+        if let Some(agent) = t.router.agent_id(agent_name) {
+            let list = t.inboxes.entry(agent).or_default();
+            list.retain(|s| !s.is_closed());
+            list.push(outbox);
+        }
+    }
+
+    /// Typing and read notices: delivered live in order with the batch, never stored.
+    pub fn ephemeral(
+        &mut self,
+        id: u64,
+        actor: &Actor,
+        event: Event,
+        now_us: u64,
+    ) -> Result<(), EngineError> {
+        self.check_read(id, actor)?;
+        let conv = self.conv(id)?;
+        let from = match actor {
+            Actor::Visitor { .. } => Participant::new(Role::Visitor, &*conv.visitor_id),
+            Actor::Agent { name, .. } => Participant::new(Role::Agent, &**name),
+            Actor::Integration { .. } => Participant::new(Role::System, "kefu"),
+        };
+        apply_event(Some(conv.state), &event).map_err(|e| EngineError::Conflict {
+            reason: e.to_string(),
+            state: conv.state,
+        })?;
+        let message = kefu_protocol::model::EventMessage {
+            conversation_id: ConversationId(id),
+            seq: 0,
+            ts: now_us,
+            from: Some(from),
+            event,
+        };
+        let json = serde_json::to_vec(&kefu_protocol::model::ServerMessage::Event(message))
+            .map_err(|e| EngineError::BadRequest(e.to_string()))?;
+        let header = Header::new(Kind::Event, id, 0, now_us);
+        let frame = frame::encode(&header, &json);
+        self.pending.push(Arc::new(Delivery {
+            conversation_id: id,
+            seq: 0,
+            frame: frame.into_boxed_slice(),
+            json: json.into_boxed_slice(),
+        }));
+        Ok(())
+    }
+
+    /// The conversation as `GET /v1/conversations/{id}` shows it.
+    pub fn view(&self, id: u64, actor: &Actor) -> Result<ConversationView, EngineError> {
+        self.check_read(id, actor)?;
+        let conv = self.conv(id)?;
+        Ok(ConversationView {
+            conversation_id: ConversationId(id),
+            state: conv.state,
+            channel: conv.channel.to_string(),
+            group: conv.group.to_string(),
+            agent: conv.agent.as_deref().map(str::to_owned),
+            queue_position: self.tenants[conv.tenant as usize].router.position(id),
+            last_seq: conv.released_seq,
+        })
+    }
+
+    /// Records after `after` (up to `limit` and never past what is durable), and, when the
+    /// replay reaches the live edge and `subscriber` is given, registers it in the same step.
+    pub fn replay(
+        &mut self,
+        log: &mut dyn RecordLog,
+        id: u64,
+        actor: &Actor,
+        after: u64,
+        limit: usize,
+        subscriber: Option<Arc<Outbox>>,
+    ) -> Result<Replay, EngineError> {
+        self.check_read(id, actor)?;
+        let conv = self.conv(id)?;
+        let released = conv.released_seq;
+        let limit = limit.clamp(1, self.limits.history_limit_max);
+        let mut entries = Vec::new();
+        if after < released {
+            let want = limit.min((released - after) as usize);
+            let mut failure = None;
+            log.read_conversation(id, after, want, &mut |header, payload| {
+                if header.seq > released {
+                    return;
+                }
+                match render_stored(header, payload) {
+                    Ok(json) => entries.push(Arc::new(Delivery {
+                        conversation_id: id,
+                        seq: header.seq,
+                        frame: frame::encode(header, payload).into_boxed_slice(),
+                        json: json.into_boxed_slice(),
+                    })),
+                    Err(e) => failure = Some(e),
+                }
+            })
+            .map_err(EngineError::Storage)?;
+            if let Some(e) = failure {
+                return Err(EngineError::Storage(e));
+            }
+        }
+        let reached = entries.last().map_or(after, |d| d.seq) >= released;
+        let mut registered = false;
+        if reached && let Some(sub) = subscriber {
+            let conv = self.conversations.get_mut(&id).expect("checked");
+            conv.subscribers
+                .retain(|s| !s.is_closed() && !s.is_overflowed());
+            if conv.subscribers.len() >= self.limits.subscribers_per_conversation_max {
+                return Err(EngineError::Overloaded(format!(
+                    "{} subscribers on this conversation",
+                    conv.subscribers.len()
+                )));
+            }
+            conv.subscribers.push(sub);
+            registered = true;
+        }
+        Ok(Replay {
+            entries,
+            last_seq: released,
+            registered,
+        })
+    }
+
+    /// Rebuilds state from one stored record (recovery, in log order).
+    pub fn recover_record(&mut self, header: &Header, payload: &[u8]) -> Result<(), String> {
+        let id = header.conversation_id;
+        if frame::shard_of(id) != self.shard {
+            return Err(format!(
+                "record of conversation {id:#x} in shard {}",
+                self.shard
+            ));
+        }
+        let local = ConversationId(id).local();
+        self.next_local = self.next_local.max(local + 1);
+        match header.kind {
+            Kind::Message => {
+                let record: MessageRecord =
+                    serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+                let keys_max = self.limits.idempotency_keys_per_conversation_max;
+                let conv = self
+                    .conversations
+                    .get_mut(&id)
+                    .ok_or_else(|| format!("message before opening in {id:#x}"))?;
+                check_dense(conv.last_seq, header.seq, id)?;
+                conv.last_seq = header.seq;
+                conv.released_seq = header.seq;
+                if let Some(key) = &record.client_msg_id {
+                    remember_key(conv, key, header.seq, record.ts, keys_max);
+                }
+            }
+            Kind::Event => {
+                let record: EventRecord =
+                    serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+                let tenant = self
+                    .tenant_index(&record.tenant)
+                    .ok_or_else(|| format!("record of unknown tenant {:?}", record.tenant))?;
+                if let Some(opened) = &record.opened {
+                    let Event::Queued { group, .. } = &record.event else {
+                        return Err("opening record is not queued".into());
+                    };
+                    self.conversations.insert(
+                        id,
+                        Conversation {
+                            tenant,
+                            state: ConversationState::Queued,
+                            group: group.as_str().into(),
+                            agent: None,
+                            channel: opened.channel.as_str().into(),
+                            visitor_id: opened.visitor_id.as_str().into(),
+                            last_seq: 0,
+                            released_seq: 0,
+                            order_key: local,
+                            idempotency: HashMap::new(),
+                            idempotency_order: VecDeque::new(),
+                            subscribers: Vec::new(),
+                        },
+                    );
+                }
+                let conv = self
+                    .conversations
+                    .get_mut(&id)
+                    .ok_or_else(|| format!("event before opening in {id:#x}"))?;
+                check_dense(conv.last_seq, header.seq, id)?;
+                let next = if record.opened.is_some() {
+                    apply_event(None, &record.event)
+                } else {
+                    apply_event(Some(conv.state), &record.event)
+                }
+                .map_err(|e| e.to_string())?;
+                fold_event(conv, &record.event, next);
+                conv.last_seq = header.seq;
+                conv.released_seq = header.seq;
+            }
+            other => return Err(format!("unexpected record kind {other:?}")),
+        }
+        Ok(())
+    }
+
+    /// After recovery: puts open conversations back into the routers. Assigned ones go back to
+    /// their agent, who counts as online with a lost socket, so it keeps them for the grace
+    /// period and loses them to the queue if it does not come back.
+    pub fn finish_recovery(&mut self, now_ms: u64) {
+        let mut ids: Vec<(u64, u64)> = self
+            .conversations
+            .iter()
+            .filter(|(_, c)| {
+                matches!(
+                    c.state,
+                    ConversationState::Queued | ConversationState::Assigned
+                )
+            })
+            .map(|(id, c)| (c.order_key, *id))
+            .collect();
+        ids.sort_unstable();
+        let mut effects = Vec::new();
+        for (order_key, id) in ids {
+            let conv = self.conversations.get_mut(&id).expect("listed");
+            let router = &mut self.tenants[conv.tenant as usize].router;
+            let Some(group) = router.group_id(&conv.group) else {
+                continue;
+            };
+            if router.enqueue(id, group, order_key, &mut effects).is_err() {
+                continue;
+            }
+            if let (ConversationState::Assigned, Some(agent)) = (conv.state, conv.agent.clone())
+                && let Some(agent) = router.agent_id(&agent)
+            {
+                let _ = router.agent_online(agent);
+                let placed = router.transfer_to_agent(id, agent, &mut effects).is_ok();
+                let _ = router.agent_socket_lost(agent, now_ms);
+                if !placed {
+                    conv.state = ConversationState::Queued;
+                    conv.agent = None;
+                }
+            }
+        }
+    }
+
+    /// Time-driven routing work (agents whose socket grace ran out).
+    pub fn tick(&mut self, log: &mut dyn RecordLog, now_ms: u64) {
+        for tenant in 0..self.tenants.len() {
+            let mut effects = std::mem::take(&mut self.effects);
+            effects.clear();
+            self.tenants[tenant].router.tick(now_ms, &mut effects);
+            if !effects.is_empty() {
+                self.tenants[tenant].router.dispatch(&mut effects);
+                for effect in &effects {
+                    if let Effect::Unassigned { conv, .. } = *effect
+                        && let Some(c) = self.conversations.get_mut(&conv)
+                    {
+                        c.agent = None;
+                    }
+                }
+                if self.poisoned.is_none() {
+                    let _ = self.apply_effects(log, tenant as u16, &effects, now_ms * 1000);
+                }
+            }
+            self.effects = effects;
+        }
+    }
+
+    /// Placement of a conversation in routing, for views and tests.
+    pub fn placement(&self, id: u64) -> Option<Placement> {
+        let conv = self.conversations.get(&id)?;
+        self.tenants[conv.tenant as usize].router.placement(id)
+    }
+
+    /// The conversation's state and highest durable seq.
+    pub fn state(&self, id: u64) -> Option<(ConversationState, u64)> {
+        self.conversations
+            .get(&id)
+            .map(|c| (c.state, c.released_seq))
+    }
+}
+
+fn route_error(state: ConversationState) -> impl Fn(RouteError) -> EngineError {
+    move |e| match e {
+        RouteError::NotInGroup { .. } => EngineError::Forbidden(e.to_string()),
+        RouteError::QueueFull { .. } | RouteError::TooManyConversations { .. } => {
+            EngineError::Overloaded(e.to_string())
+        }
+        _ => EngineError::Conflict {
+            reason: e.to_string(),
+            state,
+        },
+    }
+}
+
+fn check_dense(last: u64, seq: u64, id: u64) -> Result<(), String> {
+    if seq != last + 1 {
+        return Err(format!(
+            "conversation {id:#x}: seq {seq} follows {last} (not dense)"
+        ));
+    }
+    Ok(())
+}
+
+fn fold_event(conv: &mut Conversation, event: &Event, next: ConversationState) {
+    conv.state = next;
+    conv.last_seq += 1;
+    match event {
+        Event::Queued { group, .. } => {
+            conv.group = group.as_str().into();
+            conv.agent = None;
+        }
+        Event::Assigned { agent, group } => {
+            conv.agent = Some(agent.as_str().into());
+            conv.group = group.as_str().into();
+        }
+        Event::Transferred {
+            to: TransferTarget::Group(group),
+            ..
+        } => conv.group = group.as_str().into(),
+        Event::Resolved | Event::Closed { .. } => conv.agent = None,
+        _ => {}
+    }
+}
+
+fn remember_key(conv: &mut Conversation, key: &str, seq: u64, ts: u64, keys_max: usize) {
+    if conv.idempotency.insert(key.into(), (seq, ts)).is_none() {
+        conv.idempotency_order.push_back(key.into());
+        // The oldest keys go first: a retry long after is a new message.
+        while conv.idempotency_order.len() > keys_max {
+            if let Some(old) = conv.idempotency_order.pop_front() {
+                conv.idempotency.remove(&old);
+            }
+        }
+    }
+}
+
+/// The WebSocket/HTTP JSON form of a stored record.
+pub fn render_stored(header: &Header, payload: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(payload.len() + 32);
+    match header.kind {
+        Kind::Message => {
+            let record: MessageRecord =
+                serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+            record.write_ws_json(&mut out);
+        }
+        Kind::Event => {
+            let record: EventRecord = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+            record.write_ws_json(&mut out);
+        }
+        other => return Err(format!("unexpected record kind {other:?}")),
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
