@@ -1,1 +1,68 @@
 //! Durable mmap-backed append-only segment log per shard; records are `kefu_protocol::frame` frames. Knows nothing about the network.
+//!
+//! Architecture invariant: storage knows no network and no async runtime. The gateway hands
+//! it header + payload and gets an offset back; syncing is an operation the caller schedules
+//! ([`Log::prepare_sync`] -> [`SyncJob`] -> [`Log::complete_sync`]), so the log is plain
+//! synchronous code, testable without a runtime. One [`Log`] per shard, owned by that shard's
+//! thread: no lock is shared between shards.
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! <dir>/LOCK                            flock'ed while a process has the log open
+//! <dir>/00000000000000000000.log        sealed segment: records [0, 1234)
+//! <dir>/00000000000000001234.log.zst    sealed segment, zstd-compressed (optional)
+//! <dir>/00000000000000005678.log        active segment: pre-allocated, mapped, appended to
+//! ```
+//!
+//! A segment file is named by the offset of its first record, zero-padded to 20 digits, and
+//! holds records back to back from byte 0. A record is exactly a `kefu_protocol::frame`
+//! frame (48-byte header with CRC32C, then the payload; the byte table is in
+//! `protocol/src/frame.rs`) whose `log_offset` storage filled in before computing the CRC.
+//! No other bytes are stored: the on-disk format is the wire format, so a range of a segment
+//! can be `sendfile`d to a consumer as is ([`Log::file_runs`]).
+//!
+//! The active segment is pre-allocated (`fallocate`) to `segment_bytes_max` and written
+//! through a shared `memmap2` mapping; its unwritten tail reads as zeros. When the next
+//! record does not fit, the segment is sealed (shrunk to its records) and a new one created.
+//! Sealed segments may be rewritten as `.log.zst` (one zstd frame with checksum of the
+//! whole segment) via `<name>.log.zst.tmp` + rename; reads decompress transparently.
+//!
+//! # Invariants
+//!
+//! - Offsets are dense: segment `n + 1` starts at the offset after segment `n`'s last
+//!   record, and the record at position p of segment b carries `log_offset` b + (its index).
+//! - A record is readable (and counted durable) only below [`Log::durable_offset`]: under
+//!   `always` and `interval:MS` that is the target of the last completed sync, under `never`
+//!   everything appended. So a reader never sees a record that a power loss could take back.
+//! - A failed sync poisons the log: every later append and sync fails with the cause. The
+//!   kernel may have dropped the dirty pages, so retrying could report success for lost data.
+//! - The directory is synced (as part of the next [`SyncJob`]) after a segment is created
+//!   or deleted, and inline around the renames of compression.
+//! - Indexes are memory-only caches: the sparse offset index (one entry per
+//!   `index_interval_bytes`) of each segment and the conversation index (conversation id ->
+//!   (seq, offset, position) in seq order) are rebuilt on every open from CRC-checked records.
+//!
+//! # Recovery
+//!
+//! [`Log::open`] scans every segment, checks every CRC and that offsets are dense. The
+//! active (last) segment is cut at its first torn or corrupt record; the cut bytes are zeroed
+//! so no stale record behind the cut can ever look like a successor, and the cut is reported
+//! as [`Truncation`] (offset, position, bytes). Damage inside a sealed segment is never
+//! skipped silently: it is reported as [`SealedCorruption`] and reading those offsets
+//! answers [`Error::Corrupt`]. Leftovers of an interrupted compression are removed. Since a
+//! SIGKILL keeps the page cache, everything appended before it is recovered; after a power
+//! loss, everything below the last completed sync is.
+
+mod config;
+mod error;
+mod io;
+mod log;
+mod segment;
+
+pub use config::{Durability, LogConfig, ParseDurabilityError};
+pub use error::{Error, Result};
+pub use io::{LogIo, SharedIo, StdIo};
+pub use log::{
+    FileRun, Log, RecoveryReport, RetentionReport, RunSource, SealedCorruption, SyncJob, Truncation,
+};

@@ -1,0 +1,1246 @@
+//! The shard log: append, group-committed sync, recovery, reads, retention and compression.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kefu_protocol::frame::{self, FLAGS_KNOWN, FrameRef, HEADER_LEN, Header};
+use memmap2::{Mmap, MmapMut};
+
+use crate::config::{Durability, LogConfig};
+use crate::error::{Error, Result};
+use crate::io::SharedIo;
+use crate::segment::{self, EntryKind, SparseIndex, Stop};
+
+/// Name of the lock file that keeps a second process from opening the same log.
+const LOCK_NAME: &str = "LOCK";
+
+/// One record of a conversation in the conversation index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ConvEntry {
+    seq: u64,
+    offset: u64,
+    pos: u32,
+}
+
+/// The conversation index: conversation id -> its records with `seq > 0`, in seq (and
+/// offset) order.
+#[derive(Debug, Default)]
+struct ConvIndex {
+    map: HashMap<u64, Vec<ConvEntry>>,
+    entries: usize,
+}
+
+impl ConvIndex {
+    fn last_seq(&self, conversation_id: u64) -> Option<u64> {
+        self.map
+            .get(&conversation_id)
+            .and_then(|v| v.last())
+            .map(|e| e.seq)
+    }
+
+    /// Adds a record; false if its seq does not follow the conversation's last one.
+    fn push(&mut self, conversation_id: u64, e: ConvEntry) -> bool {
+        let v = self.map.entry(conversation_id).or_default();
+        if v.last().is_some_and(|last| last.seq >= e.seq) {
+            return false;
+        }
+        v.push(e);
+        self.entries += 1;
+        true
+    }
+
+    /// Drops entries of records below `start` (deleted by retention).
+    fn prune_below(&mut self, start: u64) {
+        let mut removed = 0;
+        self.map.retain(|_, v| {
+            let cut = v.partition_point(|e| e.offset < start);
+            removed += cut;
+            v.drain(..cut);
+            !v.is_empty()
+        });
+        self.entries -= removed;
+    }
+}
+
+/// Where a segment's bytes are, if they are loaded.
+enum SegState {
+    /// The segment appends go to: pre-allocated, mapped writable, always loaded.
+    Active { file: Arc<File>, map: MmapMut },
+    /// A sealed plain segment; mapped on demand, bounded by `mapped_segments_max`.
+    Plain { cache: Option<PlainCache> },
+    /// A sealed zstd segment; decompressed on demand, bounded like `Plain`.
+    Compressed { cache: Option<Arc<Vec<u8>>> },
+}
+
+struct PlainCache {
+    file: Arc<File>,
+    /// `None` when the segment holds no bytes (a zero-length mapping is an error).
+    map: Option<Mmap>,
+}
+
+struct Segment {
+    base: u64,
+    /// Offset after the segment's last readable record.
+    end: u64,
+    /// Bytes of readable records from position 0.
+    len: u64,
+    index: SparseIndex,
+    max_timestamp_us: u64,
+    /// Bytes the segment occupies on disk, for retention by size.
+    disk_bytes: u64,
+    state: SegState,
+}
+
+impl Segment {
+    fn is_loaded(&self) -> bool {
+        match &self.state {
+            SegState::Active { .. } => true,
+            SegState::Plain { cache } => cache.is_some(),
+            SegState::Compressed { cache } => cache.is_some(),
+        }
+    }
+
+    /// The readable bytes; empty if not loaded (callers load first).
+    fn data(&self) -> &[u8] {
+        let len = self.len as usize;
+        match &self.state {
+            SegState::Active { map, .. } => &map[..len],
+            SegState::Plain {
+                cache: Some(PlainCache { map: Some(m), .. }),
+            } => &m[..len],
+            SegState::Compressed { cache: Some(v) } => &v[..len],
+            _ => &[],
+        }
+    }
+
+    fn drop_cache(&mut self) {
+        match &mut self.state {
+            SegState::Active { .. } => {}
+            SegState::Plain { cache } => *cache = None,
+            SegState::Compressed { cache } => *cache = None,
+        }
+    }
+}
+
+/// A torn or corrupt tail that recovery cut off the active segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncation {
+    pub segment_base: u64,
+    /// First offset that was not recovered (the new next offset).
+    pub offset: u64,
+    /// Byte position of the cut inside the segment.
+    pub position: u64,
+    /// Non-zero bytes removed after the cut.
+    pub bytes_cut: u64,
+    pub reason: String,
+}
+
+/// Damage inside a sealed segment: records `[offset, expected_end)` are unreadable.
+/// Recovery keeps the segment (and everything after it) and reports instead of skipping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedCorruption {
+    pub segment_base: u64,
+    pub offset: u64,
+    pub expected_end: u64,
+    pub position: u64,
+    pub reason: String,
+}
+
+/// What [`Log::open`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub records: u64,
+    pub record_bytes: u64,
+    pub start_offset: u64,
+    pub next_offset: u64,
+    pub truncated: Option<Truncation>,
+    pub sealed_corruption: Vec<SealedCorruption>,
+    /// Leftovers of interrupted operations that recovery deleted.
+    pub removed_files: Vec<PathBuf>,
+    /// Records whose seq did not follow their conversation's last seq; readable by offset,
+    /// left out of the conversation index.
+    pub unindexed_records: u64,
+}
+
+/// What [`Log::enforce_retention`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub segments_deleted: usize,
+    pub bytes_deleted: u64,
+    pub start_offset: u64,
+}
+
+/// Where the bytes of a [`FileRun`] live.
+#[derive(Debug, Clone)]
+pub enum RunSource {
+    /// A segment file: hand `(fd, position, len)` to `sendfile`.
+    File(Arc<File>),
+    /// A compressed segment's decompressed bytes: write `bytes[position..position+len]`.
+    Memory(Arc<Vec<u8>>),
+}
+
+/// A run of whole, CRC-checked-on-write records `[first_offset, end_offset)`, raw frame bytes.
+#[derive(Debug, Clone)]
+pub struct FileRun {
+    pub source: RunSource,
+    pub position: u64,
+    pub len: u64,
+    pub first_offset: u64,
+    pub end_offset: u64,
+}
+
+/// One group-commit sync: the files written since the previous one (and the directory when
+/// a segment was created or deleted). Run it anywhere (a flusher thread, an io_uring fsync
+/// per fd), then hand the result to [`Log::complete_sync`]. It owns its descriptors, so it
+/// stays valid even if segments are deleted meanwhile.
+#[derive(Debug)]
+#[must_use = "a prepared sync must be completed, or the log never syncs again"]
+pub struct SyncJob {
+    files: Vec<Arc<File>>,
+    dir: Option<Arc<File>>,
+    target_offset: u64,
+    io: SharedIo,
+}
+
+impl SyncJob {
+    /// Records below this offset are durable once the job succeeds.
+    pub fn target_offset(&self) -> u64 {
+        self.target_offset
+    }
+
+    /// Files to `fdatasync`.
+    pub fn files(&self) -> &[Arc<File>] {
+        &self.files
+    }
+
+    /// Directory to `fsync`, if its entries changed.
+    pub fn dir(&self) -> Option<&Arc<File>> {
+        self.dir.as_ref()
+    }
+
+    /// Runs the syncs through the log's I/O layer (blocking).
+    pub fn run(&self) -> io::Result<()> {
+        for f in &self.files {
+            self.io.sync_data(f)?;
+        }
+        if let Some(d) = &self.dir {
+            self.io.sync_dir(d)?;
+        }
+        Ok(())
+    }
+}
+
+/// Takes an exclusive `flock` on the log's lock file, so two processes never write one log.
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_NAME);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    // SAFETY: plain syscall on a valid descriptor.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::Locked(dir.to_path_buf()));
+        }
+        return Err(Error::io("flock", &path, e));
+    }
+    Ok(f)
+}
+
+/// A durable append-only log of one shard. Single-threaded: the shard thread owns it.
+pub struct Log {
+    cfg: LogConfig,
+    dir: Arc<File>,
+    _lock: File,
+    segments: BTreeMap<u64, Segment>,
+    conv: ConvIndex,
+    next_offset: u64,
+    durable_offset: u64,
+    /// Sealed files written since the last prepared sync.
+    dirty_files: Vec<Arc<File>>,
+    active_dirty: bool,
+    dir_dirty: bool,
+    sync_in_flight: bool,
+    last_sync_ms: u64,
+    poisoned: Option<Arc<io::Error>>,
+    /// Bases of loaded sealed segments, least recently used first.
+    loaded: VecDeque<u64>,
+}
+
+impl Log {
+    /// Opens (or creates) the log in `cfg.dir`, recovering from whatever a crash left.
+    ///
+    /// Every segment is scanned and CRC-checked to rebuild the in-memory indexes. The active
+    /// (last) segment is cut at its first torn or corrupt record; damage in a sealed segment
+    /// is reported, and its unreadable records answer [`Error::Corrupt`]. Everything
+    /// recovered is synced before `open` returns, so it all counts as durable.
+    pub fn open(cfg: LogConfig) -> Result<(Log, RecoveryReport)> {
+        cfg.validate().map_err(Error::Config)?;
+        fs::create_dir_all(&cfg.dir).map_err(|e| Error::io("create dir", &cfg.dir, e))?;
+        let lock = lock_dir(&cfg.dir)?;
+        let dir = Arc::new(File::open(&cfg.dir).map_err(|e| Error::io("open dir", &cfg.dir, e))?);
+        let mut report = RecoveryReport::default();
+
+        // Which bases exist, as plain and/or compressed files.
+        let mut found: BTreeMap<u64, (bool, bool)> = BTreeMap::new();
+        let entries = fs::read_dir(&cfg.dir).map_err(|e| Error::io("read dir", &cfg.dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("read dir", &cfg.dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            match segment::classify(name) {
+                EntryKind::Log(base) => found.entry(base).or_default().0 = true,
+                EntryKind::Zst(base) => found.entry(base).or_default().1 = true,
+                EntryKind::Tmp => {
+                    // An interrupted compression; the plain segment is still there.
+                    let p = entry.path();
+                    fs::remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
+                    report.removed_files.push(p);
+                }
+                EntryKind::Other => {}
+            }
+        }
+        for (&base, &(plain, zst)) in &found {
+            if plain && zst {
+                // Compression renamed its output but crashed before deleting the input:
+                // keep the original.
+                let p = segment::zst_path(&cfg.dir, base);
+                fs::remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
+                report.removed_files.push(p);
+            }
+        }
+        if found.len() > cfg.segments_max {
+            return Err(Error::Config(format!(
+                "{} segments on disk exceed segments_max {}",
+                found.len(),
+                cfg.segments_max
+            )));
+        }
+
+        let mut log = Log {
+            dir,
+            _lock: lock,
+            segments: BTreeMap::new(),
+            conv: ConvIndex::default(),
+            next_offset: 0,
+            durable_offset: 0,
+            dirty_files: Vec::new(),
+            active_dirty: false,
+            dir_dirty: !report.removed_files.is_empty(),
+            sync_in_flight: false,
+            last_sync_ms: 0,
+            poisoned: None,
+            loaded: VecDeque::new(),
+            cfg,
+        };
+        let bases: Vec<(u64, bool)> = found.iter().map(|(&b, &(plain, _))| (b, plain)).collect();
+        for (i, &(base, plain)) in bases.iter().enumerate() {
+            let next_base = bases.get(i + 1).map(|&(b, _)| b);
+            if base < log.next_offset {
+                return Err(Error::Config(format!(
+                    "segment {base} overlaps the previous segment, which ends at {}",
+                    log.next_offset
+                )));
+            }
+            let is_last = next_base.is_none();
+            let seg = if is_last && plain {
+                log.recover_active(base, &mut report)?
+            } else {
+                log.recover_sealed(base, plain, next_base, &mut report)?
+            };
+            report.records += seg.end - seg.base;
+            report.record_bytes += seg.len;
+            log.next_offset = seg.end;
+            log.segments.insert(base, seg);
+        }
+        let active_is_plain_last = bases.last().is_some_and(|&(_, plain)| plain);
+        if !active_is_plain_last {
+            // Empty directory, or the newest segment is compressed (sealed): start a new one.
+            log.create_active(log.next_offset)?;
+        }
+        log.durable_offset = log.next_offset;
+        report.segments = log.segments.len();
+        report.start_offset = log.start_offset();
+        report.next_offset = log.next_offset;
+
+        // Make what recovery decided durable: the cut tail and any directory changes.
+        let active = log.active_file().clone();
+        log.cfg
+            .io
+            .sync_data(&active)
+            .map_err(|e| Error::io("sync", log.active_path(), e))?;
+        log.cfg
+            .io
+            .sync_dir(&log.dir)
+            .map_err(|e| Error::io("sync dir", &log.cfg.dir, e))?;
+        log.dir_dirty = false;
+        Ok((log, report))
+    }
+
+    fn index_conv(conv: &mut ConvIndex, unindexed: &mut u64, h: &Header, pos: u32) {
+        if h.seq == 0 {
+            return;
+        }
+        let e = ConvEntry {
+            seq: h.seq,
+            offset: h.log_offset,
+            pos,
+        };
+        if !conv.push(h.conversation_id, e) {
+            *unindexed += 1;
+        }
+    }
+
+    fn check_conv_limit(&self) -> Result<()> {
+        if self.conv.entries > self.cfg.conversation_index_entries_max {
+            return Err(Error::LimitExceeded(format!(
+                "conversation index holds {} entries, conversation_index_entries_max is {}",
+                self.conv.entries, self.cfg.conversation_index_entries_max
+            )));
+        }
+        Ok(())
+    }
+
+    fn recover_sealed(
+        &mut self,
+        base: u64,
+        plain: bool,
+        next_base: Option<u64>,
+        report: &mut RecoveryReport,
+    ) -> Result<Segment> {
+        let end_max = next_base.unwrap_or(u64::MAX);
+        let (bytes, disk_bytes, state): (Vec<u8>, u64, SegState);
+        let mut mapped = None;
+        if plain {
+            let path = segment::log_path(&self.cfg.dir, base);
+            let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+            disk_bytes = file
+                .metadata()
+                .map_err(|e| Error::io("stat", &path, e))?
+                .len();
+            if disk_bytes > 0 {
+                // SAFETY: segment files are only written by this process through the log,
+                // which holds the directory lock.
+                let m = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("mmap", &path, e))?;
+                mapped = Some(m);
+            }
+            bytes = Vec::new();
+            state = SegState::Plain { cache: None };
+        } else {
+            let path = segment::zst_path(&self.cfg.dir, base);
+            let raw = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+            disk_bytes = raw.len() as u64;
+            state = SegState::Compressed { cache: None };
+            match zstd::bulk::decompress(&raw, self.cfg.segment_bytes_max as usize) {
+                Ok(b) => bytes = b,
+                Err(e) => {
+                    report.sealed_corruption.push(SealedCorruption {
+                        segment_base: base,
+                        offset: base,
+                        expected_end: end_max,
+                        position: 0,
+                        reason: format!("zstd segment does not decompress: {e}"),
+                    });
+                    bytes = Vec::new();
+                }
+            }
+        }
+        let data: &[u8] = mapped.as_deref().unwrap_or(&bytes);
+        let conv = &mut self.conv;
+        let unindexed = &mut report.unindexed_records;
+        let scan = segment::scan(
+            data,
+            base,
+            end_max,
+            self.cfg.index_interval_bytes,
+            |h, pos| Self::index_conv(conv, unindexed, h, pos),
+        );
+        self.check_conv_limit()?;
+        let expected_end = next_base.unwrap_or(scan.end);
+        let damaged = match &scan.stop {
+            Stop::Clean if scan.end == expected_end => None,
+            Stop::Clean => Some(format!(
+                "segment ends at offset {} but the next segment starts at {expected_end}",
+                scan.end
+            )),
+            Stop::Damaged { reason, .. } => Some(reason.clone()),
+        };
+        let already_reported = report
+            .sealed_corruption
+            .last()
+            .is_some_and(|c| c.segment_base == base);
+        if let Some(reason) = damaged
+            && !already_reported
+        {
+            report.sealed_corruption.push(SealedCorruption {
+                segment_base: base,
+                offset: scan.end,
+                expected_end,
+                position: scan.valid_len,
+                reason,
+            });
+        }
+        Ok(Segment {
+            base,
+            end: scan.end,
+            len: scan.valid_len,
+            index: scan.index,
+            max_timestamp_us: scan.max_timestamp_us,
+            disk_bytes,
+            state,
+        })
+    }
+
+    fn recover_active(&mut self, base: u64, report: &mut RecoveryReport) -> Result<Segment> {
+        let path = segment::log_path(&self.cfg.dir, base);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("open", &path, e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io("stat", &path, e))?
+            .len();
+        if file_len < self.cfg.segment_bytes_max {
+            // Sealed-then-shrunk before a crash, or written with a smaller segment size.
+            self.cfg
+                .io
+                .allocate(&file, self.cfg.segment_bytes_max)
+                .map_err(|e| Error::io("allocate", &path, e))?;
+        }
+        // SAFETY: see `recover_sealed`; the lock keeps other writers out.
+        let mut map =
+            unsafe { MmapMut::map_mut(&file) }.map_err(|e| Error::io("mmap", &path, e))?;
+        let conv = &mut self.conv;
+        let unindexed = &mut report.unindexed_records;
+        let scan = segment::scan(
+            &map,
+            base,
+            u64::MAX,
+            self.cfg.index_interval_bytes,
+            |h, pos| Self::index_conv(conv, unindexed, h, pos),
+        );
+        self.check_conv_limit()?;
+        if let Stop::Damaged {
+            reason,
+            garbage_bytes,
+        } = &scan.stop
+        {
+            // Zero the cut bytes: a stale record behind the cut must never be mistaken for a
+            // later append's successor.
+            let from = scan.valid_len as usize;
+            map[from..from + *garbage_bytes as usize].fill(0);
+            report.truncated = Some(Truncation {
+                segment_base: base,
+                offset: scan.end,
+                position: scan.valid_len,
+                bytes_cut: *garbage_bytes,
+                reason: reason.clone(),
+            });
+        }
+        Ok(Segment {
+            base,
+            end: scan.end,
+            len: scan.valid_len,
+            index: scan.index,
+            max_timestamp_us: scan.max_timestamp_us,
+            disk_bytes: scan.valid_len,
+            state: SegState::Active {
+                file: Arc::new(file),
+                map,
+            },
+        })
+    }
+
+    /// Creates, pre-allocates and maps a new active segment at `base`.
+    fn create_active(&mut self, base: u64) -> Result<()> {
+        let path = segment::log_path(&self.cfg.dir, base);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io("create", &path, e))?;
+        let setup = || -> io::Result<MmapMut> {
+            self.cfg.io.allocate(&file, self.cfg.segment_bytes_max)?;
+            // SAFETY: a file we just created, under the directory lock.
+            unsafe { MmapMut::map_mut(&file) }
+        };
+        let map = match setup() {
+            Ok(m) => m,
+            Err(e) => {
+                // A half-made segment must not outlive the failure (recovery would take it
+                // for the active segment).
+                let _ = fs::remove_file(&path);
+                return Err(Error::io("allocate", &path, e));
+            }
+        };
+        self.segments.insert(
+            base,
+            Segment {
+                base,
+                end: base,
+                len: 0,
+                index: SparseIndex::default(),
+                max_timestamp_us: 0,
+                disk_bytes: 0,
+                state: SegState::Active {
+                    file: Arc::new(file),
+                    map,
+                },
+            },
+        );
+        self.dir_dirty = true;
+        Ok(())
+    }
+
+    fn active(&self) -> &Segment {
+        self.segments
+            .values()
+            .next_back()
+            .expect("a log always has an active segment")
+    }
+
+    fn active_mut(&mut self) -> &mut Segment {
+        self.segments
+            .values_mut()
+            .next_back()
+            .expect("a log always has an active segment")
+    }
+
+    fn active_file(&self) -> &Arc<File> {
+        match &self.active().state {
+            SegState::Active { file, .. } => file,
+            _ => unreachable!("the last segment is the active one"),
+        }
+    }
+
+    fn active_path(&self) -> PathBuf {
+        segment::log_path(&self.cfg.dir, self.active().base)
+    }
+
+    /// Seals the active segment and starts a new one at `next_offset`.
+    fn roll(&mut self) -> Result<()> {
+        if self.segments.len() >= self.cfg.segments_max {
+            return Err(Error::LimitExceeded(format!(
+                "segments_max {} reached; retention must delete segments first",
+                self.cfg.segments_max
+            )));
+        }
+        let new_base = self.next_offset;
+        let old_base = self.active().base;
+        assert!(new_base > old_base, "rolling an empty segment");
+        self.create_active(new_base)?;
+        let old = self
+            .segments
+            .get_mut(&old_base)
+            .expect("old active segment present");
+        let state = std::mem::replace(&mut old.state, SegState::Plain { cache: None });
+        let SegState::Active { file, map } = state else {
+            unreachable!("old segment was active")
+        };
+        drop(map);
+        // Give back the unused pre-allocation. Best effort: recovery reads a zero tail as
+        // the clean end of a segment, so a failed shrink loses nothing.
+        if file.set_len(old.len).is_ok() {
+            old.disk_bytes = old.len;
+        } else {
+            old.disk_bytes = self.cfg.segment_bytes_max;
+        }
+        if self.active_dirty {
+            self.dirty_files.push(file);
+        }
+        self.active_dirty = false;
+        Ok(())
+    }
+
+    /// Appends one record; storage sets `log_offset` and the CRC. Returns its offset.
+    ///
+    /// The record is readable and counted durable only once a sync covering it completed
+    /// (immediately under [`Durability::Never`]); acknowledge it after [`Log::durable_offset`]
+    /// passed it.
+    pub fn append(&mut self, header: &Header, payload: &[u8]) -> Result<u64> {
+        if let Some(cause) = &self.poisoned {
+            return Err(Error::Poisoned(cause.clone()));
+        }
+        if !header.kind.is_record() {
+            return Err(Error::NotARecord(header.kind));
+        }
+        if header.flags & !FLAGS_KNOWN != 0 {
+            return Err(Error::BadFlags(header.flags));
+        }
+        let frame_len = HEADER_LEN as u64 + payload.len() as u64;
+        if frame_len > self.cfg.record_bytes_max as u64 {
+            return Err(Error::RecordTooLarge {
+                len: frame_len,
+                max: self.cfg.record_bytes_max,
+            });
+        }
+        if header.seq != 0 {
+            if let Some(last) = self.conv.last_seq(header.conversation_id)
+                && header.seq <= last
+            {
+                return Err(Error::SeqNotIncreasing {
+                    conversation_id: header.conversation_id,
+                    last,
+                    got: header.seq,
+                });
+            }
+            if self.conv.entries >= self.cfg.conversation_index_entries_max {
+                return Err(Error::LimitExceeded(format!(
+                    "conversation_index_entries_max {} reached",
+                    self.cfg.conversation_index_entries_max
+                )));
+            }
+        }
+        let capacity = match &self.active().state {
+            SegState::Active { map, .. } => (map.len() as u64).min(self.cfg.segment_bytes_max),
+            _ => unreachable!("the last segment is the active one"),
+        };
+        if self.active().len + frame_len > capacity {
+            self.roll()?;
+        }
+
+        let offset = self.next_offset;
+        let h = Header {
+            log_offset: offset,
+            ..*header
+        };
+        let mut head = [0u8; HEADER_LEN];
+        frame::encode_header(&h, payload, &mut head);
+        let interval = self.cfg.index_interval_bytes;
+        let seg = self.active_mut();
+        let pos = seg.len as usize;
+        let SegState::Active { map, .. } = &mut seg.state else {
+            unreachable!("the last segment is the active one")
+        };
+        let end = pos + frame_len as usize;
+        map[pos..pos + HEADER_LEN].copy_from_slice(&head);
+        map[pos + HEADER_LEN..end].copy_from_slice(payload);
+        debug_assert!(
+            frame::decode(&map[pos..end], u32::MAX).is_ok(),
+            "record verifies right after writing"
+        );
+        seg.index
+            .note((offset - seg.base) as u32, pos as u32, interval);
+        seg.len = end as u64;
+        seg.disk_bytes = seg.len;
+        seg.end = offset + 1;
+        seg.max_timestamp_us = seg.max_timestamp_us.max(h.timestamp_us);
+        if h.seq != 0 {
+            let pushed = self.conv.push(
+                h.conversation_id,
+                ConvEntry {
+                    seq: h.seq,
+                    offset,
+                    pos: pos as u32,
+                },
+            );
+            assert!(pushed, "seq order was checked above");
+        }
+        self.next_offset = offset + 1;
+        self.active_dirty = true;
+        if self.cfg.durability == Durability::Never {
+            self.durable_offset = self.next_offset;
+        }
+        Ok(offset)
+    }
+
+    /// The offset the next append gets.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// Records below this offset are durable under the configured policy, and readable.
+    pub fn durable_offset(&self) -> u64 {
+        self.durable_offset
+    }
+
+    /// The oldest offset still in the log.
+    pub fn start_offset(&self) -> u64 {
+        self.segments.values().next().map_or(0, |s| s.base)
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.cfg
+    }
+
+    /// The cause, once a failed sync poisoned the log.
+    pub fn poisoned(&self) -> Option<&Arc<io::Error>> {
+        self.poisoned.as_ref()
+    }
+
+    /// The highest seq stored (durable or not) for a conversation.
+    pub fn conversation_last_seq(&self, conversation_id: u64) -> Option<u64> {
+        self.conv.last_seq(conversation_id)
+    }
+
+    /// Every conversation in the index with its last seq (for rebuilding state at startup).
+    pub fn conversations(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.conv
+            .map
+            .iter()
+            .filter_map(|(&id, v)| v.last().map(|e| (id, e.seq)))
+    }
+
+    /// Bytes of the log on disk (sealed files plus the active segment's records).
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.disk_bytes).sum()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Whether appends wait for a sync.
+    fn has_unsynced(&self) -> bool {
+        self.active_dirty || !self.dirty_files.is_empty() || self.dir_dirty
+    }
+
+    /// Whether the caller should sync now under the durability policy.
+    pub fn sync_due(&self, now_ms: u64) -> bool {
+        if self.sync_in_flight || self.poisoned.is_some() || !self.has_unsynced() {
+            return false;
+        }
+        match self.cfg.durability {
+            Durability::Always => true,
+            Durability::IntervalMs(ms) => now_ms >= self.last_sync_ms.saturating_add(ms),
+            Durability::Never => false,
+        }
+    }
+
+    /// When the next sync is due under `interval:MS`, if anything waits for one.
+    pub fn next_sync_due_ms(&self) -> Option<u64> {
+        match self.cfg.durability {
+            Durability::IntervalMs(ms) if self.has_unsynced() => {
+                Some(self.last_sync_ms.saturating_add(ms))
+            }
+            Durability::Always if self.has_unsynced() => Some(self.last_sync_ms),
+            _ => None,
+        }
+    }
+
+    /// Starts a group-commit sync of everything appended so far. `None` when nothing waits
+    /// or a sync is already in flight (its completion covers less; call again after it).
+    pub fn prepare_sync(&mut self, now_ms: u64) -> Result<Option<SyncJob>> {
+        if let Some(cause) = &self.poisoned {
+            return Err(Error::Poisoned(cause.clone()));
+        }
+        if self.sync_in_flight || !self.has_unsynced() {
+            return Ok(None);
+        }
+        let mut files = std::mem::take(&mut self.dirty_files);
+        if self.active_dirty {
+            files.push(self.active_file().clone());
+        }
+        let job = SyncJob {
+            files,
+            dir: self.dir_dirty.then(|| self.dir.clone()),
+            target_offset: self.next_offset,
+            io: self.cfg.io.clone(),
+        };
+        self.active_dirty = false;
+        self.dir_dirty = false;
+        self.sync_in_flight = true;
+        self.last_sync_ms = now_ms;
+        Ok(Some(job))
+    }
+
+    /// Finishes a sync. Success makes everything below the job's target durable; failure
+    /// poisons the log: no silent retry, since the kernel may have dropped the dirty pages.
+    /// Returns the durable offset.
+    pub fn complete_sync(&mut self, job: SyncJob, result: io::Result<()>) -> Result<u64> {
+        assert!(self.sync_in_flight, "complete_sync without prepare_sync");
+        self.sync_in_flight = false;
+        match result {
+            Ok(()) => {
+                self.durable_offset = self.durable_offset.max(job.target_offset);
+                Ok(self.durable_offset)
+            }
+            Err(e) => {
+                let cause = Arc::new(e);
+                self.poisoned = Some(cause.clone());
+                Err(Error::Poisoned(cause))
+            }
+        }
+    }
+
+    /// Blocking convenience: prepare, run and complete one sync. Returns the durable offset.
+    pub fn sync(&mut self, now_ms: u64) -> Result<u64> {
+        match self.prepare_sync(now_ms)? {
+            None => Ok(self.durable_offset),
+            Some(job) => {
+                let r = job.run();
+                self.complete_sync(job, r)
+            }
+        }
+    }
+
+    /// Maps or decompresses a sealed segment for reading, evicting the least recently used.
+    fn load(&mut self, base: u64) -> Result<()> {
+        let seg = self
+            .segments
+            .get(&base)
+            .expect("loading an existing segment");
+        if matches!(seg.state, SegState::Active { .. }) {
+            return Ok(());
+        }
+        if seg.is_loaded() {
+            if let Some(i) = self.loaded.iter().position(|&b| b == base) {
+                self.loaded.remove(i);
+            }
+            self.loaded.push_back(base);
+            return Ok(());
+        }
+        let seg_len = seg.len;
+        let plain = matches!(seg.state, SegState::Plain { .. });
+        while self.loaded.len() >= self.cfg.mapped_segments_max {
+            let evict = self.loaded.pop_front().expect("non-empty");
+            if let Some(s) = self.segments.get_mut(&evict) {
+                s.drop_cache();
+            }
+        }
+        let new_state = if plain {
+            let path = segment::log_path(&self.cfg.dir, base);
+            let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+            let map = if seg_len > 0 {
+                // SAFETY: sealed segments are never written again.
+                Some(unsafe { Mmap::map(&file) }.map_err(|e| Error::io("mmap", &path, e))?)
+            } else {
+                None
+            };
+            if map.as_ref().is_some_and(|m| (m.len() as u64) < seg_len) {
+                return Err(Error::Corrupt {
+                    offset: base,
+                    segment_base: base,
+                    reason: "segment file shrank since recovery".into(),
+                });
+            }
+            SegState::Plain {
+                cache: Some(PlainCache {
+                    file: Arc::new(file),
+                    map,
+                }),
+            }
+        } else {
+            let path = segment::zst_path(&self.cfg.dir, base);
+            let raw = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+            let bytes = zstd::bulk::decompress(&raw, self.cfg.segment_bytes_max as usize)
+                .map_err(|e| Error::io("decompress", &path, e))?;
+            if (bytes.len() as u64) < seg_len {
+                return Err(Error::Corrupt {
+                    offset: base,
+                    segment_base: base,
+                    reason: "compressed segment shrank since recovery".into(),
+                });
+            }
+            SegState::Compressed {
+                cache: Some(Arc::new(bytes)),
+            }
+        };
+        self.segments.get_mut(&base).expect("present").state = new_state;
+        self.loaded.push_back(base);
+        Ok(())
+    }
+
+    /// The segment holding `offset`, loaded, or why it cannot be read.
+    fn segment_for(&mut self, offset: u64) -> Result<u64> {
+        let start = self.start_offset();
+        if offset < start {
+            return Err(Error::BelowStart {
+                requested: offset,
+                start,
+            });
+        }
+        let seg = self
+            .segments
+            .range(..=offset)
+            .next_back()
+            .map(|(_, s)| s)
+            .expect("offset >= start has a segment");
+        if offset >= seg.end {
+            return Err(Error::Corrupt {
+                offset,
+                segment_base: seg.base,
+                reason: format!(
+                    "records from offset {} of this sealed segment were lost to corruption (see the recovery report)",
+                    seg.end
+                ),
+            });
+        }
+        let base = seg.base;
+        self.load(base)?;
+        Ok(base)
+    }
+
+    fn corrupt(offset: u64, segment_base: u64, reason: impl Into<String>) -> Error {
+        Error::Corrupt {
+            offset,
+            segment_base,
+            reason: reason.into(),
+        }
+    }
+
+    /// Calls `f` with each durable record from offset `from`, at most `max_records`, each
+    /// CRC-checked. Returns the offset to continue from.
+    pub fn read_range(
+        &mut self,
+        from: u64,
+        max_records: usize,
+        mut f: impl FnMut(FrameRef<'_>),
+    ) -> Result<u64> {
+        let end = self.durable_offset;
+        let mut off = from;
+        let mut left = max_records;
+        while left > 0 && off < end {
+            let base = self.segment_for(off)?;
+            let seg = &self.segments[&base];
+            let data = seg.data();
+            let mut pos = segment::locate(data, &seg.index, base, seg.end, off)
+                .map_err(|r| Self::corrupt(off, base, r))?;
+            let seg_end = seg.end.min(end);
+            while left > 0 && off < seg_end {
+                let (fr, used) = frame::decode(&data[pos..], u32::MAX)
+                    .map_err(|e| Self::corrupt(off, base, e.to_string()))?;
+                if fr.header.log_offset != off {
+                    return Err(Self::corrupt(
+                        off,
+                        base,
+                        format!("record carries offset {}", fr.header.log_offset),
+                    ));
+                }
+                f(fr);
+                pos += used;
+                off += 1;
+                left -= 1;
+            }
+        }
+        Ok(off)
+    }
+
+    /// Calls `f` with a conversation's durable records with `seq > after_seq`, oldest first,
+    /// at most `limit`. Returns how many it delivered.
+    pub fn read_conversation(
+        &mut self,
+        conversation_id: u64,
+        after_seq: u64,
+        limit: usize,
+        mut f: impl FnMut(FrameRef<'_>),
+    ) -> Result<usize> {
+        let Some(entries) = self.conv.map.get(&conversation_id) else {
+            return Ok(0);
+        };
+        let mut i = entries.partition_point(|e| e.seq <= after_seq);
+        let mut delivered = 0;
+        while delivered < limit {
+            let Some(&e) = self.conv.map.get(&conversation_id).and_then(|v| v.get(i)) else {
+                break;
+            };
+            if e.offset >= self.durable_offset {
+                break;
+            }
+            let base = self.segment_for(e.offset)?;
+            let data = self.segments[&base].data();
+            let (fr, _) = frame::decode(data.get(e.pos as usize..).unwrap_or(&[]), u32::MAX)
+                .map_err(|err| Self::corrupt(e.offset, base, err.to_string()))?;
+            if fr.header.log_offset != e.offset || fr.header.conversation_id != conversation_id {
+                return Err(Self::corrupt(
+                    e.offset,
+                    base,
+                    "conversation index points at a different record",
+                ));
+            }
+            f(fr);
+            delivered += 1;
+            i += 1;
+        }
+        Ok(delivered)
+    }
+
+    /// Raw byte runs of whole durable records from `from_offset`, about `max_bytes` in total
+    /// (at least one record, so a reader always progresses), for `sendfile`.
+    pub fn file_runs(&mut self, from_offset: u64, max_bytes: u64) -> Result<Vec<FileRun>> {
+        let end = self.durable_offset;
+        let mut runs = Vec::new();
+        let mut off = from_offset;
+        let mut budget = max_bytes;
+        while off < end {
+            let base = match self.segment_for(off) {
+                Ok(b) => b,
+                // Report damage only if nothing readable comes before it.
+                Err(e @ Error::Corrupt { .. }) if runs.is_empty() => return Err(e),
+                Err(Error::Corrupt { .. }) => break,
+                Err(e) => return Err(e),
+            };
+            let seg = &self.segments[&base];
+            let data = seg.data();
+            let start_pos = segment::locate(data, &seg.index, base, seg.end, off)
+                .map_err(|r| Self::corrupt(off, base, r))?;
+            let seg_end = seg.end.min(end);
+            let first = off;
+            let mut pos = start_pos;
+            while off < seg_end {
+                let h = frame::peek_header(&data[pos..], u32::MAX)
+                    .map_err(|e| Self::corrupt(off, base, e.to_string()))?;
+                let len = h.frame_len() as u64;
+                let taken = (pos - start_pos) as u64;
+                let nothing_yet = runs.is_empty() && taken == 0;
+                if taken + len > budget && !nothing_yet {
+                    break;
+                }
+                pos += len as usize;
+                off += 1;
+            }
+            let len = (pos - start_pos) as u64;
+            if len == 0 {
+                break;
+            }
+            let source = match &seg.state {
+                SegState::Active { file, .. } => RunSource::File(file.clone()),
+                SegState::Plain {
+                    cache: Some(PlainCache { file, .. }),
+                } => RunSource::File(file.clone()),
+                SegState::Compressed { cache: Some(bytes) } => RunSource::Memory(bytes.clone()),
+                _ => unreachable!("segment_for loads the segment"),
+            };
+            runs.push(FileRun {
+                source,
+                position: start_pos as u64,
+                len,
+                first_offset: first,
+                end_offset: off,
+            });
+            budget = budget.saturating_sub(len);
+            if budget == 0 || off < seg_end {
+                break;
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Deletes the oldest sealed segments while the log is over `retention_bytes_max` or
+    /// their newest record is older than `retention_age_ms`. The active segment stays.
+    pub fn enforce_retention(&mut self, now_ms: u64) -> Result<RetentionReport> {
+        let mut report = RetentionReport::default();
+        let mut total = self.disk_bytes();
+        loop {
+            if self.segments.len() <= 1 {
+                break;
+            }
+            let oldest = self.segments.values().next().expect("non-empty");
+            let over_size = self.cfg.retention_bytes_max.is_some_and(|max| total > max);
+            let too_old = self
+                .cfg
+                .retention_age_ms
+                .is_some_and(|age| oldest.max_timestamp_us / 1000 + age < now_ms);
+            if !(over_size || too_old) {
+                break;
+            }
+            let base = oldest.base;
+            let compressed = matches!(oldest.state, SegState::Compressed { .. });
+            let path = if compressed {
+                segment::zst_path(&self.cfg.dir, base)
+            } else {
+                segment::log_path(&self.cfg.dir, base)
+            };
+            fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+            let seg = self.segments.remove(&base).expect("present");
+            self.loaded.retain(|&b| b != base);
+            total -= seg.disk_bytes;
+            report.segments_deleted += 1;
+            report.bytes_deleted += seg.disk_bytes;
+            self.dir_dirty = true;
+        }
+        report.start_offset = self.start_offset();
+        if report.segments_deleted > 0 {
+            self.conv.prune_below(report.start_offset);
+        }
+        Ok(report)
+    }
+
+    /// Rewrites the oldest plain sealed segment as zstd (when `compress_sealed` is set).
+    /// Blocking and CPU-heavy: schedule it off the hot path. Returns the segment's base.
+    pub fn compress_sealed_once(&mut self) -> Result<Option<u64>> {
+        if !self.cfg.compress_sealed {
+            return Ok(None);
+        }
+        if let Some(cause) = &self.poisoned {
+            return Err(Error::Poisoned(cause.clone()));
+        }
+        let active_base = self.active().base;
+        let Some(base) = self
+            .segments
+            .values()
+            .find(|s| s.base != active_base && matches!(s.state, SegState::Plain { .. }))
+            .map(|s| s.base)
+        else {
+            return Ok(None);
+        };
+        self.load(base)?;
+        let seg = &self.segments[&base];
+        let mut c = zstd::bulk::Compressor::new(self.cfg.zstd_level)
+            .map_err(|e| Error::io("zstd init", &self.cfg.dir, e))?;
+        c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+            .map_err(|e| Error::io("zstd init", &self.cfg.dir, e))?;
+        let compressed = c
+            .compress(seg.data())
+            .map_err(|e| Error::io("compress", segment::log_path(&self.cfg.dir, base), e))?;
+        let plain_path = segment::log_path(&self.cfg.dir, base);
+        let zst_path = segment::zst_path(&self.cfg.dir, base);
+        let mut tmp_path = zst_path.clone().into_os_string();
+        tmp_path.push(segment::TMP_SUFFIX);
+        let tmp_path = PathBuf::from(tmp_path);
+        let mut tmp = File::create(&tmp_path).map_err(|e| Error::io("create", &tmp_path, e))?;
+        tmp.write_all(&compressed)
+            .map_err(|e| Error::io("write", &tmp_path, e))?;
+        // The compressed copy must be durable before the plain one goes away; a failed sync
+        // poisons like any other.
+        self.guarded_sync(|io| io.sync_data(&tmp))?;
+        fs::rename(&tmp_path, &zst_path).map_err(|e| Error::io("rename", &tmp_path, e))?;
+        let dir = self.dir.clone();
+        self.guarded_sync(|io| io.sync_dir(&dir))?;
+        fs::remove_file(&plain_path).map_err(|e| Error::io("remove", &plain_path, e))?;
+        self.guarded_sync(|io| io.sync_dir(&dir))?;
+        let seg = self.segments.get_mut(&base).expect("present");
+        seg.state = SegState::Compressed { cache: None };
+        seg.disk_bytes = compressed.len() as u64;
+        self.loaded.retain(|&b| b != base);
+        Ok(Some(base))
+    }
+
+    fn guarded_sync(
+        &mut self,
+        f: impl FnOnce(&dyn crate::io::LogIo) -> io::Result<()>,
+    ) -> Result<()> {
+        if let Err(e) = f(&*self.cfg.io) {
+            let cause = Arc::new(e);
+            self.poisoned = Some(cause.clone());
+            return Err(Error::Poisoned(cause));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("dir", &self.cfg.dir)
+            .field("segments", &self.segments.len())
+            .field("start_offset", &self.start_offset())
+            .field("next_offset", &self.next_offset)
+            .field("durable_offset", &self.durable_offset)
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
+}
