@@ -248,6 +248,14 @@ impl IntentModel {
         &self.default_group
     }
 
+    /// The same model with another confidence threshold (a tenant's override of the file's).
+    /// Panics outside 0..=1: config validation checks the value first.
+    pub fn with_threshold(mut self, threshold: f64) -> Self {
+        assert!((0.0..=1.0).contains(&threshold), "threshold {threshold}");
+        self.threshold = threshold;
+        self
+    }
+
     /// Minimum confidence for an intent to decide the group.
     pub fn threshold(&self) -> f64 {
         self.threshold
