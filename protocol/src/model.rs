@@ -42,6 +42,14 @@ pub use ws::{Ack, ClientMessage, EventMessage, Message, ServerMessage, WsError};
 
 use serde::{Deserialize, Serialize};
 
+/// The field checks behind [`Validate`], for the other codecs that carry the same fields (the
+/// binary protocol), so both protocols accept exactly the same strings.
+pub(crate) mod checks {
+    pub(crate) use super::error::{
+        check_client_msg_id as client_msg_id, check_name as name, check_text as text,
+    };
+}
+
 /// Where a conversation stands. `reopened` is an event, not a state: it moves `resolved` back to
 /// `queued`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
