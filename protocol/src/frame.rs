@@ -20,8 +20,10 @@
 //! |  48 |    n | payload | `payload_len` bytes |
 //!
 //! The CRC starts at byte 8 so that it covers every field except magic, version, kind and
-//! itself; magic, version and kind are checked by value instead. Storage patches
-//! `log_offset` in place and re-computes the CRC ([`patch_log_offset`]).
+//! itself; magic, version and kind are checked by value instead. Known gap of this
+//! contract: a corruption that turns one valid kind into another (e.g. a single bit flip
+//! from Message = 1 to Control = 3) passes every check. Storage patches `log_offset` in
+//! place and re-computes the CRC ([`patch_log_offset`]).
 //!
 //! Decoding never panics and never allocates: [`decode`] answers a borrowed [`FrameRef`],
 //! [`DecodeError::Incomplete`] when more bytes are needed, or a specific invalid reason.
@@ -622,8 +624,10 @@ mod tests {
             let mut f = encode(&h, &payload);
             let bit = bit % (f.len() * 8);
             f[bit / 8] ^= 1 << (bit % 8);
-            // A flip either breaks a checked field, the CRC, or grows payload_len (Incomplete).
-            prop_assert!(decode(&f, MAX).is_err());
+            // A flip either breaks a checked field, the CRC, or grows payload_len (Incomplete);
+            // except a kind flipped into another valid kind, which the CRC does not cover.
+            let kind_still_valid = bit / 8 == 3 && Kind::try_from(f[3]).is_ok();
+            prop_assert_eq!(decode(&f, MAX).is_ok(), kind_still_valid);
         }
 
         #[test]

@@ -993,7 +993,8 @@ impl Log {
     }
 
     /// Calls `f` with each durable record from offset `from`, at most `max_records`, each
-    /// CRC-checked. Returns the offset to continue from.
+    /// CRC-checked. Returns the offset to continue from. Stops early before records lost to
+    /// sealed-segment corruption; a read starting at them answers [`Error::Corrupt`].
     pub fn read_range(
         &mut self,
         from: u64,
@@ -1004,7 +1005,13 @@ impl Log {
         let mut off = from;
         let mut left = max_records;
         while left > 0 && off < end {
-            let base = self.segment_for(off)?;
+            let base = match self.segment_for(off) {
+                Ok(b) => b,
+                // Deliver what is readable first; the next call starts at the damage and
+                // gets the error.
+                Err(Error::Corrupt { .. }) if off > from => break,
+                Err(e) => return Err(e),
+            };
             let seg = &self.segments[&base];
             let data = seg.data();
             let mut pos = segment::locate(data, &seg.index, base, seg.end, off)
