@@ -146,6 +146,7 @@ impl Outbox {
 pub enum Actor {
     /// Holds a visitor token for exactly this conversation.
     Visitor {
+        tenant: u16,
         conversation_id: u64,
     },
     Agent {
@@ -255,6 +256,8 @@ pub struct Sent {
     pub ts: u64,
     /// An idempotent retry: nothing was stored.
     pub duplicate: bool,
+    /// Where the record is in the shard log (0 on a retry).
+    pub log_offset: u64,
 }
 
 /// Agent commands on a conversation.
@@ -282,14 +285,16 @@ pub struct Engine {
     tenants: Vec<Tenant>,
     conversations: HashMap<u64, Conversation>,
     next_local: u64,
-    /// Records and ephemeral events waiting for the batch's sync.
-    pending: Vec<Arc<Delivery>>,
-    /// Agent-inbox deliveries waiting for the batch's sync.
-    pending_inbox: Vec<(u16, AgentId, Arc<Delivery>)>,
+    /// Records and ephemeral events waiting for the log's durable offset to pass
+    /// `release_at`, in append order.
+    pending: VecDeque<(u64, Arc<Delivery>)>,
+    /// Agent-inbox deliveries, same rule.
+    pending_inbox: VecDeque<(u64, u16, AgentId, Arc<Delivery>)>,
+    /// The log offset after the last record this engine appended: a reply to a command is
+    /// released once the durable offset reaches it.
+    appended_end: u64,
     effects: Vec<Effect>,
     scratch: Vec<u8>,
-    /// Records appended since the last `release`.
-    appended: usize,
     poisoned: Option<String>,
 }
 
@@ -332,11 +337,11 @@ impl Engine {
             tenants: out,
             conversations: HashMap::new(),
             next_local: 1,
-            pending: Vec::new(),
-            pending_inbox: Vec::new(),
+            pending: VecDeque::new(),
+            pending_inbox: VecDeque::new(),
+            appended_end: 0,
             effects: Vec::new(),
             scratch: Vec::new(),
-            appended: 0,
             poisoned: None,
         })
     }
@@ -349,9 +354,19 @@ impl Engine {
         self.conversations.len()
     }
 
-    /// Whether records were appended since the last release (the committer then syncs).
-    pub fn needs_sync(&self) -> bool {
-        self.appended > 0
+    /// The log offset a reply must wait for: everything this engine appended so far.
+    pub fn appended_end(&self) -> u64 {
+        self.appended_end
+    }
+
+    /// Sets where the log stands after recovery.
+    pub fn set_appended_end(&mut self, next_offset: u64) {
+        self.appended_end = next_offset;
+    }
+
+    /// Deliveries waiting for durability.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
     }
 
     /// A failed append or sync: refuse writes from now on (fjall-style poisoning).
@@ -377,10 +392,12 @@ impl Engine {
         self.tenants.get(tenant as usize).map(|t| &*t.name)
     }
 
-    /// After the batch's records are durable: hands deliveries to subscribers.
-    pub fn release(&mut self) {
-        self.appended = 0;
-        for delivery in self.pending.drain(..) {
+    /// Hands deliveries whose records are durable (below `durable_offset`) to subscribers.
+    pub fn release(&mut self, durable_offset: u64) {
+        while let Some((at, _)) = self.pending.front()
+            && *at <= durable_offset
+        {
+            let (_, delivery) = self.pending.pop_front().expect("front exists");
             let Some(conv) = self.conversations.get_mut(&delivery.conversation_id) else {
                 continue;
             };
@@ -394,7 +411,11 @@ impl Engine {
                 sub.push(delivery.clone());
             }
         }
-        for (tenant, agent, delivery) in self.pending_inbox.drain(..) {
+        while let Some((at, ..)) = self.pending_inbox.front()
+            && *at <= durable_offset
+        {
+            let (_, tenant, agent, delivery) =
+                self.pending_inbox.pop_front().expect("front exists");
             if let Some(list) = self.tenants[tenant as usize].inboxes.get_mut(&agent) {
                 list.retain(|s| !s.is_closed() && !s.is_overflowed());
                 for sub in list.iter() {
@@ -413,7 +434,9 @@ impl Engine {
     fn check_read(&self, id: u64, actor: &Actor) -> Result<(), EngineError> {
         let conv = self.conv(id)?;
         match actor {
-            Actor::Visitor { conversation_id } if *conversation_id == id => Ok(()),
+            Actor::Visitor {
+                conversation_id, ..
+            } if *conversation_id == id => Ok(()),
             Actor::Visitor { .. } => Err(EngineError::Forbidden(
                 "the visitor token is for another conversation".into(),
             )),
@@ -609,25 +632,26 @@ impl Engine {
 
     /// Sends the conversation's latest record to the agents of `group` (an offer).
     fn offer(&mut self, tenant: u16, group: GroupId, conv: u64) {
-        let Some(delivery) = self.pending.last().cloned() else {
+        let Some((at, delivery)) = self.pending.back().cloned() else {
             return;
         };
         assert_eq!(delivery.conversation_id, conv);
         let t = &self.tenants[tenant as usize];
         for (&agent, _) in t.inboxes.iter() {
             if t.agent_groups[agent.index()].contains(&group) {
-                self.pending_inbox.push((tenant, agent, delivery.clone()));
+                self.pending_inbox
+                    .push_back((at, tenant, agent, delivery.clone()));
             }
         }
     }
 
     fn notify_agent(&mut self, tenant: u16, agent: AgentId, conv: u64) {
-        let Some(delivery) = self.pending.last().cloned() else {
+        let Some((at, delivery)) = self.pending.back().cloned() else {
             return;
         };
         assert_eq!(delivery.conversation_id, conv);
         if self.tenants[tenant as usize].inboxes.contains_key(&agent) {
-            self.pending_inbox.push((tenant, agent, delivery));
+            self.pending_inbox.push_back((at, tenant, agent, delivery));
         }
     }
 
@@ -708,7 +732,7 @@ impl Engine {
             .map_err(|e| EngineError::Storage(e.to_string()))?;
         let mut json = Vec::with_capacity(self.scratch.len() + 32);
         record.write_ws_json(&mut json);
-        self.write(log, Kind::Message, id, seq, now_us, json)?;
+        let log_offset = self.write(log, Kind::Message, id, seq, now_us, json)?;
         let keys_max = self.limits.idempotency_keys_per_conversation_max;
         let conv = self.conversations.get_mut(&id).expect("checked");
         conv.last_seq = seq;
@@ -719,6 +743,7 @@ impl Engine {
             seq,
             ts: now_us,
             duplicate: false,
+            log_offset,
         })
     }
 
@@ -731,7 +756,7 @@ impl Engine {
         seq: u64,
         now_us: u64,
         json: Vec<u8>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<u64, EngineError> {
         let header = Header::new(kind, id, seq, now_us);
         let offset = log.append(&header, &self.scratch).map_err(|e| {
             self.poison(e.clone());
@@ -740,14 +765,17 @@ impl Engine {
         let mut stored = header;
         stored.log_offset = offset;
         let frame = frame::encode(&stored, &self.scratch);
-        self.appended += 1;
-        self.pending.push(Arc::new(Delivery {
-            conversation_id: id,
-            seq,
-            frame: frame.into_boxed_slice(),
-            json: json.into_boxed_slice(),
-        }));
-        Ok(())
+        self.appended_end = offset + 1;
+        self.pending.push_back((
+            offset + 1,
+            Arc::new(Delivery {
+                conversation_id: id,
+                seq,
+                frame: frame.into_boxed_slice(),
+                json: json.into_boxed_slice(),
+            }),
+        ));
+        Ok(offset)
     }
 
     /// Stores a message from a participant. A retry with a known `client_msg_id` returns the
@@ -764,9 +792,9 @@ impl Engine {
     ) -> Result<Sent, EngineError> {
         let conv = self.conv(id)?;
         let from = match actor {
-            Actor::Visitor { conversation_id } if *conversation_id == id => {
-                Participant::new(Role::Visitor, &*conv.visitor_id)
-            }
+            Actor::Visitor {
+                conversation_id, ..
+            } if *conversation_id == id => Participant::new(Role::Visitor, &*conv.visitor_id),
             Actor::Agent { tenant, name }
                 if *tenant == conv.tenant && conv.agent.as_deref() == Some(&**name) =>
             {
@@ -790,6 +818,7 @@ impl Engine {
                 seq,
                 ts,
                 duplicate: true,
+                log_offset: 0,
             });
         }
         self.check_writable()?;
@@ -1060,12 +1089,16 @@ impl Engine {
             .map_err(|e| EngineError::BadRequest(e.to_string()))?;
         let header = Header::new(Kind::Event, id, 0, now_us);
         let frame = frame::encode(&header, &json);
-        self.pending.push(Arc::new(Delivery {
-            conversation_id: id,
-            seq: 0,
-            frame: frame.into_boxed_slice(),
-            json: json.into_boxed_slice(),
-        }));
+        // Released with the records before it, so it never overtakes them.
+        self.pending.push_back((
+            self.appended_end,
+            Arc::new(Delivery {
+                conversation_id: id,
+                seq: 0,
+                frame: frame.into_boxed_slice(),
+                json: json.into_boxed_slice(),
+            }),
+        ));
         Ok(())
     }
 

@@ -92,6 +92,7 @@ fn create_send_idempotent_and_dense() {
     assert_eq!(c.queue_position, Some(1));
     assert_eq!(c.first_message_seq, Some(2));
     let visitor = Actor::Visitor {
+        tenant: 0,
         conversation_id: c.conversation_id,
     };
     let s = e
@@ -107,7 +108,7 @@ fn create_send_idempotent_and_dense() {
     assert_eq!(seqs, [1, 2, 3]);
     // Not durable yet: nothing visible.
     assert_eq!(e.view(c.conversation_id, &visitor).unwrap().last_seq, 0);
-    e.release();
+    e.release(u64::MAX);
     assert_eq!(e.view(c.conversation_id, &visitor).unwrap().last_seq, 3);
 }
 
@@ -152,6 +153,7 @@ fn transitions_and_conflicts() {
     assert_eq!(state, ConversationState::Resolved);
     // The visitor writing again reopens it.
     let visitor = Actor::Visitor {
+        tenant: 0,
         conversation_id: id,
     };
     e.send(&mut log, id, &visitor, "one more thing", None, 8)
@@ -169,6 +171,7 @@ fn transitions_and_conflicts() {
         "{kinds:?}"
     );
     let other = Actor::Visitor {
+        tenant: 0,
         conversation_id: id + 1,
     };
     assert_eq!(
@@ -215,13 +218,14 @@ fn replay_reaches_live_edge_without_gap_or_duplicate() {
     let c = e.create(&mut log, 0, "Ann", "web", None, None, 1).unwrap();
     let id = c.conversation_id;
     let visitor = Actor::Visitor {
+        tenant: 0,
         conversation_id: id,
     };
     for i in 0..5 {
         e.send(&mut log, id, &visitor, &format!("m{i}"), None, 2 + i)
             .unwrap();
     }
-    e.release();
+    e.release(u64::MAX);
     // An unreleased record must not show up in the replay nor be lost for the subscriber.
     e.send(&mut log, id, &visitor, "late", None, 20).unwrap();
     let outbox = Outbox::new(16);
@@ -241,7 +245,7 @@ fn replay_reaches_live_edge_without_gap_or_duplicate() {
         [5, 6]
     );
     assert!(rest.registered);
-    e.release();
+    e.release(u64::MAX);
     assert_eq!(outbox.pop().unwrap().seq, 7);
     assert!(outbox.pop().is_none());
 }
@@ -253,9 +257,10 @@ fn slow_subscriber_overflows_instead_of_blocking() {
     let c = e.create(&mut log, 0, "Ann", "web", None, None, 1).unwrap();
     let id = c.conversation_id;
     let visitor = Actor::Visitor {
+        tenant: 0,
         conversation_id: id,
     };
-    e.release();
+    e.release(u64::MAX);
     let outbox = Outbox::new(4);
     assert!(
         e.replay(&mut log, id, &visitor, 1, 10, Some(outbox.clone()))
@@ -265,7 +270,7 @@ fn slow_subscriber_overflows_instead_of_blocking() {
     for i in 0..6 {
         e.send(&mut log, id, &visitor, "x", None, 2 + i).unwrap();
     }
-    e.release();
+    e.release(u64::MAX);
     assert!(outbox.is_overflowed());
 }
 
@@ -289,11 +294,14 @@ fn recovery_rebuilds_state_seqs_and_keys() {
         .create(&mut log, 0, "Bo", "app", None, Some("sales"), 2)
         .unwrap()
         .conversation_id;
-    let va = Actor::Visitor { conversation_id: a };
+    let va = Actor::Visitor {
+        tenant: 0,
+        conversation_id: a,
+    };
     e.send(&mut log, a, &va, "x", Some("key-1"), 3).unwrap();
     e.transition(&mut log, b, "alice", 0, &Transition::Accept, 4)
         .unwrap();
-    e.release();
+    e.release(u64::MAX);
 
     let mut r = engine(1);
     for (h, p) in &log.frames {

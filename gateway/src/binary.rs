@@ -1,0 +1,430 @@
+//! Binary-protocol sessions on the TCP listener (default port 7070): `kefu_protocol::binproto` frames, the same bytes as the storage records. Hello/Welcome, Send/Ack, Subscribe (exact replay, then live stored frames), Typing/Read, Ping/Pong, and StreamOpen (the firehose).
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kefu_protocol::binproto::{
+    self, BinLimits, ClientMsg, Principal, ServerMsg, Welcome, decode_client, encode_server,
+};
+use kefu_protocol::frame::HEADER_LEN;
+use kefu_protocol::model::{ConversationId, Event};
+use monoio::net::TcpStream;
+
+use crate::conn::Conn;
+use crate::engine::{Actor, Outbox};
+use crate::http::{HttpError, conversation_id};
+use crate::metrics::Disconnect;
+use crate::server::ShardCtx;
+use crate::ws::{ephemeral, register_agent_inbox, replay_step, send_message};
+
+fn error_frame(out: &mut Vec<u8>, conv: u64, code: u16, client_msg_id: Option<&str>, reason: &str) {
+    let reason: String = reason.chars().take(200).collect();
+    let _ = encode_server(
+        &ServerMsg::Error {
+            conversation_id: ConversationId(conv),
+            code,
+            client_msg_id,
+            reason: &reason,
+        },
+        out,
+    );
+}
+
+struct Session {
+    actor: Option<Actor>,
+    outbox: Arc<Outbox>,
+    subscriptions: Vec<u64>,
+}
+
+/// What one frame asks of the connection.
+enum Verdict {
+    Fine,
+    Close(Disconnect),
+    Stream { shard: u16, from: u64, follow: bool },
+}
+
+/// Owned copy of a decoded client message, so handling may await without borrowing the buffer.
+enum Owned {
+    Hello(String),
+    Send {
+        conv: ConversationId,
+        client_msg_id: Option<String>,
+        text: String,
+    },
+    Subscribe {
+        conv: ConversationId,
+        after: u64,
+    },
+    Typing(ConversationId),
+    Read(ConversationId, u64),
+    StreamOpen {
+        shard: u16,
+        from: u64,
+        follow: bool,
+    },
+    Ping(u64),
+}
+
+impl From<ClientMsg<'_>> for Owned {
+    fn from(m: ClientMsg<'_>) -> Self {
+        match m {
+            ClientMsg::Hello { token } => Owned::Hello(token.to_owned()),
+            ClientMsg::Send {
+                conversation_id,
+                client_msg_id,
+                text,
+            } => Owned::Send {
+                conv: conversation_id,
+                client_msg_id: client_msg_id.map(str::to_owned),
+                text: text.to_owned(),
+            },
+            ClientMsg::Subscribe {
+                conversation_id,
+                after_seq,
+            } => Owned::Subscribe {
+                conv: conversation_id,
+                after: after_seq,
+            },
+            ClientMsg::Typing { conversation_id } => Owned::Typing(conversation_id),
+            ClientMsg::Read {
+                conversation_id,
+                seq,
+            } => Owned::Read(conversation_id, seq),
+            ClientMsg::StreamOpen {
+                shard,
+                from_offset,
+                follow,
+            } => Owned::StreamOpen {
+                shard,
+                from: from_offset,
+                follow,
+            },
+            ClientMsg::Ping { nonce } => Owned::Ping(nonce),
+        }
+    }
+}
+
+async fn handle(
+    ctx: &Rc<ShardCtx>,
+    s: &mut Session,
+    msg: Owned,
+    out: &mut Vec<u8>,
+    conn_id: u64,
+) -> Verdict {
+    let Some(actor) = s.actor.clone() else {
+        let Owned::Hello(token) = msg else {
+            error_frame(out, 0, 401, None, "send Hello first");
+            return Verdict::Close(Disconnect::Unauthorized);
+        };
+        return match ctx.shared.access.authenticate(&token) {
+            Ok(actor) => {
+                let tenants = &ctx.shared.config.tenants;
+                let (principal, tenant, id) = match &actor {
+                    Actor::Visitor {
+                        tenant,
+                        conversation_id,
+                    } => (Principal::Visitor, *tenant, format!("v{conversation_id:x}")),
+                    Actor::Agent { tenant, name } => (Principal::Agent, *tenant, name.to_string()),
+                    Actor::Integration { tenant } => {
+                        (Principal::Integration, *tenant, "integration".to_owned())
+                    }
+                };
+                let limits = &ctx.shared.config.limits;
+                let _ = encode_server(
+                    &ServerMsg::Welcome(Welcome {
+                        session_id: conn_id,
+                        payload_len_max: limits.binary_frame_bytes_max as u32,
+                        idle_timeout_ms: limits.idle_timeout_ms.min(u64::from(u32::MAX)) as u32,
+                        principal,
+                        shards: ctx.shared.shards() as u16,
+                        tenant: &tenants[tenant as usize].name,
+                        principal_id: &id,
+                    }),
+                    out,
+                );
+                register_agent_inbox(ctx, &actor, &s.outbox);
+                s.actor = Some(actor);
+                Verdict::Fine
+            }
+            Err(e) => {
+                error_frame(out, 0, 401, None, &e.to_string());
+                Verdict::Close(Disconnect::Unauthorized)
+            }
+        };
+    };
+    let refuse = |out: &mut Vec<u8>, e: HttpError, conv: u64, cmid: Option<&str>| {
+        error_frame(out, conv, e.status, cmid, &e.message);
+        if e.status == 401 || e.status == 403 {
+            Verdict::Close(Disconnect::Unauthorized)
+        } else {
+            Verdict::Fine
+        }
+    };
+    match msg {
+        Owned::Hello(_) => {
+            error_frame(out, 0, 400, None, "Hello was already sent");
+            Verdict::Fine
+        }
+        Owned::Ping(nonce) => {
+            let _ = encode_server(&ServerMsg::Pong { nonce }, out);
+            Verdict::Fine
+        }
+        Owned::Send {
+            conv,
+            client_msg_id,
+            text,
+        } => {
+            let id = match conversation_id(ctx, &conv.to_string()) {
+                Ok(id) => id,
+                Err(e) => return refuse(out, e, conv.0, client_msg_id.as_deref()),
+            };
+            match send_message(ctx, id, &actor, text, client_msg_id.clone()).await {
+                Ok(sent) => {
+                    let _ = encode_server(
+                        &ServerMsg::Ack {
+                            conversation_id: conv,
+                            seq: sent.seq,
+                            log_offset: sent.log_offset,
+                            timestamp_us: sent.ts,
+                            duplicate: sent.duplicate,
+                            client_msg_id: client_msg_id.as_deref(),
+                        },
+                        out,
+                    );
+                    Verdict::Fine
+                }
+                Err(e) => refuse(out, e, id, client_msg_id.as_deref()),
+            }
+        }
+        Owned::Subscribe { conv, mut after } => {
+            let id = match conversation_id(ctx, &conv.to_string()) {
+                Ok(id) => id,
+                Err(e) => return refuse(out, e, conv.0, None),
+            };
+            if s.subscriptions.contains(&id) {
+                error_frame(out, id, 409, None, "already subscribed");
+                return Verdict::Fine;
+            }
+            if s.subscriptions.len() >= ctx.shared.config.limits.subscriptions_per_socket_max {
+                error_frame(out, id, 429, None, "subscriptions_per_socket_max reached");
+                return Verdict::Fine;
+            }
+            loop {
+                match replay_step(ctx, id, &actor, after, &s.outbox).await {
+                    Ok((entries, registered)) => {
+                        for d in &entries {
+                            out.extend_from_slice(&d.frame);
+                            after = d.seq;
+                        }
+                        ctx.metrics.delivered(entries.len() as u64);
+                        if registered {
+                            s.subscriptions.push(id);
+                            return Verdict::Fine;
+                        }
+                        if entries.is_empty() {
+                            error_frame(out, id, 503, None, "cannot subscribe now");
+                            return Verdict::Fine;
+                        }
+                    }
+                    Err(e) => return refuse(out, e, id, None),
+                }
+            }
+        }
+        Owned::Typing(conv) => match ephemeral(ctx, conv.0, &actor, Event::Typing).await {
+            Ok(()) => Verdict::Fine,
+            Err(e) => refuse(out, e, conv.0, None),
+        },
+        Owned::Read(conv, seq) => match ephemeral(ctx, conv.0, &actor, Event::Read { seq }).await {
+            Ok(()) => Verdict::Fine,
+            Err(e) => refuse(out, e, conv.0, None),
+        },
+        Owned::StreamOpen {
+            shard,
+            from,
+            follow,
+        } => {
+            if !matches!(actor, Actor::Integration { .. }) {
+                error_frame(out, 0, 403, None, "streams need an integration token");
+                return Verdict::Close(Disconnect::Unauthorized);
+            }
+            if shard as usize >= ctx.shared.shards() {
+                error_frame(out, 0, 404, None, "no such shard");
+                return Verdict::Fine;
+            }
+            Verdict::Stream {
+                shard,
+                from,
+                follow,
+            }
+        }
+    }
+}
+
+/// Serves one binary-protocol connection until it closes.
+pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Disconnect {
+    let mut conn = match &ctx.shared.tls {
+        Some(cfg) if ctx.shared.config.tls.as_ref().is_some_and(|t| t.tcp) => {
+            match Conn::tls(stream, cfg.clone()) {
+                Ok(c) => c,
+                Err(_) => return Disconnect::IoError,
+            }
+        }
+        _ => Conn::plain(stream),
+    };
+    let limits = ctx.shared.config.limits;
+    let model = crate::access::model_limits(&limits);
+    let bin_limits = BinLimits::from_model(&model, limits.binary_frame_bytes_max as u32);
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
+    let mut s = Session {
+        actor: None,
+        outbox: Outbox::new(limits.subscriber_queue_depth),
+        subscriptions: Vec::new(),
+    };
+    let why = session_loop(&ctx, &mut conn, &mut s, &bin_limits, idle, conn_id).await;
+    s.outbox.close();
+    match why {
+        Ok(d) => d,
+        Err((shard, from, follow)) => {
+            crate::stream::serve(ctx.clone(), conn, shard, from, follow, conn_id, false).await
+        }
+    }
+}
+
+/// `Err` carries a stream request: the caller turns the connection into a stream.
+async fn session_loop(
+    ctx: &Rc<ShardCtx>,
+    conn: &mut Conn,
+    s: &mut Session,
+    bin_limits: &BinLimits,
+    idle: Duration,
+    conn_id: u64,
+) -> Result<Disconnect, (u16, u64, bool)> {
+    let mut buf: Option<Vec<u8>> = None;
+    let mut out: Vec<u8> = Vec::new();
+    let mut last_rx = Instant::now();
+    loop {
+        // Decode and handle every complete frame.
+        let mut messages = Vec::new();
+        let mut fatal = None;
+        if let Some(b) = buf.as_mut() {
+            let mut used_total = 0;
+            while used_total < b.len() {
+                match decode_client(&b[used_total..], bin_limits) {
+                    Ok((msg, used)) => {
+                        messages.push(Owned::from(msg));
+                        used_total += used;
+                    }
+                    Err(e) if e.is_incomplete() => break,
+                    Err(e) => {
+                        let code = match e {
+                            binproto::Error::Frame(
+                                kefu_protocol::frame::DecodeError::TooLarge { .. },
+                            ) => 413,
+                            _ => 400,
+                        };
+                        fatal = Some((code, e.to_string()));
+                        break;
+                    }
+                }
+            }
+            b.drain(..used_total);
+        }
+        for msg in messages {
+            match handle(ctx, s, msg, &mut out, conn_id).await {
+                Verdict::Fine => {}
+                Verdict::Close(why) => {
+                    let _ = conn.write_all(out).await;
+                    return Ok(why);
+                }
+                Verdict::Stream {
+                    shard,
+                    from,
+                    follow,
+                } => {
+                    let (res, _) = conn.write_all(std::mem::take(&mut out)).await;
+                    if res.is_err() {
+                        return Ok(Disconnect::IoError);
+                    }
+                    return Err((shard, from, follow));
+                }
+            }
+        }
+        if let Some((code, reason)) = fatal {
+            error_frame(&mut out, 0, code, None, &reason);
+            let _ = conn.write_all(out).await;
+            return Ok(Disconnect::BadRequest);
+        }
+        let mut delivered = 0;
+        while let Some(d) = s.outbox.pop() {
+            out.extend_from_slice(&d.frame);
+            delivered += 1;
+        }
+        if s.outbox.is_overflowed() {
+            error_frame(
+                &mut out,
+                0,
+                429,
+                None,
+                "too slow: resubscribe with after_seq",
+            );
+            let _ = conn.write_all(out).await;
+            return Ok(Disconnect::SlowConsumer);
+        }
+        ctx.metrics.delivered(delivered);
+        if !out.is_empty() {
+            let (res, o) = conn.write_all(std::mem::take(&mut out)).await;
+            out = o;
+            if res.is_err() {
+                return Ok(Disconnect::IoError);
+            }
+        }
+        if buf.as_ref().is_some_and(|b| b.is_empty())
+            && let Some(b) = buf.take()
+        {
+            ctx.pool.give(b);
+        }
+        if !s.outbox.is_empty() {
+            continue;
+        }
+        let now = Instant::now();
+        if now.duration_since(last_rx) >= idle {
+            return Ok(Disconnect::IdleTimeout);
+        }
+        let wait = (last_rx + idle).saturating_duration_since(now);
+        enum Woke {
+            Readable(bool),
+            Outbox,
+            Timer,
+            Stop,
+        }
+        let woke = monoio::select! {
+            r = conn.readable() => Woke::Readable(r.is_ok()),
+            _ = s.outbox.ready() => Woke::Outbox,
+            _ = monoio::time::sleep(wait) => Woke::Timer,
+            _ = ctx.stopped(conn_id) => Woke::Stop,
+        };
+        match woke {
+            Woke::Readable(false) => return Ok(Disconnect::IoError),
+            Woke::Readable(true) => {
+                let mut b = buf.take().unwrap_or_else(|| ctx.pool.take());
+                // A frame announces its length: make room for all of it, within the limit.
+                if let Ok(h) = kefu_protocol::frame::peek_header(&b, bin_limits.payload_len_max) {
+                    let need = HEADER_LEN + h.payload_len as usize;
+                    if b.capacity() < need {
+                        b.reserve(need - b.len());
+                    }
+                }
+                let (res, b) = conn.read_append(b).await;
+                buf = Some(b);
+                match res {
+                    Ok(0) => return Ok(Disconnect::Closed),
+                    Ok(_) => last_rx = Instant::now(),
+                    Err(_) => return Ok(Disconnect::IoError),
+                }
+            }
+            Woke::Outbox | Woke::Timer => {}
+            Woke::Stop => return Ok(Disconnect::Shutdown),
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! A client connection's byte transport: plain TCP with monoio's owned-buffer I/O, or TLS through rustls on top of it. Reads append into the caller's (pooled) buffer.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+pub struct Conn {
+    pub stream: TcpStream,
+    tls: Option<Box<rustls::ServerConnection>>,
+    /// Raw TLS bytes read but not yet fed to rustls (TLS only).
+    tls_in: Vec<u8>,
+}
+
+impl Conn {
+    pub fn plain(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            tls: None,
+            tls_in: Vec::new(),
+        }
+    }
+
+    pub fn tls(stream: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
+        let tls = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+        Ok(Self {
+            stream,
+            tls: Some(Box::new(tls)),
+            tls_in: Vec::new(),
+        })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Waits until the socket has something to read (holding no buffer meanwhile).
+    pub async fn readable(&self) -> io::Result<()> {
+        if let Some(tls) = &self.tls
+            && tls.wants_write()
+        {
+            return Ok(());
+        }
+        self.stream.readable(false).await
+    }
+
+    /// Reads what is available and appends it to `buf` (growing it by one chunk if full).
+    /// `Ok(0)` means the peer closed.
+    pub async fn read_append(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(buf.capacity().max(4096));
+        }
+        if self.tls.is_none() {
+            let len = buf.len();
+            let cap = buf.capacity();
+            let (res, slice) = self.stream.read(buf.slice_mut(len..cap)).await;
+            return (res, slice.into_inner());
+        }
+        loop {
+            // Hand pending plaintext first.
+            let tls = self.tls.as_mut().expect("tls");
+            let before = buf.len();
+            let mut chunk = [0u8; 4096];
+            match tls.reader().read(&mut chunk) {
+                Ok(n) if n > 0 => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    return (Ok(n), buf);
+                }
+                Ok(_) => return (Ok(0), buf),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return (Err(e), buf),
+            }
+            debug_assert_eq!(before, buf.len());
+            if let Err(e) = self.flush_tls().await {
+                return (Err(e), buf);
+            }
+            let raw = std::mem::take(&mut self.tls_in);
+            let mut raw = if raw.capacity() == 0 {
+                Vec::with_capacity(16 * 1024)
+            } else {
+                raw
+            };
+            raw.clear();
+            let cap = raw.capacity();
+            let (res, slice) = self.stream.read(raw.slice_mut(0..cap)).await;
+            let raw = slice.into_inner();
+            match res {
+                Ok(0) => return (Ok(0), buf),
+                Ok(_) => {}
+                Err(e) => return (Err(e), buf),
+            }
+            let tls = self.tls.as_mut().expect("tls");
+            let mut cursor = &raw[..];
+            while !cursor.is_empty() {
+                if let Err(e) = tls.read_tls(&mut cursor) {
+                    return (Err(e), buf);
+                }
+                if let Err(e) = tls.process_new_packets() {
+                    return (Err(io::Error::new(io::ErrorKind::InvalidData, e)), buf);
+                }
+            }
+            self.tls_in = raw;
+        }
+    }
+
+    /// Sends TLS records rustls has queued (handshake, alerts, encrypted data).
+    async fn flush_tls(&mut self) -> io::Result<()> {
+        loop {
+            let tls = self.tls.as_mut().expect("tls");
+            if !tls.wants_write() {
+                return Ok(());
+            }
+            let mut out = Vec::with_capacity(16 * 1024);
+            tls.write_tls(&mut out)?;
+            let (res, _) = self.stream.write_all(out).await;
+            res?;
+        }
+    }
+
+    /// Writes all of `buf`; returns it (cleared) for reuse.
+    pub async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        if self.tls.is_none() {
+            let (res, mut buf) = self.stream.write_all(buf).await;
+            buf.clear();
+            return (res.map(|_| ()), buf);
+        }
+        let mut buf = buf;
+        let res = self.tls.as_mut().expect("tls").writer().write_all(&buf);
+        buf.clear();
+        if let Err(e) = res {
+            return (Err(e), buf);
+        }
+        (self.flush_tls().await, buf)
+    }
+}

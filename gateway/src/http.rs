@@ -1,0 +1,716 @@
+//! HTTP/1.1 keep-alive connections: the REST endpoints of the API, long-polling, `/metrics`, and the hand-over to WebSocket (`/v1/ws`) and the firehose (`/v1/stream`).
+//!
+//! An idle connection holds no buffer: it waits for readability, then takes a buffer from the
+//! shard's pool, and gives it back once nothing is left in it. Requests are parsed by
+//! `kefu_protocol::http` (limits give 413/414/431); a command for a conversation goes to the
+//! shard that owns it and the reply comes back through a one-shot slot.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use kefu_protocol::http::{
+    Method, ParseError, RequestHead, ResponseHead, parse_head, parse_request, query_get,
+    write_continue, write_json_error, write_response,
+};
+use kefu_protocol::model::{
+    AgentStatus, AgentStatusRequest, ConversationId, CreateConversationRequest,
+    CreateConversationResponse, ErrorBody, ModelLimits, SendMessageRequest, SendMessageResponse,
+    TransferRequest, Validate, WriteJson, parse_json,
+};
+use monoio::net::TcpStream;
+
+use crate::conn::Conn;
+use crate::engine::{Actor, EngineError, Outbox, Transition};
+use crate::metrics::{Disconnect, Stage};
+use crate::server::ShardCtx;
+use crate::shard::{Command, Outcome, ReplySlot};
+
+const JSON: &str = "application/json";
+
+/// Why a handler could not answer normally.
+pub struct HttpError {
+    pub status: u16,
+    pub message: String,
+    pub state: Option<kefu_protocol::model::ConversationState>,
+}
+
+impl HttpError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            state: None,
+        }
+    }
+}
+
+impl From<EngineError> for HttpError {
+    fn from(e: EngineError) -> Self {
+        let state = match &e {
+            EngineError::Conflict { state, .. } => Some(*state),
+            _ => None,
+        };
+        Self {
+            status: e.status(),
+            message: e.to_string(),
+            state,
+        }
+    }
+}
+
+impl From<crate::auth::AuthError> for HttpError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        Self::new(401, e.to_string())
+    }
+}
+
+/// What a request turns the connection into.
+pub enum Next {
+    /// Keep serving HTTP (or close when `keep_alive` is false).
+    Continue { keep_alive: bool },
+    /// Switch to WebSocket: the 101 answer is in `out`.
+    WebSocket(crate::ws::Upgraded),
+    /// Switch to streaming the log of `shard` from `from`.
+    Stream { shard: u16, from: u64, follow: bool },
+}
+
+/// Sends a command to the shard owning it and waits for the answer. A full inbox is overload:
+/// 503 with `Retry-After`.
+pub async fn call(
+    ctx: &ShardCtx,
+    shard: u16,
+    make: impl FnOnce(crate::shard::Reply) -> Command,
+) -> Result<Outcome, HttpError> {
+    let inbox = ctx
+        .shared
+        .inboxes
+        .get(shard as usize)
+        .ok_or_else(|| HttpError::new(404, "conversation not found"))?;
+    let reply = ReplySlot::new();
+    let started = Instant::now();
+    if inbox.push(make(reply.clone())).is_err() {
+        return Err(HttpError::new(
+            503,
+            "the gateway is overloaded; retry shortly",
+        ));
+    }
+    let outcome = reply.wait().await;
+    ctx.metrics
+        .latency(Stage::Command, started.elapsed().as_micros() as u64);
+    Ok(outcome)
+}
+
+/// Parses a conversation id from a path segment and checks its shard exists.
+pub fn conversation_id(ctx: &ShardCtx, text: &str) -> Result<u64, HttpError> {
+    let id = ConversationId::parse(text)
+        .map_err(|_| HttpError::new(404, "conversation not found"))?
+        .0;
+    if (id >> 48) as usize >= ctx.shared.shards() {
+        return Err(HttpError::new(404, "conversation not found"));
+    }
+    Ok(id)
+}
+
+fn model_limits(ctx: &ShardCtx) -> ModelLimits {
+    crate::access::model_limits(&ctx.shared.config.limits)
+}
+
+fn body_json<T: serde::de::DeserializeOwned + Validate>(
+    ctx: &ShardCtx,
+    body: &[u8],
+) -> Result<T, HttpError> {
+    parse_json::<T>(body, &model_limits(ctx)).map_err(|e| HttpError::new(400, e.to_string()))
+}
+
+fn query_u64(head: &RequestHead<'_>, key: &str) -> Result<Option<u64>, HttpError> {
+    let Some(q) = head.query else {
+        return Ok(None);
+    };
+    match query_get(q, key) {
+        None => Ok(None),
+        Some(Ok(v)) => v
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| HttpError::new(400, format!("query parameter `{key}` is not a number"))),
+        Some(Err(_)) => Err(HttpError::new(
+            400,
+            format!("query parameter `{key}` is malformed"),
+        )),
+    }
+}
+
+/// The request's token: `Authorization: Bearer`, or `?token=` (WebSocket clients cannot set
+/// headers from a browser).
+pub fn token<'a>(head: &'a RequestHead<'a>) -> Option<std::borrow::Cow<'a, str>> {
+    if let Some(t) = head.bearer_token() {
+        return Some(t.into());
+    }
+    head.query
+        .and_then(|q| query_get(q, "token"))
+        .and_then(Result::ok)
+}
+
+fn authenticate(ctx: &ShardCtx, head: &RequestHead<'_>) -> Result<Actor, HttpError> {
+    let token = token(head).ok_or_else(|| HttpError::new(401, "missing bearer token"))?;
+    Ok(ctx.shared.access.authenticate(&token)?)
+}
+
+fn write_error(out: &mut Vec<u8>, e: &HttpError, keep_alive: bool) {
+    let mut head = ResponseHead::new(e.status)
+        .content_type(JSON)
+        .keep_alive(keep_alive);
+    if e.status == 503 {
+        head = head.retry_after_secs(1);
+    }
+    match e.state {
+        Some(state) => {
+            let body = ErrorBody {
+                error: e.message.clone(),
+                state: Some(state),
+            };
+            write_response(out, &head, &body.to_json_vec());
+        }
+        None => write_json_error(out, &head, &e.message),
+    }
+}
+
+fn write_json(out: &mut Vec<u8>, status: u16, keep_alive: bool, body: &[u8]) {
+    let head = ResponseHead::new(status)
+        .content_type(JSON)
+        .keep_alive(keep_alive);
+    write_response(out, &head, body);
+}
+
+/// Serves one HTTP connection until it closes; returns why it ended.
+pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Disconnect {
+    let peer_loopback = stream
+        .peer_addr()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or(false);
+    let mut conn = match &ctx.shared.tls {
+        Some(cfg) if ctx.shared.config.tls.as_ref().is_some_and(|t| t.http) => {
+            match Conn::tls(stream, cfg.clone()) {
+                Ok(c) => c,
+                Err(_) => return Disconnect::IoError,
+            }
+        }
+        _ => Conn::plain(stream),
+    };
+    let idle = Duration::from_millis(ctx.shared.config.limits.idle_timeout_ms);
+    let mut buf: Option<Vec<u8>> = None;
+    let mut out: Vec<u8> = Vec::new();
+    let mut continue_sent = false;
+    loop {
+        if buf.as_ref().is_none_or(|b| b.is_empty()) {
+            if let Some(b) = buf.take() {
+                ctx.pool.give(b);
+            }
+            // Idle: no buffer pinned while waiting.
+            if out.capacity() > 0 {
+                out = Vec::new();
+            }
+            let ready = monoio::select! {
+                r = conn.readable() => r.is_ok(),
+                _ = monoio::time::sleep(idle) => return Disconnect::IdleTimeout,
+                _ = ctx.stopped(conn_id) => return Disconnect::Shutdown,
+            };
+            if !ready {
+                return Disconnect::IoError;
+            }
+        }
+        let b = buf.take().unwrap_or_else(|| ctx.pool.take());
+        let (res, b) = conn.read_append(b).await;
+        buf = Some(b);
+        match res {
+            Ok(0) => return Disconnect::Closed,
+            Ok(_) => {}
+            Err(_) => return Disconnect::IoError,
+        }
+        // Handle every complete request in the buffer (pipelining), then write once.
+        let mut next = Next::Continue { keep_alive: true };
+        loop {
+            let b = buf.as_mut().expect("buffer taken above");
+            if b.is_empty() {
+                break;
+            }
+            let started = Instant::now();
+            let parsed = parse_request(b, &ctx.shared.http_limits);
+            let req = match parsed {
+                Ok(req) => req,
+                Err(ParseError::Incomplete { .. }) => {
+                    if !continue_sent
+                        && let Ok(head) = parse_head(b, &ctx.shared.http_limits)
+                        && head.expect_continue
+                    {
+                        write_continue(&mut out);
+                        continue_sent = true;
+                    }
+                    break;
+                }
+                Err(ParseError::Invalid(e)) => {
+                    let err = HttpError::new(e.status(), e.to_string());
+                    write_error(&mut out, &err, false);
+                    ctx.metrics.response(err.status);
+                    let (_, _) = conn.write_all(std::mem::take(&mut out)).await;
+                    return Disconnect::BadRequest;
+                }
+            };
+            continue_sent = false;
+            let consumed = req.consumed;
+            let keep_alive = req.head.keep_alive && !ctx.stopping.get();
+            let mut body_copy = Vec::new();
+            let body: &[u8] = match req.body.as_contiguous() {
+                Some(body) => body,
+                None => {
+                    req.body.copy_into(&mut body_copy);
+                    &body_copy
+                }
+            };
+            let status_before = out.len();
+            next = match route(
+                &ctx,
+                &req.head,
+                body,
+                keep_alive,
+                peer_loopback,
+                &mut out,
+                conn_id,
+            )
+            .await
+            {
+                Ok(next) => next,
+                Err(e) => {
+                    write_error(&mut out, &e, keep_alive);
+                    Next::Continue { keep_alive }
+                }
+            };
+            ctx.metrics.response(status_of(&out[status_before..]));
+            ctx.metrics
+                .latency(Stage::Request, started.elapsed().as_micros() as u64);
+            let b = buf.as_mut().expect("buffer");
+            b.drain(..consumed);
+            if !matches!(next, Next::Continue { keep_alive: true }) {
+                break;
+            }
+        }
+        if !out.is_empty() {
+            let (res, o) = conn.write_all(std::mem::take(&mut out)).await;
+            out = o;
+            if res.is_err() {
+                return Disconnect::IoError;
+            }
+        }
+        match next {
+            Next::Continue { keep_alive: true } => {}
+            Next::Continue { keep_alive: false } => return Disconnect::Closed,
+            Next::WebSocket(up) => {
+                let rest = buf.take().unwrap_or_default();
+                return crate::ws::serve(ctx.clone(), conn, up, rest, conn_id).await;
+            }
+            Next::Stream {
+                shard,
+                from,
+                follow,
+            } => {
+                if let Some(b) = buf.take() {
+                    ctx.pool.give(b);
+                }
+                return crate::stream::serve(ctx.clone(), conn, shard, from, follow, conn_id, true)
+                    .await;
+            }
+        }
+    }
+}
+
+/// The status code of a response written at the start of `out` (for metrics).
+fn status_of(out: &[u8]) -> u16 {
+    // "HTTP/1.1 200 ..."
+    out.get(9..12)
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn route(
+    ctx: &Rc<ShardCtx>,
+    head: &RequestHead<'_>,
+    body: &[u8],
+    keep_alive: bool,
+    peer_loopback: bool,
+    out: &mut Vec<u8>,
+    conn_id: u64,
+) -> Result<Next, HttpError> {
+    let done = Next::Continue { keep_alive };
+    let segments: Vec<&str> = head.path.trim_start_matches('/').split('/').collect();
+    match (head.method, segments.as_slice()) {
+        (Method::Get, ["healthz"]) => {
+            write_json(out, 200, keep_alive, br#"{"status":"ok"}"#);
+            Ok(done)
+        }
+        (Method::Get, ["readyz"]) => {
+            if ctx.shared.is_ready() {
+                write_json(out, 200, keep_alive, br#"{"status":"ready"}"#);
+            } else {
+                return Err(HttpError::new(503, "not ready"));
+            }
+            Ok(done)
+        }
+        (Method::Get, ["metrics"]) => {
+            if !peer_loopback {
+                return Err(HttpError::new(
+                    403,
+                    "metrics are served to loopback clients only",
+                ));
+            }
+            let text = metrics_text(ctx).await?;
+            let head = ResponseHead::new(200)
+                .content_type("text/plain; version=0.0.4")
+                .keep_alive(keep_alive);
+            write_response(out, &head, text.as_bytes());
+            Ok(done)
+        }
+        (Method::Post, ["v1", "conversations"]) => {
+            create(ctx, head, body, keep_alive, out).await?;
+            Ok(done)
+        }
+        (Method::Get, ["v1", "conversations", id]) => {
+            let id = conversation_id(ctx, id)?;
+            let actor = authenticate(ctx, head)?;
+            let outcome = call(ctx, (id >> 48) as u16, |reply| Command::View {
+                conv: id,
+                actor,
+                reply,
+            })
+            .await?;
+            let Outcome::View(view) = outcome else {
+                return Err(internal());
+            };
+            write_json(out, 200, keep_alive, &view?.to_json_vec());
+            Ok(done)
+        }
+        (Method::Post, ["v1", "conversations", id, "messages"]) => {
+            let id = conversation_id(ctx, id)?;
+            let actor = authenticate(ctx, head)?;
+            let req: SendMessageRequest = body_json(ctx, body)?;
+            let outcome = call(ctx, (id >> 48) as u16, |reply| Command::Send {
+                conv: id,
+                actor,
+                text: req.text,
+                client_msg_id: req.client_msg_id,
+                reply,
+            })
+            .await?;
+            let Outcome::Sent(sent) = outcome else {
+                return Err(internal());
+            };
+            let sent = sent?;
+            let body = SendMessageResponse {
+                seq: sent.seq,
+                ts: sent.ts,
+            };
+            let status = if sent.duplicate { 200 } else { 201 };
+            write_json(out, status, keep_alive, &body.to_json_vec());
+            Ok(done)
+        }
+        (Method::Get, ["v1", "conversations", id, "messages"]) => {
+            let id = conversation_id(ctx, id)?;
+            let actor = authenticate(ctx, head)?;
+            let after = query_u64(head, "after")?.unwrap_or(0);
+            let limit = query_u64(head, "limit")?
+                .unwrap_or(100)
+                .min(ctx.shared.config.limits.history_limit_max as u64)
+                as usize;
+            let outcome = call(ctx, (id >> 48) as u16, |reply| Command::Replay {
+                conv: id,
+                actor,
+                after,
+                limit,
+                subscriber: None,
+                reply,
+            })
+            .await?;
+            let Outcome::Replay(replay) = outcome else {
+                return Err(internal());
+            };
+            let replay = replay?;
+            let page = page_json(replay.entries.iter().map(|d| &*d.json), replay.last_seq);
+            write_json(out, 200, keep_alive, &page);
+            Ok(done)
+        }
+        (Method::Get, ["v1", "conversations", id, "poll"]) => {
+            let id = conversation_id(ctx, id)?;
+            let actor = authenticate(ctx, head)?;
+            long_poll(ctx, head, id, actor, keep_alive, out, conn_id).await?;
+            Ok(done)
+        }
+        (
+            Method::Post,
+            [
+                "v1",
+                "conversations",
+                id,
+                action @ ("accept" | "resolve" | "reopen" | "transfer"),
+            ],
+        ) => {
+            let id = conversation_id(ctx, id)?;
+            let actor = authenticate(ctx, head)?;
+            let Actor::Agent { tenant, name } = actor else {
+                return Err(HttpError::new(403, "only agents can do this"));
+            };
+            let what = match *action {
+                "accept" => Transition::Accept,
+                "resolve" => Transition::Resolve,
+                "reopen" => Transition::Reopen,
+                _ => match body_json::<TransferRequest>(ctx, body)? {
+                    TransferRequest::ToAgent(a) => Transition::TransferToAgent(a),
+                    TransferRequest::ToGroup(g) => Transition::TransferToGroup(g),
+                },
+            };
+            let outcome = call(ctx, (id >> 48) as u16, |reply| Command::Transition {
+                conv: id,
+                tenant,
+                agent: name,
+                what,
+                reply,
+            })
+            .await?;
+            let Outcome::State(state) = outcome else {
+                return Err(internal());
+            };
+            let state = state?;
+            let body = format!(
+                "{{\"conversation_id\":\"{}\",\"state\":\"{}\"}}",
+                ConversationId(id),
+                state.as_str()
+            );
+            write_json(out, 200, keep_alive, body.as_bytes());
+            Ok(done)
+        }
+        (Method::Post, ["v1", "agents", "me", "status"]) => {
+            let actor = authenticate(ctx, head)?;
+            let Actor::Agent { tenant, name } = actor else {
+                return Err(HttpError::new(403, "only agents have a status"));
+            };
+            let req: AgentStatusRequest = body_json(ctx, body)?;
+            let online = req.status == AgentStatus::Online;
+            // Every shard routes its own conversations: tell them all.
+            let mut slots = Vec::with_capacity(ctx.shared.shards());
+            for inbox in &ctx.shared.inboxes {
+                let reply = ReplySlot::new();
+                let cmd = Command::AgentStatus {
+                    tenant,
+                    agent: name.clone(),
+                    online,
+                    reply: Some(reply.clone()),
+                };
+                if inbox.push(cmd).is_err() {
+                    return Err(HttpError::new(
+                        503,
+                        "the gateway is overloaded; retry shortly",
+                    ));
+                }
+                slots.push(reply);
+            }
+            for slot in slots {
+                if let Outcome::Done(Err(e)) = slot.wait().await {
+                    return Err(e.into());
+                }
+            }
+            let body = format!(
+                "{{\"agent\":\"{}\",\"status\":\"{}\"}}",
+                name,
+                if online { "online" } else { "offline" }
+            );
+            write_json(out, 200, keep_alive, body.as_bytes());
+            Ok(done)
+        }
+        (Method::Get, ["v1", "ws"]) => {
+            let up = crate::ws::upgrade(ctx, head, out)?;
+            Ok(Next::WebSocket(up))
+        }
+        (Method::Get, ["v1", "stream"]) => {
+            let actor = authenticate(ctx, head)?;
+            if !matches!(actor, Actor::Integration { .. }) {
+                return Err(HttpError::new(
+                    403,
+                    "the firehose needs an integration token",
+                ));
+            }
+            let shard = query_u64(head, "shard")?.unwrap_or(0);
+            if shard as usize >= ctx.shared.shards() {
+                return Err(HttpError::new(404, format!("no shard {shard}")));
+            }
+            let from = query_u64(head, "from")?.unwrap_or(0);
+            let follow = query_u64(head, "follow")?.unwrap_or(0) == 1;
+            Ok(Next::Stream {
+                shard: shard as u16,
+                from,
+                follow,
+            })
+        }
+        (_, ["healthz" | "readyz" | "metrics"])
+        | (_, ["v1", "conversations"])
+        | (_, ["v1", "conversations", _])
+        | (_, ["v1", "conversations", _, "messages"])
+        | (_, ["v1", "agents", "me", "status"]) => Err(HttpError::new(405, "method not allowed")),
+        _ => Err(HttpError::new(404, "no such endpoint")),
+    }
+}
+
+fn internal() -> HttpError {
+    HttpError::new(500, "unexpected reply from the shard")
+}
+
+/// `{"messages":[...],"last_seq":N}` from pre-rendered entries.
+pub fn page_json<'a>(entries: impl Iterator<Item = &'a [u8]>, last_seq: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"{\"messages\":[");
+    for (i, e) in entries.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(e);
+    }
+    out.extend_from_slice(b"],\"last_seq\":");
+    out.extend_from_slice(last_seq.to_string().as_bytes());
+    out.push(b'}');
+    out
+}
+
+async fn create(
+    ctx: &Rc<ShardCtx>,
+    head: &RequestHead<'_>,
+    body: &[u8],
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), HttpError> {
+    let req: CreateConversationRequest = body_json(ctx, body)?;
+    // Tenant: the `Kefu-Tenant` header or `?tenant=`, else the first configured tenant.
+    let tenant_name = head
+        .header_str("kefu-tenant")
+        .map(std::borrow::Cow::Borrowed)
+        .or_else(|| {
+            head.query
+                .and_then(|q| query_get(q, "tenant"))
+                .and_then(Result::ok)
+        });
+    let tenant = match tenant_name {
+        None => 0,
+        Some(name) => ctx
+            .shared
+            .config
+            .tenants
+            .iter()
+            .position(|t| t.name == *name)
+            .ok_or_else(|| HttpError::new(404, format!("no tenant {name:?}")))?
+            as u16,
+    };
+    // A new conversation lives on the shard that accepted the connection: no hop.
+    let outcome = call(ctx, ctx.id, |reply| Command::Create {
+        tenant,
+        visitor_name: req.visitor.name,
+        channel: req.channel,
+        text: req.text,
+        group: req.group,
+        reply,
+    })
+    .await?;
+    let Outcome::Created(created) = outcome else {
+        return Err(internal());
+    };
+    let created = created?;
+    let body = CreateConversationResponse {
+        conversation_id: ConversationId(created.conversation_id),
+        visitor_token: ctx
+            .shared
+            .access
+            .issue_visitor_token(tenant, created.conversation_id),
+        state: created.state,
+        group: created.group,
+        queue_position: created.queue_position,
+    };
+    write_json(out, 201, keep_alive, &body.to_json_vec());
+    Ok(())
+}
+
+async fn long_poll(
+    ctx: &Rc<ShardCtx>,
+    head: &RequestHead<'_>,
+    id: u64,
+    actor: Actor,
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+    conn_id: u64,
+) -> Result<(), HttpError> {
+    let after = query_u64(head, "after")?.unwrap_or(0);
+    let limits = &ctx.shared.config.limits;
+    let timeout_ms = query_u64(head, "timeout_ms")?
+        .unwrap_or(limits.long_poll_timeout_ms_max)
+        .min(limits.long_poll_timeout_ms_max);
+    let outbox = Outbox::new(limits.subscriber_queue_depth);
+    let outcome = call(ctx, (id >> 48) as u16, |reply| Command::Replay {
+        conv: id,
+        actor,
+        after,
+        limit: limits.history_limit_max,
+        subscriber: Some(outbox.clone()),
+        reply,
+    })
+    .await?;
+    let Outcome::Replay(replay) = outcome else {
+        return Err(internal());
+    };
+    let replay = replay?;
+    let mut entries = replay.entries;
+    let mut last_seq = replay.last_seq;
+    if entries.is_empty() && replay.registered {
+        let deadline = Duration::from_millis(timeout_ms);
+        monoio::select! {
+            _ = outbox.ready() => {}
+            _ = monoio::time::sleep(deadline) => {}
+            _ = ctx.stopped(conn_id) => {}
+        }
+        // Stored records only: typing and read notices are not part of a page.
+        while let Some(d) = outbox.pop() {
+            if d.seq > after {
+                last_seq = last_seq.max(d.seq);
+                entries.push(d);
+            }
+        }
+    }
+    outbox.close();
+    let page = page_json(entries.iter().map(|d| &*d.json), last_seq);
+    write_json(out, 200, keep_alive, &page);
+    Ok(())
+}
+
+async fn metrics_text(ctx: &Rc<ShardCtx>) -> Result<String, HttpError> {
+    let mut text = String::from(
+        "# HELP kefu_latency_us Per-stage latency in microseconds (hdrhistogram quantiles).\n\
+         # TYPE kefu_latency_us summary\n\
+         # HELP kefu_connections_open Open client connections.\n\
+         # TYPE kefu_connections_open gauge\n\
+         # HELP kefu_messages_in_total Messages stored.\n\
+         # TYPE kefu_messages_in_total counter\n\
+         # HELP kefu_messages_out_total Deliveries written to sockets.\n\
+         # TYPE kefu_messages_out_total counter\n\
+         # HELP kefu_disconnects_total Connections ended, by reason.\n\
+         # TYPE kefu_disconnects_total counter\n",
+    );
+    for (shard, inbox) in ctx.shared.inboxes.iter().enumerate() {
+        text.push_str(&format!(
+            "kefu_inbox_depth{{shard=\"{shard}\"}} {}\n",
+            inbox.len()
+        ));
+    }
+    for shard in 0..ctx.shared.shards() {
+        if let Outcome::Text(t) =
+            call(ctx, shard as u16, |reply| Command::Metrics { reply }).await?
+        {
+            text.push_str(&t);
+        }
+    }
+    // Connection-level series live on the shard whose thread serves the connection: the
+    // engine shard renders only its own cells, so connections are counted where they live.
+    Ok(text)
+}

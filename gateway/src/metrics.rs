@@ -1,0 +1,229 @@
+//! Per-shard metrics kept on the shard's own thread (plain cells and hdrhistograms, no atomics or locks on the data path), rendered as Prometheus text when `/metrics` asks every shard through its inbox.
+
+use std::cell::{Cell, RefCell};
+use std::fmt::Write;
+
+use hdrhistogram::Histogram;
+use kefu_storage::Log;
+
+/// Why a connection ended (label values of `kefu_disconnects_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    Closed,
+    IdleTimeout,
+    BadRequest,
+    SlowConsumer,
+    Unauthorized,
+    Shutdown,
+    IoError,
+}
+
+const DISCONNECTS: [(Disconnect, &str); 7] = [
+    (Disconnect::Closed, "closed"),
+    (Disconnect::IdleTimeout, "idle_timeout"),
+    (Disconnect::BadRequest, "bad_request"),
+    (Disconnect::SlowConsumer, "slow_consumer"),
+    (Disconnect::Unauthorized, "unauthorized"),
+    (Disconnect::Shutdown, "shutdown"),
+    (Disconnect::IoError, "io_error"),
+];
+
+/// Request stages whose latency is tracked (microseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Whole HTTP request: parsed to response written.
+    Request,
+    /// From handing a command to its owning shard until its (durable) reply.
+    Command,
+    /// One group-commit fdatasync.
+    LogSync,
+    /// A WebSocket delivery: taken from the outbox to written.
+    Deliver,
+}
+
+const STAGES: [(Stage, &str); 4] = [
+    (Stage::Request, "request"),
+    (Stage::Command, "command"),
+    (Stage::LogSync, "log_sync"),
+    (Stage::Deliver, "deliver"),
+];
+
+pub struct ShardMetrics {
+    pub connections_open: Cell<u64>,
+    pub connections_total: Cell<u64>,
+    pub connections_refused: Cell<u64>,
+    pub requests_total: Cell<u64>,
+    pub responses_by_class: [Cell<u64>; 6],
+    pub overload_503_total: Cell<u64>,
+    pub messages_in: Cell<u64>,
+    pub deliveries_out: Cell<u64>,
+    pub conversations_created: Cell<u64>,
+    pub commands_handled: Cell<u64>,
+    pub pending_deliveries: Cell<u64>,
+    pub held_replies: Cell<u64>,
+    disconnects: [Cell<u64>; 7],
+    latency: RefCell<Vec<Histogram<u64>>>,
+}
+
+impl Default for ShardMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ShardMetrics {
+    pub fn new() -> Self {
+        let hist = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid bounds");
+        Self {
+            connections_open: Cell::new(0),
+            connections_total: Cell::new(0),
+            connections_refused: Cell::new(0),
+            requests_total: Cell::new(0),
+            responses_by_class: Default::default(),
+            overload_503_total: Cell::new(0),
+            messages_in: Cell::new(0),
+            deliveries_out: Cell::new(0),
+            conversations_created: Cell::new(0),
+            commands_handled: Cell::new(0),
+            pending_deliveries: Cell::new(0),
+            held_replies: Cell::new(0),
+            disconnects: Default::default(),
+            latency: RefCell::new(STAGES.iter().map(|_| hist()).collect()),
+        }
+    }
+
+    fn bump(c: &Cell<u64>, by: u64) {
+        c.set(c.get().wrapping_add(by));
+    }
+
+    pub fn connection_opened(&self) {
+        Self::bump(&self.connections_open, 1);
+        Self::bump(&self.connections_total, 1);
+    }
+
+    pub fn connection_closed(&self, why: Disconnect) {
+        self.connections_open
+            .set(self.connections_open.get().saturating_sub(1));
+        let i = DISCONNECTS
+            .iter()
+            .position(|(d, _)| *d == why)
+            .expect("listed");
+        Self::bump(&self.disconnects[i], 1);
+    }
+
+    pub fn response(&self, status: u16) {
+        Self::bump(&self.requests_total, 1);
+        let class = usize::from(status / 100).min(5);
+        Self::bump(&self.responses_by_class[class], 1);
+        if status == 503 {
+            Self::bump(&self.overload_503_total, 1);
+        }
+    }
+
+    pub fn message_in(&self) {
+        Self::bump(&self.messages_in, 1);
+    }
+
+    pub fn delivered(&self, n: u64) {
+        Self::bump(&self.deliveries_out, n);
+    }
+
+    pub fn conversation_created(&self) {
+        Self::bump(&self.conversations_created, 1);
+    }
+
+    pub fn commands(&self, n: u64) {
+        Self::bump(&self.commands_handled, n);
+    }
+
+    pub fn set_pending(&self, deliveries: u64, replies: u64) {
+        self.pending_deliveries.set(deliveries);
+        self.held_replies.set(replies);
+    }
+
+    pub fn latency(&self, stage: Stage, us: u64) {
+        let i = STAGES
+            .iter()
+            .position(|(s, _)| *s == stage)
+            .expect("listed");
+        let _ = self.latency.borrow_mut()[i].record(us.max(1));
+    }
+
+    pub fn sync_latency_us(&self, us: u64) {
+        self.latency(Stage::LogSync, us);
+    }
+
+    /// This shard's series in Prometheus text format.
+    pub fn render(&self, shard: u16, conversations: usize, log: &Log) -> String {
+        let mut out = String::with_capacity(4096);
+        let s = shard;
+        let mut line = |name: &str, labels: &str, value: u64| {
+            let _ = if labels.is_empty() {
+                writeln!(out, "{name}{{shard=\"{s}\"}} {value}")
+            } else {
+                writeln!(out, "{name}{{shard=\"{s}\",{labels}}} {value}")
+            };
+        };
+        line("kefu_connections_open", "", self.connections_open.get());
+        line("kefu_connections_total", "", self.connections_total.get());
+        line(
+            "kefu_connections_refused_total",
+            "",
+            self.connections_refused.get(),
+        );
+        line("kefu_http_requests_total", "", self.requests_total.get());
+        for (class, c) in self.responses_by_class.iter().enumerate().skip(1) {
+            line(
+                "kefu_http_responses_total",
+                &format!("class=\"{class}xx\""),
+                c.get(),
+            );
+        }
+        line("kefu_overload_total", "", self.overload_503_total.get());
+        line("kefu_messages_in_total", "", self.messages_in.get());
+        line("kefu_messages_out_total", "", self.deliveries_out.get());
+        line(
+            "kefu_conversations_created_total",
+            "",
+            self.conversations_created.get(),
+        );
+        line("kefu_conversations", "", conversations as u64);
+        line("kefu_commands_total", "", self.commands_handled.get());
+        line(
+            "kefu_queue_depth",
+            "queue=\"pending_deliveries\"",
+            self.pending_deliveries.get(),
+        );
+        line(
+            "kefu_queue_depth",
+            "queue=\"held_replies\"",
+            self.held_replies.get(),
+        );
+        for (i, (_, name)) in DISCONNECTS.iter().enumerate() {
+            line(
+                "kefu_disconnects_total",
+                &format!("reason=\"{name}\""),
+                self.disconnects[i].get(),
+            );
+        }
+        line("kefu_log_next_offset", "", log.next_offset());
+        line("kefu_log_durable_offset", "", log.durable_offset());
+        line("kefu_log_disk_bytes", "", log.disk_bytes());
+        for (i, (_, stage)) in STAGES.iter().enumerate() {
+            let h = &self.latency.borrow()[i];
+            for q in [0.5, 0.9, 0.99, 0.999] {
+                line(
+                    "kefu_latency_us",
+                    &format!("stage=\"{stage}\",quantile=\"{q}\""),
+                    h.value_at_quantile(q),
+                );
+            }
+            line(
+                "kefu_latency_us_count",
+                &format!("stage=\"{stage}\""),
+                h.len(),
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,496 @@
+//! Process startup and shutdown: per-shard SO_REUSEPORT listeners, one pinned thread with its own monoio runtime (io_uring, legacy fallback) per shard, log recovery, the `kefu ready` line, and SIGTERM/SIGINT draining.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::Waker;
+use std::time::Duration;
+
+use anyhow::Context;
+use atomic_waker::AtomicWaker;
+use kefu_protocol::http::HttpLimits;
+use kefu_storage::{Log, LogConfig};
+
+use crate::access::Access;
+use crate::config::{Config, Durability};
+use crate::engine::{Engine, EngineLimits, TenantSetup};
+use crate::intent::IntentModel;
+use crate::metrics::{Disconnect, ShardMetrics};
+use crate::routing::RouterLimits;
+use crate::shard::{BufferPool, Inbox, committer, now_ms};
+
+/// How long shutdown waits for open connections to finish before closing them.
+pub const SHUTDOWN_DRAIN_MS: u64 = 3000;
+
+/// What every shard shares (read-only after start, or atomics).
+pub struct Shared {
+    pub config: Config,
+    pub inboxes: Vec<Arc<Inbox>>,
+    pub access: Access,
+    pub http_limits: HttpLimits,
+    /// Set by the signal handler: stop accepting, drain.
+    pub stopping: AtomicBool,
+    /// One waker per shard, woken when `stopping` is set.
+    pub stop_wakers: Vec<AtomicWaker>,
+    /// Shards whose connections have drained.
+    pub drained: AtomicUsize,
+    /// Shards that recovered their log and accept connections.
+    pub ready: AtomicUsize,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Shared {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) == self.inboxes.len()
+            && !self.stopping.load(Ordering::Acquire)
+    }
+
+    pub fn shards(&self) -> usize {
+        self.inboxes.len()
+    }
+}
+
+/// A shard's local state, shared by its tasks (single thread: `Rc`, cells).
+pub struct ShardCtx {
+    pub id: u16,
+    pub shared: Arc<Shared>,
+    pub metrics: Rc<ShardMetrics>,
+    pub pool: BufferPool,
+    pub log: Rc<RefCell<Log>>,
+    /// Local stop flag and the wakers of connections waiting on it, by connection id.
+    pub stopping: Cell<bool>,
+    stop_waiters: RefCell<HashMap<u64, Waker>>,
+    next_conn_id: Cell<u64>,
+}
+
+impl ShardCtx {
+    pub fn next_conn_id(&self) -> u64 {
+        let id = self.next_conn_id.get();
+        self.next_conn_id.set(id + 1);
+        id
+    }
+
+    /// Resolves when the shard starts shutting down. `conn` keys the waker so a connection
+    /// that waits many times holds one slot.
+    pub async fn stopped(&self, conn: u64) {
+        std::future::poll_fn(|cx| {
+            if self.stopping.get() {
+                return std::task::Poll::Ready(());
+            }
+            self.stop_waiters
+                .borrow_mut()
+                .insert(conn, cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    pub fn forget_conn(&self, conn: u64) {
+        self.stop_waiters.borrow_mut().remove(&conn);
+    }
+
+    fn stop_all(&self) {
+        self.stopping.set(true);
+        for (_, w) in self.stop_waiters.borrow_mut().drain() {
+            w.wake();
+        }
+    }
+}
+
+/// Binds `count` listeners on `addr` with SO_REUSEPORT; with port 0 the first picks the port
+/// and the rest bind to it.
+fn bind_listeners(
+    addr: SocketAddr,
+    count: usize,
+    backlog: u32,
+) -> anyhow::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
+    let mut out = Vec::with_capacity(count);
+    let mut bound = addr;
+    for _ in 0..count {
+        let domain = socket2::Domain::for_address(bound);
+        let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)
+            .context("creating a listening socket")?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_cloexec(true)?;
+        socket
+            .bind(&bound.into())
+            .with_context(|| format!("binding {bound}"))?;
+        socket.listen(backlog as i32)?;
+        let listener: std::net::TcpListener = socket.into();
+        bound = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok((out, bound))
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and the threads it spawns later), so the main
+/// thread can take them synchronously with `sigwait`.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a local, initialized signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is a valid signal set; sigwait writes the signal number.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity on the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            eprintln!("kefu: could not pin shard thread to cpu {cpu}; running unpinned");
+        }
+    }
+}
+
+fn storage_durability(d: Durability) -> kefu_storage::Durability {
+    match d {
+        Durability::Always => kefu_storage::Durability::Always,
+        Durability::Interval { ms } => kefu_storage::Durability::IntervalMs(ms),
+        Durability::Never => kefu_storage::Durability::Never,
+    }
+}
+
+/// Runs the gateway until SIGTERM/SIGINT. `demo_lines` are printed before the ready line.
+pub fn run(config: Config, demo_lines: Vec<String>, secret: Vec<u8>) -> anyhow::Result<()> {
+    let signals = block_signals();
+    let shards = config.shards;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let (http_listeners, http_addr) = bind_listeners(config.http, shards, config.backlog)?;
+    let (tcp_listeners, tcp_addr) = bind_listeners(config.tcp, shards, config.backlog)?;
+    let l = &config.limits;
+    let http_limits = HttpLimits {
+        request_line_bytes_max: l.request_uri_bytes_max,
+        headers_count_max: l
+            .request_headers_max
+            .min(kefu_protocol::http::HEADERS_COUNT_HARD_MAX),
+        head_bytes_max: l.request_head_bytes_max.max(l.request_uri_bytes_max),
+        body_bytes_max: l.request_body_bytes_max as u64,
+        chunk_line_bytes_max: 1024,
+        chunked_body_allowed: true,
+        host_required: false,
+    };
+    http_limits
+        .validate()
+        .map_err(|e| anyhow::anyhow!("limits: {e}"))?;
+    let tls = match &config.tls {
+        Some(t) => Some(crate::tls::server_config(t)?),
+        None => None,
+    };
+    let access = Access::new(&config, &secret)?;
+    let shared = Arc::new(Shared {
+        inboxes: (0..shards)
+            .map(|_| Arc::new(Inbox::new(config.limits.shard_inbox_depth)))
+            .collect(),
+        stop_wakers: (0..shards).map(|_| AtomicWaker::new()).collect(),
+        access,
+        http_limits,
+        stopping: AtomicBool::new(false),
+        drained: AtomicUsize::new(0),
+        ready: AtomicUsize::new(0),
+        tls,
+        config,
+    });
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<u16, String>>();
+    let mut threads = Vec::with_capacity(shards);
+    for (id, (http, tcp)) in http_listeners.into_iter().zip(tcp_listeners).enumerate() {
+        let shared = shared.clone();
+        let ready_tx = ready_tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("kefu-shard-{id}"))
+            .spawn(move || {
+                pin_to_cpu(id % cpus);
+                let id = id as u16;
+                if let Err(e) = shard_thread(id, shared, http, tcp, ready_tx.clone()) {
+                    let _ = ready_tx.send(Err(format!("shard {id}: {e:#}")));
+                }
+            })
+            .context("spawning a shard thread")?;
+        threads.push(thread);
+    }
+    drop(ready_tx);
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => anyhow::bail!("{e}"),
+            Err(_) => anyhow::bail!("a shard thread died during start"),
+        }
+    }
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        for line in &demo_lines {
+            writeln!(out, "{line}")?;
+        }
+        writeln!(
+            out,
+            "kefu ready http={http_addr} tcp={tcp_addr} shards={shards} data={}",
+            shared.config.data_dir.display()
+        )?;
+        out.flush()?;
+    }
+    // The shard threads run on; a failure after start shows up as a closed channel here.
+    std::thread::spawn({
+        let shared = shared.clone();
+        move || {
+            if let Ok(Err(e)) = ready_rx.recv() {
+                eprintln!("kefu: {e}");
+                shared.stopping.store(true, Ordering::Release);
+                // SAFETY: signalling our own process to run the normal shutdown path.
+                unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+            }
+        }
+    });
+    let sig = wait_for_signal(&signals);
+    eprintln!("kefu: signal {sig}: stop accepting, drain, sync");
+    shared.stopping.store(true, Ordering::Release);
+    for w in &shared.stop_wakers {
+        w.wake();
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    eprintln!("kefu: stopped");
+    Ok(())
+}
+
+fn shard_thread(
+    id: u16,
+    shared: Arc<Shared>,
+    http: std::net::TcpListener,
+    tcp: std::net::TcpListener,
+    ready: std::sync::mpsc::Sender<Result<u16, String>>,
+) -> anyhow::Result<()> {
+    let entries = shared.config.uring_entries;
+    let mut urb = io_uring::IoUring::builder();
+    urb.setup_single_issuer().setup_defer_taskrun();
+    let tuned = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .with_entries(entries)
+        .uring_builder(urb)
+        .enable_timer()
+        .build();
+    match tuned {
+        Ok(mut rt) => return rt.block_on(shard_main(id, shared, http, tcp, ready, false)),
+        Err(e) => eprintln!(
+            "kefu: shard {id}: io_uring with single_issuer+defer_taskrun refused ({e}); trying plain io_uring"
+        ),
+    }
+    match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .with_entries(entries)
+        .enable_timer()
+        .build()
+    {
+        Ok(mut rt) => return rt.block_on(shard_main(id, shared, http, tcp, ready, false)),
+        Err(e) => {
+            eprintln!("kefu: shard {id}: io_uring unavailable ({e}); using the legacy epoll driver")
+        }
+    }
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .context("building the legacy runtime")?;
+    rt.block_on(shard_main(id, shared, http, tcp, ready, true))
+}
+
+/// Builds the shard's engine from the config.
+fn build_engine(id: u16, config: &Config) -> anyhow::Result<Engine> {
+    let mut tenants = Vec::with_capacity(config.tenants.len());
+    for t in &config.tenants {
+        let text = match &t.intents {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading intents {}", path.display()))?,
+            None => include_str!("../intents/demo.toml").to_owned(),
+        };
+        let intents = IntentModel::from_toml_str(&text)
+            .map_err(|e| anyhow::anyhow!("tenant {}: intents: {e}", t.name))?;
+        tenants.push(TenantSetup {
+            name: t.name.clone(),
+            groups: t.groups.clone(),
+            agents: t
+                .agent
+                .iter()
+                .map(|a| (a.name.clone(), a.groups.clone(), a.capacity))
+                .collect(),
+            intents: Arc::new(intents),
+        });
+    }
+    let l = &config.limits;
+    let limits = EngineLimits {
+        conversations_max: l.conversations_per_shard_max,
+        idempotency_keys_per_conversation_max: l.idempotency_keys_per_conversation_max,
+        history_limit_max: l.history_limit_max,
+        subscribers_per_conversation_max: 1024,
+        model: crate::access::model_limits(l),
+    };
+    let router_limits = RouterLimits {
+        conversations_max: l.conversations_per_shard_max,
+        queue_len_max: l.conversations_per_shard_max,
+        ..RouterLimits::DEMO
+    };
+    Engine::new(id, limits, tenants, router_limits).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn shard_main(
+    id: u16,
+    shared: Arc<Shared>,
+    http: std::net::TcpListener,
+    tcp: std::net::TcpListener,
+    ready: std::sync::mpsc::Sender<Result<u16, String>>,
+    legacy: bool,
+) -> anyhow::Result<()> {
+    let config = &shared.config;
+    let mut log_config = LogConfig::new(config.data_dir.join(format!("shard-{id}")));
+    log_config.durability = storage_durability(config.durability);
+    log_config.record_bytes_max = (config.limits.request_body_bytes_max as u32 + 4096).max(1 << 16);
+    let (mut log, report) = Log::open(log_config).context("opening the shard log")?;
+    if let Some(t) = &report.truncated {
+        eprintln!("kefu: shard {id}: log tail cut at recovery: {t:?}");
+    }
+    let mut engine = build_engine(id, config)?;
+    let mut from = log.start_offset();
+    let mut failure = None;
+    loop {
+        let next = log
+            .read_range(from, 4096, |fr| {
+                if failure.is_none()
+                    && let Err(e) = engine.recover_record(&fr.header, fr.payload)
+                {
+                    failure = Some(format!("offset {}: {e}", fr.header.log_offset));
+                }
+            })
+            .context("reading the log for recovery")?;
+        if let Some(e) = failure.take() {
+            anyhow::bail!("recovery: {e}");
+        }
+        if next == from {
+            break;
+        }
+        from = next;
+    }
+    engine.finish_recovery(now_ms());
+    engine.set_appended_end(log.next_offset());
+    let log = Rc::new(RefCell::new(log));
+    let engine = Rc::new(RefCell::new(engine));
+    let metrics = Rc::new(ShardMetrics::new());
+    let ctx = Rc::new(ShardCtx {
+        id,
+        shared: shared.clone(),
+        metrics: metrics.clone(),
+        pool: BufferPool::new(
+            config.limits.buffer_bytes,
+            config.limits.buffers_per_shard_max,
+        ),
+        log: log.clone(),
+        stopping: Cell::new(false),
+        stop_waiters: RefCell::new(HashMap::new()),
+        next_conn_id: Cell::new(1),
+    });
+    let inbox = shared.inboxes[id as usize].clone();
+    let committer_task = monoio::spawn(committer(inbox.clone(), engine, log, metrics));
+    if legacy {
+        http.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+    }
+    let http = monoio::net::TcpListener::from_std(http).context("registering the http listener")?;
+    let tcp = monoio::net::TcpListener::from_std(tcp).context("registering the tcp listener")?;
+    let http_task = monoio::spawn(accept_loop(ctx.clone(), http, Proto::Http));
+    let tcp_task = monoio::spawn(accept_loop(ctx.clone(), tcp, Proto::Binary));
+    shared.ready.fetch_add(1, Ordering::AcqRel);
+    let _ = ready.send(Ok(id));
+
+    // Wait for the stop signal.
+    std::future::poll_fn(|cx| {
+        shared.stop_wakers[id as usize].register(cx.waker());
+        if shared.stopping.load(Ordering::Acquire) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    ctx.stop_all();
+    let _ = http_task.await;
+    let _ = tcp_task.await;
+    // Drain: connections finish their current request and close; wait a bounded time.
+    let deadline = std::time::Instant::now() + Duration::from_millis(SHUTDOWN_DRAIN_MS);
+    while ctx.metrics.connections_open.get() > 0 && std::time::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Other shards may still send us commands for their draining connections.
+    shared.drained.fetch_add(1, Ordering::AcqRel);
+    let deadline = std::time::Instant::now() + Duration::from_millis(SHUTDOWN_DRAIN_MS);
+    while shared.drained.load(Ordering::Acquire) < shared.shards()
+        && std::time::Instant::now() < deadline
+    {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    inbox.stop();
+    let _ = committer_task.await;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Http,
+    Binary,
+}
+
+async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, proto: Proto) {
+    let me = ctx.next_conn_id();
+    let limit = ctx.shared.config.limits.connections_per_shard_max as u64;
+    loop {
+        let accepted = monoio::select! {
+            r = listener.accept() => r,
+            _ = ctx.stopped(me) => break,
+        };
+        let (stream, _peer) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                eprintln!("kefu: shard {}: accept: {e}", ctx.id);
+                monoio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if ctx.metrics.connections_open.get() >= limit {
+            let refused = &ctx.metrics.connections_refused;
+            refused.set(refused.get() + 1);
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        ctx.metrics.connection_opened();
+        let ctx = ctx.clone();
+        monoio::spawn(async move {
+            let conn = ctx.next_conn_id();
+            let why = match proto {
+                Proto::Http => crate::http::serve(ctx.clone(), stream, conn).await,
+                Proto::Binary => crate::binary::serve(ctx.clone(), stream, conn).await,
+            };
+            ctx.forget_conn(conn);
+            ctx.metrics.connection_closed(why);
+        });
+    }
+    ctx.forget_conn(me);
+}
+
+/// Convenience for connection code: the reason a connection ended.
+pub type Ended = Disconnect;

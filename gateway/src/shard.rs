@@ -1,0 +1,560 @@
+//! One shard's machinery around its engine: the bounded cross-shard command inbox with its wake-up, one-shot replies, the committer task (batch, group-commit sync on a flusher thread, release), and the per-shard buffer pool.
+//!
+//! Every command for a conversation goes to the inbox of the shard that owns it (`id >> 48`),
+//! whichever shard the client's connection lives on, so the engine stays single-threaded and
+//! lock-free. Inboxes are `crossbeam_queue::ArrayQueue`s: a full inbox refuses the command
+//! (503 with `Retry-After`) instead of growing. The wake-up is an `AtomicWaker` registered by
+//! the committer; monoio (feature `sync`) turns a wake from another thread into an eventfd
+//! write that unparks the shard's ring.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use atomic_waker::AtomicWaker;
+use crossbeam_queue::ArrayQueue;
+use kefu_protocol::frame::Header;
+use kefu_protocol::model::{ConversationState, ConversationView, Event};
+use kefu_storage::{Log, SyncJob};
+
+use crate::engine::{
+    Actor, Created, Engine, EngineError, Outbox, RecordLog, Replay, Sent, Transition,
+};
+use crate::metrics::ShardMetrics;
+use std::rc::Rc;
+
+impl RecordLog for Log {
+    fn append(&mut self, header: &Header, payload: &[u8]) -> Result<u64, String> {
+        Log::append(self, header, payload).map_err(|e| e.to_string())
+    }
+
+    fn read_conversation(
+        &mut self,
+        conv: u64,
+        after_seq: u64,
+        limit: usize,
+        each: &mut dyn FnMut(&Header, &[u8]),
+    ) -> Result<(), String> {
+        Log::read_conversation(self, conv, after_seq, limit, |fr| {
+            each(&fr.header, fr.payload)
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// A one-shot reply slot that a shard fills and another shard's task awaits. Lock-free: a
+/// one-element `ArrayQueue` plus an `AtomicWaker`.
+pub struct ReplySlot<T> {
+    value: ArrayQueue<T>,
+    waker: AtomicWaker,
+}
+
+impl<T> ReplySlot<T> {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            value: ArrayQueue::new(1),
+            waker: AtomicWaker::new(),
+        })
+    }
+
+    pub fn put(&self, value: T) {
+        // A slot is filled once; a second fill would be a bug in the committer.
+        assert!(self.value.push(value).is_ok(), "reply slot filled twice");
+        self.waker.wake();
+    }
+
+    pub async fn wait(&self) -> T {
+        poll_fn(|cx| {
+            if let Some(v) = self.value.pop() {
+                return Poll::Ready(v);
+            }
+            self.waker.register(cx.waker());
+            match self.value.pop() {
+                Some(v) => Poll::Ready(v),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+/// What a command answers.
+#[derive(Debug)]
+pub enum Outcome {
+    Created(Result<Created, EngineError>),
+    Sent(Result<Sent, EngineError>),
+    View(Result<ConversationView, EngineError>),
+    Replay(Result<Replay, EngineError>),
+    State(Result<ConversationState, EngineError>),
+    Done(Result<(), EngineError>),
+    Text(String),
+    Runs(Result<Vec<kefu_storage::FileRun>, String>),
+}
+
+pub type Reply = Arc<ReplySlot<Outcome>>;
+
+/// A request to the shard that owns a conversation.
+pub enum Command {
+    Create {
+        tenant: u16,
+        visitor_name: String,
+        channel: String,
+        text: Option<String>,
+        group: Option<String>,
+        reply: Reply,
+    },
+    Send {
+        conv: u64,
+        actor: Actor,
+        text: String,
+        client_msg_id: Option<String>,
+        reply: Reply,
+    },
+    View {
+        conv: u64,
+        actor: Actor,
+        reply: Reply,
+    },
+    Replay {
+        conv: u64,
+        actor: Actor,
+        after: u64,
+        limit: usize,
+        subscriber: Option<Arc<Outbox>>,
+        reply: Reply,
+    },
+    Transition {
+        conv: u64,
+        tenant: u16,
+        agent: Arc<str>,
+        what: Transition,
+        reply: Reply,
+    },
+    AgentStatus {
+        tenant: u16,
+        agent: Arc<str>,
+        online: bool,
+        reply: Option<Reply>,
+    },
+    AgentInbox {
+        tenant: u16,
+        agent: Arc<str>,
+        outbox: Arc<Outbox>,
+    },
+    Ephemeral {
+        conv: u64,
+        actor: Actor,
+        event: Event,
+        reply: Option<Reply>,
+    },
+    /// Renders this shard's metrics (Prometheus text) into the reply.
+    Metrics { reply: Reply },
+    /// Byte runs of durable records from `from`, for the firehose.
+    FileRuns {
+        from: u64,
+        max_bytes: u64,
+        reply: Reply,
+    },
+}
+
+/// A shard's command queue and the waker of its committer.
+pub struct Inbox {
+    queue: ArrayQueue<Command>,
+    waker: AtomicWaker,
+    /// Set when the committer should finish (after draining).
+    stop: AtomicBool,
+}
+
+impl Inbox {
+    pub fn new(depth: usize) -> Self {
+        Self {
+            queue: ArrayQueue::new(depth),
+            waker: AtomicWaker::new(),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues a command; a full inbox hands it back (the caller answers 503).
+    pub fn push(&self, cmd: Command) -> Result<(), Command> {
+        self.queue.push(cmd)?;
+        self.waker.wake();
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn wake(&self) {
+        self.waker.wake();
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// A reply held until the log is durable up to `release_at`.
+struct Held {
+    release_at: u64,
+    reply: Reply,
+    outcome: Outcome,
+}
+
+/// Sync jobs run on a plain thread so the shard's ring keeps serving while `fdatasync` runs.
+struct Flusher {
+    jobs: ArrayQueue<SyncJob>,
+    done: ArrayQueue<(SyncJob, std::io::Result<()>)>,
+    stop: AtomicBool,
+    thread: std::thread::Thread,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    now_us() / 1000
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Commands handled per round before the committer syncs and releases: bounds the latency a
+/// long queue adds to the first command's reply.
+const BATCH_COMMANDS_MAX: usize = 512;
+
+/// Runs the shard's engine until `inbox.stop()` and the inbox is drained; then syncs.
+pub async fn committer(
+    inbox: Arc<Inbox>,
+    engine: Rc<RefCell<Engine>>,
+    log: Rc<RefCell<Log>>,
+    metrics: Rc<ShardMetrics>,
+) {
+    let flusher_slot: Arc<std::sync::OnceLock<Arc<Flusher>>> = Arc::new(std::sync::OnceLock::new());
+    let inbox_for_flusher = inbox.clone();
+    let slot = flusher_slot.clone();
+    let flusher_thread = std::thread::Builder::new()
+        .name(format!("kefu-flush-{}", engine.borrow().shard()))
+        .spawn(move || {
+            let me = Arc::new(Flusher {
+                jobs: ArrayQueue::new(1),
+                done: ArrayQueue::new(1),
+                stop: AtomicBool::new(false),
+                thread: std::thread::current(),
+            });
+            let _ = slot.set(me.clone());
+            loop {
+                match me.jobs.pop() {
+                    Some(job) => {
+                        let result = job.run();
+                        let _ = me.done.push((job, result));
+                        inbox_for_flusher.wake();
+                    }
+                    None if me.stop.load(Ordering::Acquire) => return,
+                    None => std::thread::park_timeout(Duration::from_millis(100)),
+                }
+            }
+        })
+        .expect("spawn flusher thread");
+    let flusher = loop {
+        if let Some(f) = flusher_slot.get() {
+            break f.clone();
+        }
+        std::thread::yield_now();
+    };
+
+    let mut held: std::collections::VecDeque<Held> = std::collections::VecDeque::new();
+    let mut sync_in_flight = false;
+    let mut sync_started = std::time::Instant::now();
+    loop {
+        // Wait for commands, a finished sync, or the next timer (interval sync, routing grace).
+        let timeout_ms = {
+            let log = log.borrow();
+            let now = now_ms();
+            let mut t = 1000u64;
+            if let Some(due) = log.next_sync_due_ms()
+                && !sync_in_flight
+            {
+                t = t.min(due.saturating_sub(now));
+            }
+            t
+        };
+        let has_work = || {
+            !inbox.queue.is_empty()
+                || !flusher.done.is_empty()
+                || inbox.stop.load(Ordering::Acquire)
+        };
+        if !has_work() {
+            let wait = poll_fn(|cx| {
+                inbox.waker.register(cx.waker());
+                if has_work() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            });
+            monoio::select! {
+                _ = wait => {}
+                _ = monoio::time::sleep(Duration::from_millis(timeout_ms.max(1))) => {}
+            }
+        }
+
+        let now = now_ms();
+        if let Some((job, result)) = flusher.done.pop() {
+            sync_in_flight = false;
+            metrics.sync_latency_us(sync_started.elapsed().as_micros() as u64);
+            if let Err(e) = log.borrow_mut().complete_sync(job, result) {
+                engine.borrow_mut().poison(format!("log sync failed: {e}"));
+            }
+        }
+        let mut handled = 0;
+        {
+            let mut engine = engine.borrow_mut();
+            let mut log = log.borrow_mut();
+            while handled < BATCH_COMMANDS_MAX {
+                let Some(cmd) = inbox.queue.pop() else {
+                    break;
+                };
+                handled += 1;
+                handle(&mut engine, &mut log, cmd, &mut held, &metrics);
+            }
+            engine.tick(&mut *log, now);
+        }
+        metrics.commands(handled as u64);
+        if !sync_in_flight {
+            let mut log = log.borrow_mut();
+            if log.sync_due(now) {
+                match log.prepare_sync(now) {
+                    Ok(Some(job)) => {
+                        sync_in_flight = true;
+                        sync_started = std::time::Instant::now();
+                        assert!(flusher.jobs.push(job).is_ok(), "one sync at a time");
+                        flusher.thread.unpark();
+                    }
+                    Ok(None) => {}
+                    Err(e) => engine.borrow_mut().poison(format!("log sync failed: {e}")),
+                }
+            }
+        }
+        let durable = log.borrow().durable_offset();
+        let poisoned = engine.borrow().poisoned().map(str::to_owned);
+        engine.borrow_mut().release(durable);
+        while let Some(h) = held.front() {
+            if h.release_at > durable && poisoned.is_none() {
+                break;
+            }
+            let h = held.pop_front().expect("front exists");
+            let outcome = match (&poisoned, h.release_at > durable) {
+                // Not durable and never will be: the write failed.
+                (Some(why), true) => Outcome::Done(Err(EngineError::Storage(why.clone()))),
+                _ => h.outcome,
+            };
+            h.reply.put(outcome);
+        }
+        metrics.set_pending(engine.borrow().pending_len() as u64, held.len() as u64);
+        if inbox.stop.load(Ordering::Acquire) && inbox.queue.is_empty() {
+            if sync_in_flight {
+                continue;
+            }
+            // Drain: one last blocking sync, answer what it covers.
+            let mut log = log.borrow_mut();
+            let _ = log.sync(now_ms());
+            let durable = log.durable_offset();
+            engine.borrow_mut().release(durable);
+            for h in held.drain(..) {
+                let outcome = if h.release_at <= durable {
+                    h.outcome
+                } else {
+                    Outcome::Done(Err(EngineError::Storage("shutting down".into())))
+                };
+                h.reply.put(outcome);
+            }
+            break;
+        }
+    }
+    flusher.stop.store(true, Ordering::Release);
+    flusher.thread.unpark();
+    let _ = flusher_thread.join();
+}
+
+fn handle(
+    engine: &mut Engine,
+    log: &mut Log,
+    cmd: Command,
+    held: &mut std::collections::VecDeque<Held>,
+    metrics: &ShardMetrics,
+) {
+    let now = now_us();
+    // Replies that report writes wait for durability; reads answer at once (release_at 0).
+    let mut hold = |reply: Reply, outcome: Outcome, write: bool, engine: &Engine| {
+        let release_at = if write { engine.appended_end() } else { 0 };
+        held.push_back(Held {
+            release_at,
+            reply,
+            outcome,
+        });
+    };
+    match cmd {
+        Command::Create {
+            tenant,
+            visitor_name,
+            channel,
+            text,
+            group,
+            reply,
+        } => {
+            let r = engine.create(
+                log,
+                tenant,
+                &visitor_name,
+                &channel,
+                text.as_deref(),
+                group.as_deref(),
+                now,
+            );
+            if r.is_ok() {
+                metrics.conversation_created();
+            }
+            hold(reply, Outcome::Created(r), true, engine);
+        }
+        Command::Send {
+            conv,
+            actor,
+            text,
+            client_msg_id,
+            reply,
+        } => {
+            let r = engine.send(log, conv, &actor, &text, client_msg_id.as_deref(), now);
+            if matches!(
+                r,
+                Ok(Sent {
+                    duplicate: false,
+                    ..
+                })
+            ) {
+                metrics.message_in();
+            }
+            hold(reply, Outcome::Sent(r), true, engine);
+        }
+        Command::View { conv, actor, reply } => {
+            let r = engine.view(conv, &actor);
+            hold(reply, Outcome::View(r), false, engine);
+        }
+        Command::Replay {
+            conv,
+            actor,
+            after,
+            limit,
+            subscriber,
+            reply,
+        } => {
+            let r = engine.replay(log, conv, &actor, after, limit, subscriber);
+            hold(reply, Outcome::Replay(r), false, engine);
+        }
+        Command::Transition {
+            conv,
+            tenant,
+            agent,
+            what,
+            reply,
+        } => {
+            let r = engine.transition(log, conv, &agent, tenant, &what, now);
+            hold(reply, Outcome::State(r), true, engine);
+        }
+        Command::AgentStatus {
+            tenant,
+            agent,
+            online,
+            reply,
+        } => {
+            let r = engine.agent_status(log, tenant, &agent, online, now);
+            if let Some(reply) = reply {
+                hold(reply, Outcome::Done(r), true, engine);
+            }
+        }
+        Command::AgentInbox {
+            tenant,
+            agent,
+            outbox,
+        } => engine.agent_inbox(tenant, &agent, outbox),
+        Command::Ephemeral {
+            conv,
+            actor,
+            event,
+            reply,
+        } => {
+            let r = engine.ephemeral(conv, &actor, event, now);
+            if let Some(reply) = reply {
+                hold(reply, Outcome::Done(r), true, engine);
+            }
+        }
+        Command::FileRuns {
+            from,
+            max_bytes,
+            reply,
+        } => {
+            let runs = log.file_runs(from, max_bytes).map_err(|e| e.to_string());
+            hold(reply, Outcome::Runs(runs), false, engine);
+        }
+        Command::Metrics { reply } => {
+            let text = metrics.render(engine.shard(), engine.conversations_len(), log);
+            hold(reply, Outcome::Text(text), false, engine);
+        }
+    }
+}
+
+/// Pooled I/O buffers of one shard: an idle connection holds none; a connection takes one when
+/// data arrives and gives it back when it has nothing buffered. Bounded: beyond
+/// `buffers_max` returned buffers are freed.
+pub struct BufferPool {
+    free: RefCell<Vec<Vec<u8>>>,
+    buffer_bytes: usize,
+    buffers_max: usize,
+    pub taken: AtomicU64,
+}
+
+impl BufferPool {
+    pub fn new(buffer_bytes: usize, buffers_max: usize) -> Self {
+        Self {
+            free: RefCell::new(Vec::with_capacity(buffers_max.min(1024))),
+            buffer_bytes,
+            buffers_max,
+            taken: AtomicU64::new(0),
+        }
+    }
+
+    pub fn take(&self) -> Vec<u8> {
+        self.taken.fetch_add(1, Ordering::Relaxed);
+        self.free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.buffer_bytes))
+    }
+
+    pub fn give(&self, mut buf: Vec<u8>) {
+        // Buffers that grew for a large body are not kept: the pool's memory stays bounded.
+        if buf.capacity() != self.buffer_bytes {
+            return;
+        }
+        buf.clear();
+        let mut free = self.free.borrow_mut();
+        if free.len() < self.buffers_max {
+            free.push(buf);
+        }
+    }
+
+    pub fn free_len(&self) -> usize {
+        self.free.borrow().len()
+    }
+}

@@ -1,0 +1,495 @@
+//! WebSocket sessions on `/v1/ws`: subscribe with `after` (exact replay, then live), send with ack, typing and read notices, agent inboxes, ping/pong keep-alive, idle timeout, and the API's close codes (4001, 4003, 4008 slow consumer, 1009, 1001 going away).
+//!
+//! Each socket has one bounded [`Outbox`] that every conversation it follows pushes into (from
+//! whichever shard owns the conversation). When it overflows the socket is closed with 4008: the
+//! client reconnects and resubscribes with `after`, and loses nothing.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kefu_protocol::http::RequestHead;
+use kefu_protocol::model::{
+    Ack, ClientMessage, ConversationId, Event, ServerMessage, WriteJson, parse_json,
+};
+use kefu_protocol::ws::frame::close_code;
+use kefu_protocol::ws::{WsConnection, WsError, WsEvent, WsLimits, check_upgrade, write_accept};
+
+use crate::conn::Conn;
+use crate::engine::{Actor, Delivery, Outbox, Sent};
+use crate::http::{HttpError, call, conversation_id, token};
+use crate::metrics::{Disconnect, Stage};
+use crate::server::ShardCtx;
+use crate::shard::{Command, Outcome};
+
+/// An accepted upgrade: the 101 answer is written; the token was checked (or not).
+pub struct Upgraded {
+    actor: Result<Actor, String>,
+}
+
+/// Checks the handshake and writes the 101 answer. A bad or missing token still upgrades, so
+/// the client sees close code 4001 (browsers cannot read an HTTP 401 on a WebSocket).
+pub fn upgrade(
+    ctx: &ShardCtx,
+    head: &RequestHead<'_>,
+    out: &mut Vec<u8>,
+) -> Result<Upgraded, HttpError> {
+    let up = check_upgrade(head).map_err(|e| HttpError::new(e.status(), e.to_string()))?;
+    let actor = match token(head) {
+        None => Err("missing token".to_owned()),
+        Some(t) => ctx
+            .shared
+            .access
+            .authenticate(&t)
+            .map_err(|e| e.to_string()),
+    };
+    write_accept(out, &up, None);
+    Ok(Upgraded { actor })
+}
+
+/// One replay step for a subscriber: records after `after` and whether the subscription
+/// reached the live edge (registered). Shared by WebSocket and binary sessions.
+pub async fn replay_step(
+    ctx: &ShardCtx,
+    conv: u64,
+    actor: &Actor,
+    after: u64,
+    outbox: &Arc<Outbox>,
+) -> Result<(Vec<Arc<Delivery>>, bool), HttpError> {
+    let limit = ctx.shared.config.limits.history_limit_max;
+    let outcome = call(ctx, (conv >> 48) as u16, |reply| Command::Replay {
+        conv,
+        actor: actor.clone(),
+        after,
+        limit,
+        subscriber: Some(outbox.clone()),
+        reply,
+    })
+    .await?;
+    match outcome {
+        Outcome::Replay(r) => {
+            let r = r?;
+            Ok((r.entries, r.registered))
+        }
+        _ => Err(HttpError::new(500, "unexpected reply")),
+    }
+}
+
+/// Stores a message (shared by WebSocket and binary sessions).
+pub async fn send_message(
+    ctx: &ShardCtx,
+    conv: u64,
+    actor: &Actor,
+    text: String,
+    client_msg_id: Option<String>,
+) -> Result<Sent, HttpError> {
+    let outcome = call(ctx, (conv >> 48) as u16, |reply| Command::Send {
+        conv,
+        actor: actor.clone(),
+        text,
+        client_msg_id,
+        reply,
+    })
+    .await?;
+    match outcome {
+        Outcome::Sent(s) => Ok(s?),
+        _ => Err(HttpError::new(500, "unexpected reply")),
+    }
+}
+
+/// Typing and read notices (not stored).
+pub async fn ephemeral(
+    ctx: &ShardCtx,
+    conv: u64,
+    actor: &Actor,
+    event: Event,
+) -> Result<(), HttpError> {
+    let outcome = call(ctx, (conv >> 48) as u16, |reply| Command::Ephemeral {
+        conv,
+        actor: actor.clone(),
+        event,
+        reply: Some(reply),
+    })
+    .await?;
+    match outcome {
+        Outcome::Done(r) => Ok(r?),
+        _ => Err(HttpError::new(500, "unexpected reply")),
+    }
+}
+
+/// Registers an agent socket's inbox on every shard.
+pub fn register_agent_inbox(ctx: &ShardCtx, actor: &Actor, outbox: &Arc<Outbox>) {
+    if let Actor::Agent { tenant, name } = actor {
+        for inbox in &ctx.shared.inboxes {
+            // A full inbox only costs this socket its offers; it still gets what it follows.
+            let _ = inbox.push(Command::AgentInbox {
+                tenant: *tenant,
+                agent: name.clone(),
+                outbox: outbox.clone(),
+            });
+        }
+    }
+}
+
+fn error_json(message: &str, conv: Option<u64>, client_msg_id: Option<String>) -> Vec<u8> {
+    ServerMessage::Error(kefu_protocol::model::WsError {
+        error: message.to_owned(),
+        conversation_id: conv.map(ConversationId),
+        client_msg_id,
+    })
+    .to_json_vec()
+}
+
+/// What handling one client message asks of the socket.
+enum Verdict {
+    Fine,
+    Close(u16, String),
+}
+
+struct Session {
+    ctx: Rc<ShardCtx>,
+    actor: Actor,
+    outbox: Arc<Outbox>,
+    subscriptions: Vec<u64>,
+    ws: WsConnection,
+}
+
+impl Session {
+    fn text(&mut self, out: &mut Vec<u8>, json: &[u8]) {
+        // Writing into a Vec cannot fail; `send_text` wants &str and JSON is UTF-8.
+        let text = std::str::from_utf8(json).unwrap_or("{}");
+        self.ws.send_text(out, text);
+    }
+
+    async fn handle(&mut self, text: &str, out: &mut Vec<u8>) -> Verdict {
+        let limits = crate::access::model_limits(&self.ctx.shared.config.limits);
+        let msg: ClientMessage = match parse_json(text.as_bytes(), &limits) {
+            Ok(m) => m,
+            Err(e) => {
+                self.text(out, &error_json(&e.to_string(), None, None));
+                return Verdict::Fine;
+            }
+        };
+        let ctx = self.ctx.clone();
+        match msg {
+            ClientMessage::Subscribe {
+                conversation_id,
+                after,
+            } => {
+                let conv = match conversation_id_checked(&ctx, conversation_id) {
+                    Ok(c) => c,
+                    Err(e) => return self.refuse(out, e, Some(conversation_id.0), None),
+                };
+                if self.subscriptions.contains(&conv) {
+                    self.text(out, &error_json("already subscribed", Some(conv), None));
+                    return Verdict::Fine;
+                }
+                if self.subscriptions.len() >= ctx.shared.config.limits.subscriptions_per_socket_max
+                {
+                    self.text(
+                        out,
+                        &error_json(
+                            "subscriptions_per_socket_max reached on this socket",
+                            Some(conv),
+                            None,
+                        ),
+                    );
+                    return Verdict::Fine;
+                }
+                let mut after = after;
+                loop {
+                    match replay_step(&ctx, conv, &self.actor, after, &self.outbox).await {
+                        Ok((entries, registered)) => {
+                            for d in &entries {
+                                self.text(out, &d.json);
+                                after = d.seq;
+                            }
+                            ctx.metrics.delivered(entries.len() as u64);
+                            if registered {
+                                self.subscriptions.push(conv);
+                                return Verdict::Fine;
+                            }
+                            if entries.is_empty() {
+                                // Nothing more but not registered: subscriber limit.
+                                self.text(out, &error_json("cannot subscribe", Some(conv), None));
+                                return Verdict::Fine;
+                            }
+                        }
+                        Err(e) => return self.refuse(out, e, Some(conv), None),
+                    }
+                }
+            }
+            ClientMessage::Send {
+                conversation_id,
+                text,
+                client_msg_id,
+            } => {
+                let conv = match conversation_id_checked(&ctx, conversation_id) {
+                    Ok(c) => c,
+                    Err(e) => return self.refuse(out, e, Some(conversation_id.0), client_msg_id),
+                };
+                match send_message(&ctx, conv, &self.actor, text, client_msg_id.clone()).await {
+                    Ok(sent) => {
+                        let ack = ServerMessage::Ack(Ack {
+                            client_msg_id,
+                            conversation_id: ConversationId(conv),
+                            seq: sent.seq,
+                        });
+                        self.text(out, &ack.to_json_vec());
+                        Verdict::Fine
+                    }
+                    Err(e) => self.refuse(out, e, Some(conv), client_msg_id),
+                }
+            }
+            ClientMessage::Typing { conversation_id } => {
+                let conv = conversation_id.0;
+                match ephemeral(&ctx, conv, &self.actor, Event::Typing).await {
+                    Ok(()) => Verdict::Fine,
+                    Err(e) => self.refuse(out, e, Some(conv), None),
+                }
+            }
+            ClientMessage::Read {
+                conversation_id,
+                seq,
+            } => {
+                let conv = conversation_id.0;
+                match ephemeral(&ctx, conv, &self.actor, Event::Read { seq }).await {
+                    Ok(()) => Verdict::Fine,
+                    Err(e) => self.refuse(out, e, Some(conv), None),
+                }
+            }
+        }
+    }
+
+    /// 401/403 close the socket (4001/4003); other refusals are error messages.
+    fn refuse(
+        &mut self,
+        out: &mut Vec<u8>,
+        e: HttpError,
+        conv: Option<u64>,
+        client_msg_id: Option<String>,
+    ) -> Verdict {
+        match e.status {
+            401 => Verdict::Close(close_code::UNAUTHORIZED, e.message),
+            403 => Verdict::Close(close_code::FORBIDDEN, e.message),
+            _ => {
+                self.text(out, &error_json(&e.message, conv, client_msg_id));
+                Verdict::Fine
+            }
+        }
+    }
+}
+
+fn conversation_id_checked(ctx: &ShardCtx, id: ConversationId) -> Result<u64, HttpError> {
+    conversation_id(ctx, &id.to_string())
+}
+
+/// Runs a WebSocket session until it closes. `rest` holds bytes that arrived after the
+/// upgrade request.
+pub async fn serve(
+    ctx: Rc<ShardCtx>,
+    mut conn: Conn,
+    up: Upgraded,
+    rest: Vec<u8>,
+    conn_id: u64,
+) -> Disconnect {
+    let limits = ctx.shared.config.limits;
+    let ws_limits = WsLimits {
+        frame_payload_bytes_max: limits.ws_frame_bytes_max as u64,
+        message_bytes_max: limits.ws_frame_bytes_max,
+    };
+    let mut out = Vec::new();
+    let mut ws = WsConnection::new(ws_limits);
+    let actor = match up.actor {
+        Ok(a) => a,
+        Err(reason) => {
+            ws.send_close(&mut out, close_code::UNAUTHORIZED, &reason);
+            let _ = conn.write_all(out).await;
+            return Disconnect::Unauthorized;
+        }
+    };
+    let outbox = Outbox::new(limits.subscriber_queue_depth);
+    register_agent_inbox(&ctx, &actor, &outbox);
+    let mut session = Session {
+        ctx: ctx.clone(),
+        actor,
+        outbox: outbox.clone(),
+        subscriptions: Vec::new(),
+        ws,
+    };
+    let why = session_loop(&ctx, &mut conn, &mut session, rest, &mut out, conn_id).await;
+    outbox.close();
+    why
+}
+
+async fn session_loop(
+    ctx: &Rc<ShardCtx>,
+    conn: &mut Conn,
+    session: &mut Session,
+    rest: Vec<u8>,
+    out: &mut Vec<u8>,
+    conn_id: u64,
+) -> Disconnect {
+    let limits = ctx.shared.config.limits;
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
+    let ping_every = Duration::from_millis(limits.ws_ping_interval_ms);
+    let mut buf: Option<Vec<u8>> = if rest.is_empty() { None } else { Some(rest) };
+    let mut last_rx = Instant::now();
+    let mut last_ping = Instant::now();
+    let mut texts: Vec<String> = Vec::new();
+    let mut fresh_input = buf.is_some();
+    loop {
+        // 1. Decode what arrived.
+        let mut closing: Option<Disconnect> = None;
+        if fresh_input && let Some(b) = buf.as_mut() {
+            let mut used_total = 0;
+            loop {
+                let slice = &mut b[used_total..];
+                if slice.is_empty() {
+                    break;
+                }
+                match session.ws.decode(slice, out) {
+                    Ok((None, used)) => used_total += used,
+                    Ok((Some(ev), used)) => {
+                        used_total += used;
+                        match ev {
+                            WsEvent::Text(t) => texts.push(t.to_owned()),
+                            WsEvent::Binary(_) => {
+                                let msg =
+                                    error_json("binary messages are not accepted", None, None);
+                                session
+                                    .ws
+                                    .send_text(out, std::str::from_utf8(&msg).unwrap_or("{}"));
+                            }
+                            WsEvent::Ping(_) | WsEvent::Pong(_) => {}
+                            WsEvent::Close { .. } => {
+                                closing = Some(Disconnect::Closed);
+                                break;
+                            }
+                        }
+                    }
+                    Err(WsError::Incomplete { .. }) => break,
+                    Err(WsError::Invalid(_)) => {
+                        closing = Some(Disconnect::BadRequest);
+                        break;
+                    }
+                    Err(WsError::Closed) => {
+                        closing = Some(Disconnect::Closed);
+                        break;
+                    }
+                }
+            }
+            b.drain(..used_total);
+        }
+        fresh_input = false;
+        if let Some(why) = closing {
+            let _ = conn.write_all(std::mem::take(out)).await;
+            return why;
+        }
+        // 2. Act on complete messages.
+        for text in texts.drain(..) {
+            if let Verdict::Close(code, reason) = session.handle(&text, out).await {
+                session.ws.send_close(out, code, &reason);
+                let _ = conn.write_all(std::mem::take(out)).await;
+                return if code == close_code::UNAUTHORIZED {
+                    Disconnect::Unauthorized
+                } else {
+                    Disconnect::BadRequest
+                };
+            }
+        }
+        // 3. Deliveries.
+        let mut delivered = 0;
+        let started = Instant::now();
+        while let Some(d) = session.outbox.pop() {
+            session.text(out, &d.json);
+            delivered += 1;
+        }
+        if session.outbox.is_overflowed() {
+            session.ws.send_close(
+                out,
+                close_code::TOO_SLOW,
+                "too slow: resubscribe with after",
+            );
+            let _ = conn.write_all(std::mem::take(out)).await;
+            return Disconnect::SlowConsumer;
+        }
+        if !out.is_empty() {
+            let (res, o) = conn.write_all(std::mem::take(out)).await;
+            *out = o;
+            if res.is_err() {
+                return Disconnect::IoError;
+            }
+            if delivered > 0 {
+                ctx.metrics.delivered(delivered);
+                ctx.metrics
+                    .latency(Stage::Deliver, started.elapsed().as_micros() as u64);
+            }
+        }
+        if out.capacity() > 4096 {
+            *out = Vec::new();
+        }
+        if buf.as_ref().is_some_and(|b| b.is_empty())
+            && let Some(b) = buf.take()
+        {
+            ctx.pool.give(b);
+        }
+        if !session.outbox.is_empty() {
+            continue;
+        }
+        // 4. Wait for input, deliveries, the ping timer or shutdown.
+        let now = Instant::now();
+        if now.duration_since(last_rx) >= idle {
+            session
+                .ws
+                .send_close(out, close_code::GOING_AWAY, "idle timeout");
+            let _ = conn.write_all(std::mem::take(out)).await;
+            return Disconnect::IdleTimeout;
+        }
+        if now.duration_since(last_ping) >= ping_every {
+            session.ws.send_ping(out, b"kefu");
+            last_ping = now;
+            continue;
+        }
+        let wake_in = (last_ping + ping_every)
+            .min(last_rx + idle)
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(1));
+        enum Woke {
+            Readable(bool),
+            Outbox,
+            Timer,
+            Stop,
+        }
+        let woke = monoio::select! {
+            r = conn.readable() => Woke::Readable(r.is_ok()),
+            _ = session.outbox.ready() => Woke::Outbox,
+            _ = monoio::time::sleep(wake_in) => Woke::Timer,
+            _ = ctx.stopped(conn_id) => Woke::Stop,
+        };
+        match woke {
+            Woke::Readable(false) => return Disconnect::IoError,
+            Woke::Readable(true) => {
+                let b = buf.take().unwrap_or_else(|| ctx.pool.take());
+                let (res, b) = conn.read_append(b).await;
+                buf = Some(b);
+                match res {
+                    Ok(0) => return Disconnect::Closed,
+                    Ok(_) => {
+                        last_rx = Instant::now();
+                        fresh_input = true;
+                    }
+                    Err(_) => return Disconnect::IoError,
+                }
+            }
+            Woke::Outbox | Woke::Timer => {}
+            Woke::Stop => {
+                session
+                    .ws
+                    .send_close(out, close_code::GOING_AWAY, "server going away");
+                let _ = conn.write_all(std::mem::take(out)).await;
+                return Disconnect::Shutdown;
+            }
+        }
+    }
+}
