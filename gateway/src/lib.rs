@@ -9,6 +9,7 @@ pub mod engine;
 pub mod http;
 pub mod intent;
 pub mod metrics;
+pub mod ratelimit;
 pub mod routing;
 pub mod server;
 pub mod shard;
