@@ -62,6 +62,7 @@
 
 #![no_std]
 
+#[cfg(not(target_arch = "bpf"))]
 use core::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 
 /// The version of the [`RequestRecord`] layout; the tracer refuses records of another version.

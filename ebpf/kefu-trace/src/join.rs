@@ -1,0 +1,509 @@
+//! Joins request records with the kernel events of the same connection: io_uring operations on
+//! the request's fd inside its time window, storage syncs of the same process between its
+//! `appended` and `synced` stages, and TCP events on its (local port, peer port).
+//!
+//! A request's record arrives when it is answered, but the write completion (and a retransmit)
+//! can come later, so each request waits `grace_ns` before it is finished. Every buffer here is
+//! bounded; what falls out is counted, never silently lost.
+
+use std::collections::{HashMap, VecDeque};
+
+use kefu_trace_common::{IoUringEvent, RequestEvent, RequestRecord, STAGE_COUNT, Stage, TcpEvent};
+
+use crate::probes::Event;
+
+/// Limits and windows of the joiner.
+#[derive(Clone, Copy, Debug)]
+pub struct JoinConfig {
+    /// How long a finished request waits for late kernel events.
+    pub grace_ns: u64,
+    /// How far before `accepted` an io_uring completion still belongs to the request (the read
+    /// that carried its bytes completes just before the gateway stamps `accepted`).
+    pub io_before_ns: u64,
+    /// How far before `accepted` TCP events still belong to the request (connection setup).
+    pub tcp_before_ns: u64,
+    /// Kernel events older than this are dropped.
+    pub keep_ns: u64,
+    /// Maximum buffered kernel events (io_uring + TCP).
+    pub kernel_events_max: usize,
+    /// Maximum requests waiting for their grace period.
+    pub pending_max: usize,
+}
+
+impl Default for JoinConfig {
+    fn default() -> Self {
+        Self {
+            grace_ns: 20_000_000,
+            io_before_ns: 2_000_000,
+            tcp_before_ns: 1_000_000_000,
+            keep_ns: 5_000_000_000,
+            kernel_events_max: 500_000,
+            pending_max: 200_000,
+        }
+    }
+}
+
+/// One request with the kernel events joined to it.
+#[derive(Clone, Debug)]
+pub struct Trace {
+    pub tgid: u32,
+    pub tid: u32,
+    /// When the marker fired (kernel clock, same as the stages').
+    pub marker_ns: u64,
+    pub record: RequestRecord,
+    pub io: Vec<IoUringEvent>,
+    pub tcp: Vec<TcpEvent>,
+}
+
+/// First and last set stage of a record, falling back to `fallback` when none is set.
+pub fn span(record: &RequestRecord, fallback: u64) -> (u64, u64) {
+    let set = record.stage_ns.iter().copied().filter(|&ns| ns != 0);
+    let start = set.clone().min().unwrap_or(fallback);
+    let end = set.max().unwrap_or(fallback);
+    (start, end)
+}
+
+impl Trace {
+    /// From the first to the last stage, in ns.
+    pub fn total_ns(&self) -> u64 {
+        let (start, end) = span(&self.record, self.marker_ns);
+        end - start
+    }
+
+    /// For each stage the request passed: the time since the previous stage it passed (the
+    /// first stage gets 0).
+    pub fn stage_durations(&self) -> [Option<u64>; STAGE_COUNT] {
+        let mut out = [None; STAGE_COUNT];
+        let mut prev: Option<u64> = None;
+        for stage in Stage::ALL {
+            if let Some(ns) = self.record.get(stage) {
+                out[stage as usize] = Some(prev.map_or(0, |p| ns.saturating_sub(p)));
+                prev = Some(ns);
+            }
+        }
+        out
+    }
+}
+
+/// Counts of what the joiner had to throw away.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JoinDrops {
+    /// Kernel events evicted because `kernel_events_max` was reached.
+    pub kernel_events_evicted: u64,
+    /// Requests finished early (without their grace period) because `pending_max` was reached.
+    pub requests_rushed: u64,
+}
+
+pub struct Joiner {
+    cfg: JoinConfig,
+    io_by_fd: HashMap<(u32, i32), VecDeque<IoUringEvent>>,
+    syncs: VecDeque<IoUringEvent>,
+    tcp_by_ports: HashMap<(u16, u16), VecDeque<TcpEvent>>,
+    kernel_events: usize,
+    /// Kernel events in arrival order, for eviction: (key kind, key) of each buffered event.
+    arrival: VecDeque<Key>,
+    pending: VecDeque<RequestEvent>,
+    drops: JoinDrops,
+}
+
+#[derive(Clone, Copy)]
+enum Key {
+    Io(u32, i32),
+    Sync,
+    Tcp(u16, u16),
+}
+
+/// `IORING_OP_*` numbers the joiner treats specially.
+pub mod opcode {
+    pub const FSYNC: u8 = 3;
+    pub const SYNC_FILE_RANGE: u8 = 8;
+
+    /// True for operations that read from the connection (they belong to the request whose bytes
+    /// they carried, so they must complete before it is answered).
+    pub fn is_read(op: u8) -> bool {
+        matches!(op, 1 | 4 | 10 | 22 | 27 | 49 | 58 | 60)
+    }
+
+    pub fn name(op: u8) -> &'static str {
+        const NAMES: [&str; 63] = [
+            "nop",
+            "readv",
+            "writev",
+            "fsync",
+            "read_fixed",
+            "write_fixed",
+            "poll_add",
+            "poll_remove",
+            "sync_file_range",
+            "sendmsg",
+            "recvmsg",
+            "timeout",
+            "timeout_remove",
+            "accept",
+            "async_cancel",
+            "link_timeout",
+            "connect",
+            "fallocate",
+            "openat",
+            "close",
+            "files_update",
+            "statx",
+            "read",
+            "write",
+            "fadvise",
+            "madvise",
+            "send",
+            "recv",
+            "openat2",
+            "epoll_ctl",
+            "splice",
+            "provide_buffers",
+            "remove_buffers",
+            "tee",
+            "shutdown",
+            "renameat",
+            "unlinkat",
+            "mkdirat",
+            "symlinkat",
+            "linkat",
+            "msg_ring",
+            "fsetxattr",
+            "setxattr",
+            "fgetxattr",
+            "getxattr",
+            "socket",
+            "uring_cmd",
+            "send_zc",
+            "sendmsg_zc",
+            "read_multishot",
+            "waitid",
+            "futex_wait",
+            "futex_wake",
+            "futex_waitv",
+            "fixed_fd_install",
+            "ftruncate",
+            "bind",
+            "listen",
+            "recv_zc",
+            "epoll_wait",
+            "readv_fixed",
+            "writev_fixed",
+            "pipe",
+        ];
+        NAMES.get(op as usize).copied().unwrap_or("unknown")
+    }
+}
+
+impl Joiner {
+    pub fn new(cfg: JoinConfig) -> Self {
+        Self {
+            cfg,
+            io_by_fd: HashMap::new(),
+            syncs: VecDeque::new(),
+            tcp_by_ports: HashMap::new(),
+            kernel_events: 0,
+            arrival: VecDeque::new(),
+            pending: VecDeque::new(),
+            drops: JoinDrops::default(),
+        }
+    }
+
+    pub fn drops(&self) -> JoinDrops {
+        self.drops
+    }
+
+    /// Requests waiting for their grace period.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn push(&mut self, event: Event) {
+        match event {
+            Event::Request(r) => {
+                self.pending.push_back(r);
+            }
+            Event::IoUring(io) => {
+                let key = if matches!(io.opcode, opcode::FSYNC | opcode::SYNC_FILE_RANGE) {
+                    self.syncs.push_back(io);
+                    Key::Sync
+                } else {
+                    let key = (io.header.tgid, io.fd);
+                    self.io_by_fd.entry(key).or_default().push_back(io);
+                    Key::Io(key.0, key.1)
+                };
+                self.note_kernel_event(key);
+            }
+            Event::Tcp(t) => {
+                let key = (t.local_port, t.remote_port);
+                self.tcp_by_ports.entry(key).or_default().push_back(t);
+                self.note_kernel_event(Key::Tcp(key.0, key.1));
+            }
+        }
+    }
+
+    fn note_kernel_event(&mut self, key: Key) {
+        self.arrival.push_back(key);
+        self.kernel_events += 1;
+        while self.kernel_events > self.cfg.kernel_events_max {
+            self.evict_oldest();
+            self.drops.kernel_events_evicted += 1;
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        let Some(key) = self.arrival.pop_front() else {
+            return;
+        };
+        self.kernel_events -= 1;
+        match key {
+            Key::Io(tgid, fd) => {
+                if let Some(q) = self.io_by_fd.get_mut(&(tgid, fd)) {
+                    q.pop_front();
+                    if q.is_empty() {
+                        self.io_by_fd.remove(&(tgid, fd));
+                    }
+                }
+            }
+            Key::Sync => {
+                self.syncs.pop_front();
+            }
+            Key::Tcp(l, r) => {
+                if let Some(q) = self.tcp_by_ports.get_mut(&(l, r)) {
+                    q.pop_front();
+                    if q.is_empty() {
+                        self.tcp_by_ports.remove(&(l, r));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finish the requests whose grace period is over at `now_ns` (kernel clock), appending
+    /// them to `out` in arrival order; then forget kernel events older than `keep_ns`.
+    pub fn ready(&mut self, now_ns: u64, out: &mut Vec<Trace>) {
+        while let Some(front) = self.pending.front() {
+            let (_, end) = span(&front.record, front.header.ktime_ns);
+            let due = end.max(front.header.ktime_ns) + self.cfg.grace_ns <= now_ns;
+            let rushed = self.pending.len() > self.cfg.pending_max;
+            if !due && !rushed {
+                break;
+            }
+            if rushed && !due {
+                self.drops.requests_rushed += 1;
+            }
+            let Some(req) = self.pending.pop_front() else {
+                break;
+            };
+            out.push(self.assemble(&req));
+        }
+        self.expire(now_ns);
+    }
+
+    /// Finish every waiting request now (on shutdown).
+    pub fn flush(&mut self, out: &mut Vec<Trace>) {
+        while let Some(req) = self.pending.pop_front() {
+            out.push(self.assemble(&req));
+        }
+    }
+
+    fn expire(&mut self, now_ns: u64) {
+        let horizon = now_ns.saturating_sub(self.cfg.keep_ns);
+        // Arrival order is close to time order; evict from the front while it is old.
+        loop {
+            let old = match self.arrival.front() {
+                Some(Key::Io(tgid, fd)) => self
+                    .io_by_fd
+                    .get(&(*tgid, *fd))
+                    .and_then(|q| q.front())
+                    .is_none_or(|e| e.header.ktime_ns < horizon),
+                Some(Key::Sync) => self
+                    .syncs
+                    .front()
+                    .is_none_or(|e| e.header.ktime_ns < horizon),
+                Some(Key::Tcp(l, r)) => self
+                    .tcp_by_ports
+                    .get(&(*l, *r))
+                    .and_then(|q| q.front())
+                    .is_none_or(|e| e.header.ktime_ns < horizon),
+                None => false,
+            };
+            if !old {
+                break;
+            }
+            self.evict_oldest();
+        }
+    }
+
+    fn assemble(&self, req: &RequestEvent) -> Trace {
+        let rec = &req.record;
+        let (start, end) = span(rec, req.header.ktime_ns);
+        let window_start = start.saturating_sub(self.cfg.io_before_ns);
+        let window_end = end + self.cfg.grace_ns;
+        let tgid = req.header.tgid;
+        let mut io: Vec<IoUringEvent> = Vec::new();
+        if rec.fd >= 0
+            && let Some(q) = self.io_by_fd.get(&(tgid, rec.fd))
+        {
+            for e in q {
+                let complete = e.header.ktime_ns;
+                let joined = if opcode::is_read(e.opcode) {
+                    complete >= window_start && complete <= end
+                } else {
+                    complete >= window_start && e.submit_ns <= window_end
+                };
+                if joined {
+                    io.push(*e);
+                }
+            }
+        }
+        if let (Some(appended), Some(synced)) = (rec.get(Stage::Appended), rec.get(Stage::Synced)) {
+            for e in &self.syncs {
+                if e.header.tgid == tgid && e.header.ktime_ns >= appended && e.submit_ns <= synced {
+                    io.push(*e);
+                }
+            }
+        }
+        io.sort_by_key(|e| (e.submit_ns, e.header.ktime_ns));
+        let mut tcp = Vec::new();
+        if rec.local_port != 0
+            && rec.peer_port != 0
+            && let Some(q) = self.tcp_by_ports.get(&(rec.local_port, rec.peer_port))
+        {
+            let tcp_start = start.saturating_sub(self.cfg.tcp_before_ns);
+            tcp.extend(
+                q.iter()
+                    .filter(|e| e.header.ktime_ns >= tcp_start && e.header.ktime_ns <= window_end)
+                    .copied(),
+            );
+        }
+        Trace {
+            tgid,
+            tid: req.header.tid,
+            marker_ns: req.header.ktime_ns,
+            record: *rec,
+            io,
+            tcp,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kefu_trace_common::{EventHeader, event_kind};
+
+    fn header(kind: u32, ns: u64) -> EventHeader {
+        EventHeader {
+            kind,
+            tgid: 7,
+            tid: 8,
+            _pad: 0,
+            ktime_ns: ns,
+        }
+    }
+
+    fn request(fd: i32, stages: [u64; STAGE_COUNT]) -> Event {
+        let mut record = RequestRecord {
+            fd,
+            local_port: 80,
+            peer_port: 5000,
+            ..Default::default()
+        };
+        record.stage_ns = stages;
+        Event::Request(RequestEvent {
+            header: header(event_kind::REQUEST, stages[6]),
+            record,
+        })
+    }
+
+    fn io(fd: i32, op: u8, submit: u64, complete: u64) -> Event {
+        Event::IoUring(IoUringEvent {
+            header: header(event_kind::IO_URING, complete),
+            submit_ns: submit,
+            fd,
+            opcode: op,
+            ..Default::default()
+        })
+    }
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn joins_by_fd_window_and_sync_stages() {
+        let mut j = Joiner::new(JoinConfig::default());
+        let base = 10_000 * MS;
+        // Read carrying the request, completing just before `accepted`.
+        j.push(io(5, 27, base - 500 * MS, base - MS / 2));
+        // Response write, completing after the marker fired.
+        j.push(io(5, 26, base + 4 * MS, base + 5 * MS));
+        // The next request's read, after the answer: not ours.
+        j.push(io(5, 27, base + 4 * MS, base + 6 * MS));
+        // Another connection.
+        j.push(io(6, 26, base + MS, base + 2 * MS));
+        // Storage sync between appended and synced.
+        j.push(io(3, opcode::FSYNC, base + 2 * MS, base + 3 * MS));
+        // Retransmit on our connection.
+        j.push(Event::Tcp(TcpEvent {
+            header: header(event_kind::TCP_RETRANSMIT, base + 4 * MS),
+            local_port: 80,
+            remote_port: 5000,
+            ..Default::default()
+        }));
+        let stages = [
+            base,
+            base + MS,
+            base + MS,
+            base + 2 * MS,
+            base + 3 * MS,
+            0,
+            base + 4 * MS,
+        ];
+        j.push(request(5, stages));
+        let mut out = Vec::new();
+        j.ready(base + 5 * MS, &mut out);
+        assert!(out.is_empty(), "still in its grace period");
+        j.ready(base + 30 * MS, &mut out);
+        assert_eq!(out.len(), 1);
+        let t = &out[0];
+        let ops: Vec<(i32, u8)> = t.io.iter().map(|e| (e.fd, e.opcode)).collect();
+        assert_eq!(ops, vec![(5, 27), (3, opcode::FSYNC), (5, 26)]);
+        assert_eq!(t.tcp.len(), 1);
+        assert_eq!(t.total_ns(), 4 * MS);
+        let d = t.stage_durations();
+        assert_eq!(d[0], Some(0));
+        assert_eq!(d[5], None);
+        assert_eq!(d[6], Some(MS));
+    }
+
+    #[test]
+    fn buffers_are_bounded_and_evictions_counted() {
+        let cfg = JoinConfig {
+            kernel_events_max: 10,
+            pending_max: 2,
+            ..Default::default()
+        };
+        let mut j = Joiner::new(cfg);
+        for i in 0..25 {
+            j.push(io(5, 26, i, i + 1));
+        }
+        assert_eq!(j.drops().kernel_events_evicted, 15);
+        for i in 0..5 {
+            j.push(request(5, [i + 1; STAGE_COUNT]));
+        }
+        let mut out = Vec::new();
+        j.ready(0, &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!(j.drops().requests_rushed, 3);
+        j.flush(&mut out);
+        assert_eq!(out.len(), 5);
+    }
+
+    #[test]
+    fn old_kernel_events_expire() {
+        let mut j = Joiner::new(JoinConfig::default());
+        j.push(io(5, 26, 1, 2));
+        j.ready(10_000 * MS, &mut Vec::new());
+        assert_eq!(j.kernel_events, 0);
+        assert!(j.io_by_fd.is_empty());
+    }
+}
