@@ -10,6 +10,7 @@ pub mod http;
 pub mod intent;
 pub mod metrics;
 pub mod ratelimit;
+pub mod replies;
 pub mod routing;
 pub mod server;
 pub mod shard;

@@ -51,6 +51,7 @@ use crate::auth::{
     VisitorKey,
 };
 use crate::intent::{IntentError, IntentModel};
+use crate::replies::{AutoReplies, CannedReplies};
 
 /// Most tenants one gateway serves.
 pub const TENANTS_MAX: usize = 64;
@@ -668,15 +669,34 @@ fn read_bounded(path: &Path, bytes_max: u64) -> std::io::Result<String> {
     Ok(text)
 }
 
-/// A tenant ready to serve: its checked config, visitor signing key and intent model.
+/// A tenant ready to serve: its checked config, visitor signing key, intent model and replies.
 #[derive(Debug)]
 pub struct Tenant {
     pub config: TenantConfig,
     pub visitor_key: VisitorKey,
     pub intents: Option<IntentModel>,
+    pub auto_replies: AutoReplies,
+    pub canned_replies: CannedReplies,
 }
 
 impl Tenant {
+    pub fn new(
+        config: TenantConfig,
+        visitor_key: VisitorKey,
+        intents: Option<IntentModel>,
+    ) -> Self {
+        let auto_replies =
+            AutoReplies::new(&config.auto_reply, config.auto_replies_per_conversation_max);
+        let canned_replies = CannedReplies::new(&config.canned_reply);
+        Self {
+            config,
+            visitor_key,
+            intents,
+            auto_replies,
+            canned_replies,
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.config.name
     }
@@ -786,11 +806,7 @@ impl TenantRegistry {
             let intents = load_intents(&config, &at, config_dir)?;
             let visitor_key = load_or_create_visitor_key(data_dir, &config.name)
                 .map_err(|e| bad(format!("{at}.name"), format!("visitor key: {e}")))?;
-            tenants.push(Tenant {
-                config,
-                visitor_key,
-                intents,
-            });
+            tenants.push(Tenant::new(config, visitor_key, intents));
         }
         Self::new(tenants, admin_token)
     }
@@ -1178,10 +1194,12 @@ mod tests {
         let tenants = tenants
             .into_iter()
             .enumerate()
-            .map(|(i, config)| Tenant {
-                config,
-                visitor_key: VisitorKey::from_bytes([i as u8 + 1; VISITOR_KEY_BYTES]),
-                intents: None,
+            .map(|(i, config)| {
+                Tenant::new(
+                    config,
+                    VisitorKey::from_bytes([i as u8 + 1; VISITOR_KEY_BYTES]),
+                    None,
+                )
             })
             .collect();
         TenantRegistry::new(tenants, admin).unwrap()
@@ -1561,6 +1579,7 @@ mod tests {
         let registry =
             TenantRegistry::load(vec![demo, other], None, dir.path(), dir.path()).unwrap();
         let demo = registry.tenant("demo").unwrap();
+        assert!(demo.canned_replies.get("greeting").is_some());
         assert_eq!(demo.classify_group(Some("我要退款")), "support");
         assert_eq!(
             demo.classify_group(Some("how much does the pro plan cost")),
