@@ -132,6 +132,8 @@ pub struct Limits {
     pub buffer_bytes: usize,
     pub stream_chunk_bytes_max: usize,
     pub overload_inflight_per_shard_max: usize,
+    /// Size of one log segment file (pre-allocated).
+    pub segment_bytes_max: u64,
 }
 
 impl Default for Limits {
@@ -159,6 +161,7 @@ impl Default for Limits {
             buffer_bytes: 4096,
             stream_chunk_bytes_max: 1 << 20,
             overload_inflight_per_shard_max: 4096,
+            segment_bytes_max: 64 << 20,
         }
     }
 }
@@ -264,6 +267,12 @@ impl Limits {
                     format!("{value} is not in {lo}..={hi}"),
                 ));
             }
+        }
+        if !((1 << 20)..=(1 << 31)).contains(&self.segment_bytes_max) {
+            return Err(ConfigError::new(
+                "limits.segment_bytes_max",
+                "must be in 1048576..=2147483648",
+            ));
         }
         if !(10..=self.idle_timeout_ms).contains(&self.ws_ping_interval_ms) {
             return Err(ConfigError::new(

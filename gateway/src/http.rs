@@ -88,6 +88,13 @@ pub async fn call(
         .ok_or_else(|| HttpError::new(404, "conversation not found"))?;
     let reply = ReplySlot::new();
     let started = Instant::now();
+    // Shed load before the queue is full, so commands already queued still finish in time.
+    if inbox.len() >= ctx.shared.config.limits.overload_inflight_per_shard_max {
+        return Err(HttpError::new(
+            503,
+            "the gateway is overloaded; retry shortly",
+        ));
+    }
     if inbox.push(make(reply.clone())).is_err() {
         return Err(HttpError::new(
             503,

@@ -1,0 +1,680 @@
+//! End-to-end tests: the real `kefu` binary on port 0 with a temporary data dir, driven over real sockets by the blocking clients of the `kefu-tests` crate.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kefu_protocol::binproto::ClientMsg;
+use kefu_protocol::frame;
+use kefu_protocol::model::ConversationId;
+use kefu_tests::{Bin, BinMsg, Http, Kefu, SIGKILL, SIGTERM, Ws, WsMsg, create_conversation};
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kefu");
+const DEFAULT_CONFIG: &str = include_str!("../kefu.default.toml");
+
+/// Writes the default config with small segments (tests start many gateways) and the given
+/// replacements, and returns its path.
+fn config(dir: &Path, replace: &[(&str, &str)]) -> String {
+    let mut text = DEFAULT_CONFIG.replace(
+        "segment_bytes_max = 67108864",
+        "segment_bytes_max = 4194304",
+    );
+    for (from, to) in replace {
+        assert!(text.contains(from), "config has no {from:?}");
+        text = text.replace(from, to);
+    }
+    let path = dir.join("kefu.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+fn start(dir: &tempfile::TempDir, shards: &str, durability: &str) -> Kefu {
+    let cfg = config(dir.path(), &[]);
+    let data = dir.path().join("data");
+    Kefu::start(
+        Path::new(BIN),
+        &data,
+        &[
+            "--config",
+            &cfg,
+            "--shards",
+            shards,
+            "--durability",
+            durability,
+        ],
+    )
+}
+
+#[test]
+fn ready_line_demo_tokens_health_and_graceful_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The embedded default config, as `cargo run` starts it.
+    let mut kefu = Kefu::start(Path::new(BIN), &data, &["--shards", "1"]);
+    assert!(kefu.ready_line.contains("shards=1"), "{}", kefu.ready_line);
+    assert!(
+        kefu.ready_line
+            .contains(&format!("data={}", data.display()))
+    );
+    assert_ne!(kefu.http.port(), 0);
+    assert_ne!(kefu.tcp.port(), 0);
+    assert!(kefu.agents.len() >= 2, "{:?}", kefu.lines);
+    let groups: HashSet<&str> = kefu
+        .lines
+        .iter()
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("groups=")))
+        .flat_map(|g| g.split(','))
+        .collect();
+    assert!(
+        groups.contains("sales") && groups.contains("support"),
+        "{groups:?}"
+    );
+    assert!(kefu.integration.is_some());
+    let mut http = kefu.http();
+    assert_eq!(http.get("/healthz", None).status, 200);
+    assert_eq!(http.get("/readyz", None).status, 200);
+    let metrics = http.get("/metrics", None);
+    assert_eq!(metrics.status, 200);
+    let text = String::from_utf8(metrics.body).unwrap();
+    assert!(
+        text.contains("kefu_messages_in_total{shard=\"0\"}"),
+        "{text}"
+    );
+    assert!(text.contains("kefu_latency_us{shard=\"0\",stage=\"log_sync\""));
+    let tokens = kefu.agents.clone();
+    drop(http);
+    let status = kefu.signal_and_wait(SIGTERM);
+    assert!(status.success(), "SIGTERM exit: {status:?}");
+    // Same tokens after a restart: they live in the data dir.
+    let kefu = Kefu::start(Path::new(BIN), &data, &["--shards", "1"]);
+    assert_eq!(kefu.agents, tokens);
+}
+
+#[test]
+fn bad_flags_and_config_exit_2_with_one_line() {
+    let out = std::process::Command::new(BIN)
+        .args(["--durability", "sometimes"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("--durability"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &[("idle_timeout_ms", "idle_timeout_secs")]);
+    let out = std::process::Command::new(BIN)
+        .args(["--config", &cfg])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("idle_timeout_secs"), "{err}");
+}
+
+#[test]
+fn conversation_flow_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir, "2", "always");
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, Some("my package never arrived"));
+    let view = http.get(&format!("/v1/conversations/{id}"), Some(&visitor));
+    assert_eq!(view.status, 200);
+    assert_eq!(view.json()["state"], "queued");
+    assert_eq!(view.json()["group"], "support");
+
+    let path = format!("/v1/conversations/{id}/messages");
+    let body = json!({"text": "hello?", "client_msg_id": "m-1"}).to_string();
+    let first = http.post(&path, Some(&visitor), &body);
+    assert_eq!(first.status, 201);
+    let retry = http.post(&path, Some(&visitor), &body);
+    assert_eq!(retry.status, 200, "an idempotent retry answers 200");
+    assert_eq!(retry.json()["seq"], first.json()["seq"]);
+    let history = http.get(&format!("{path}?after=0"), Some(&visitor)).json();
+    let seqs: Vec<u64> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "dense seqs"
+    );
+    let hello = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["text"] == "hello?")
+        .count();
+    assert_eq!(hello, 1, "the retry stored nothing new");
+
+    // An agent of the group accepts and answers; the visitor sees it.
+    let bob = kefu.agent("bob").to_owned();
+    let accept = http.post(&format!("/v1/conversations/{id}/accept"), Some(&bob), "");
+    assert_eq!(
+        accept.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&accept.body)
+    );
+    assert_eq!(accept.json()["state"], "assigned");
+    let again = http.post(&format!("/v1/conversations/{id}/accept"), Some(&bob), "");
+    assert_eq!(again.status, 409);
+    assert_eq!(again.json()["state"], "assigned");
+    let reply = http.post(&path, Some(&bob), &json!({"text": "on it"}).to_string());
+    assert_eq!(reply.status, 201);
+    let seen = http.get(&format!("{path}?after=0"), Some(&visitor)).json();
+    assert!(
+        seen["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["text"] == "on it" && m["from"]["role"] == "agent")
+    );
+    // Resolve, then the visitor writes again: reopened.
+    let resolve = http.post(&format!("/v1/conversations/{id}/resolve"), Some(&bob), "");
+    assert_eq!(resolve.json()["state"], "resolved");
+    let resolve_again = http.post(&format!("/v1/conversations/{id}/resolve"), Some(&bob), "");
+    assert_eq!(resolve_again.status, 409);
+    assert_eq!(resolve_again.json()["state"], "resolved");
+    let back = http.post(
+        &path,
+        Some(&visitor),
+        &json!({"text": "one more"}).to_string(),
+    );
+    assert_eq!(back.status, 201);
+    let events = http.get(&format!("{path}?after=0"), Some(&visitor)).json();
+    assert!(
+        events["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["event"] == "reopened")
+    );
+    // Agent offline re-queues; the status endpoint answers.
+    let status = http.post(
+        "/v1/agents/me/status",
+        Some(&bob),
+        &json!({"status": "online"}).to_string(),
+    );
+    assert_eq!(status.status, 200);
+}
+
+#[test]
+fn websocket_resumes_after_n_then_goes_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir, "2", "always");
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, None);
+    let path = format!("/v1/conversations/{id}/messages");
+    for i in 0..6 {
+        let r = http.post(
+            &path,
+            Some(&visitor),
+            &json!({"text": format!("m{i}")}).to_string(),
+        );
+        assert_eq!(r.status, 201);
+    }
+    let first_last = http.get(&format!("{path}?after=0"), Some(&visitor)).json()["last_seq"]
+        .as_u64()
+        .unwrap();
+    let after = 3;
+    // Several sockets, so at least one likely lands on the shard that does not own it.
+    for round in 0..3u64 {
+        // Each round also replays the live messages of the rounds before.
+        let last = first_last + round;
+        let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).expect("upgrade");
+        ws.send_json(&json!({"type": "subscribe", "conversation_id": id, "after": after}));
+        for want in after + 1..=last {
+            match ws.recv_stored() {
+                WsMsg::Text(v) => assert_eq!(v["seq"].as_u64(), Some(want), "round {round}: {v}"),
+                other => panic!("round {round}: {other:?}"),
+            }
+        }
+        // Live: a send over WebSocket is acked, and arrives as the next seq.
+        ws.send_json(&json!({"type": "send", "conversation_id": id, "text": "live", "client_msg_id": format!("live-{round}")}));
+        let mut got_ack = false;
+        let mut got_live = false;
+        while !(got_ack && got_live) {
+            match ws.recv_stored() {
+                WsMsg::Text(v) if v["type"] == "ack" => {
+                    assert_eq!(v["seq"].as_u64(), Some(last + 1));
+                    got_ack = true;
+                }
+                WsMsg::Text(v) if v["type"] == "message" => {
+                    assert_eq!(v["seq"].as_u64(), Some(last + 1), "{v}");
+                    assert_eq!(v["text"], "live");
+                    got_live = true;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn long_poll_returns_when_a_message_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir, "2", "always");
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, Some("hi"));
+    let last = http
+        .get(&format!("/v1/conversations/{id}/messages"), Some(&visitor))
+        .json()["last_seq"]
+        .as_u64()
+        .unwrap();
+    // Empty at the timeout.
+    let empty = http.get(
+        &format!("/v1/conversations/{id}/poll?after={last}&timeout_ms=200"),
+        Some(&visitor),
+    );
+    assert_eq!(empty.status, 200);
+    assert_eq!(empty.json()["messages"].as_array().unwrap().len(), 0);
+    let addr = kefu.http;
+    let (id2, visitor2) = (id.clone(), visitor.clone());
+    let poller = std::thread::spawn(move || {
+        let mut http = Http::connect(addr);
+        http.get(
+            &format!("/v1/conversations/{id2}/poll?after={last}&timeout_ms=15000"),
+            Some(&visitor2),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = http.post(
+        &format!("/v1/conversations/{id}/messages"),
+        Some(&visitor),
+        &json!({"text": "wake up"}).to_string(),
+    );
+    assert_eq!(sent.status, 201);
+    let page = poller.join().unwrap().json();
+    let messages = page["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 1, "{page}");
+    assert_eq!(messages[0]["text"], "wake up");
+    assert_eq!(messages[0]["seq"].as_u64(), Some(last + 1));
+}
+
+#[test]
+fn bad_input_gets_documented_errors_and_the_gateway_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir, "2", "never");
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, Some("hello"));
+    let (other, _) = create_conversation(&mut http, Some("hello"));
+    let msgs = format!("/v1/conversations/{id}/messages");
+    let body = json!({"text": "x"}).to_string();
+    assert_eq!(http.post(&msgs, None, &body).status, 401);
+    assert_eq!(
+        http.post(&msgs, Some("nope-not-a-token"), &body).status,
+        401
+    );
+    assert_eq!(
+        http.get(&format!("/v1/conversations/{other}"), Some(&visitor))
+            .status,
+        403
+    );
+    assert_eq!(
+        http.get("/v1/conversations/c00000000000fffff", Some(&visitor))
+            .status,
+        404
+    );
+    assert_eq!(http.get("/v1/nothing", None).status, 404);
+    let carol = kefu.agent("carol").to_owned();
+    let r = http.post(&format!("/v1/conversations/{id}/resolve"), Some(&carol), "");
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["state"], "queued");
+    let bad_json = http.post(&msgs, Some(&visitor), "{\"text\": ");
+    assert_eq!(bad_json.status, 400);
+    assert!(bad_json.json()["error"].is_string());
+    let unknown_field = http.post(&msgs, Some(&visitor), r#"{"text":"a","bogus":1}"#);
+    assert_eq!(unknown_field.status, 400);
+    // Size limits: each on its own connection (the server closes after them).
+    let mut big = Http::connect(kefu.http);
+    let huge = "x".repeat(70_000);
+    let r = big.post(&msgs, Some(&visitor), &json!({"text": huge}).to_string());
+    assert_eq!(r.status, 413);
+    let mut long_header = Http::connect(kefu.http);
+    long_header.send_raw(
+        format!(
+            "GET /healthz HTTP/1.1\r\nHost: k\r\nX-Big: {}\r\n\r\n",
+            "y".repeat(9000)
+        )
+        .as_bytes(),
+    );
+    assert_eq!(long_header.read_response().status, 431);
+    let mut long_uri = Http::connect(kefu.http);
+    long_uri.send_raw(format!("GET /{} HTTP/1.1\r\nHost: k\r\n\r\n", "z".repeat(3000)).as_bytes());
+    assert_eq!(long_uri.read_response().status, 414);
+    let mut garbage = Http::connect(kefu.http);
+    garbage.send_raw(b"HELLO\x00\x01 what\r\n\r\n");
+    assert_eq!(garbage.read_response().status, 400);
+    assert!(garbage.is_closed());
+    // WebSocket: a bad handshake is an HTTP error; a bad token closes with 4001; another
+    // conversation with 4003; an oversized frame with 1009.
+    let mut bad_ws = Http::connect(kefu.http);
+    bad_ws.send_raw(
+        b"GET /v1/ws HTTP/1.1\r\nHost: k\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    );
+    // Missing Sec-WebSocket-Key and version: 400 or 426 (Upgrade Required, names the version).
+    let status = bad_ws.read_response().status;
+    assert!(status == 400 || status == 426, "{status}");
+    let mut ws = Ws::connect(kefu.http, "/v1/ws?token=wrong").expect("upgrade");
+    assert_eq!(ws.recv(), WsMsg::Close(Some(4001)));
+    let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).expect("upgrade");
+    ws.send_json(&json!({"type": "subscribe", "conversation_id": other, "after": 0}));
+    assert_eq!(ws.recv(), WsMsg::Close(Some(4003)));
+    let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).expect("upgrade");
+    ws.send_json(&json!({"type": "nonsense"}));
+    match ws.recv() {
+        WsMsg::Text(v) => assert_eq!(v["type"], "error"),
+        other => panic!("{other:?}"),
+    }
+    // A masked text frame header announcing 1 MiB (over ws_frame_bytes_max).
+    let mut frame_header = vec![0x81u8, 0x80 | 127];
+    frame_header.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    frame_header.extend_from_slice(&[1, 2, 3, 4]);
+    ws.send_raw(&frame_header);
+    assert_eq!(ws.recv(), WsMsg::Close(Some(1009)));
+    // Everyone else is still served.
+    let mut fresh = kefu.http();
+    assert_eq!(fresh.get("/healthz", None).status, 200);
+    assert_eq!(http.post(&msgs, Some(&visitor), &body).status, 201);
+}
+
+#[test]
+fn sigkill_under_load_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kefu = start(&dir, "2", "always");
+    let mut http = kefu.http();
+    let convs: Vec<(String, String)> = (0..4)
+        .map(|_| create_conversation(&mut http, None))
+        .collect();
+    let acked: Arc<Mutex<BTreeMap<(String, String), u64>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for (w, (id, token)) in convs.iter().cloned().enumerate() {
+        let (acked, stop, addr) = (acked.clone(), stop.clone(), kefu.http);
+        workers.push(std::thread::spawn(move || {
+            let mut http = Http::connect(addr);
+            for i in 0..2000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let key = format!("w{w}-{i}");
+                let body = json!({"text": format!("load {i}"), "client_msg_id": key}).to_string();
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    http.post(
+                        &format!("/v1/conversations/{id}/messages"),
+                        Some(&token),
+                        &body,
+                    )
+                }));
+                match r {
+                    Ok(r) if r.status == 201 => {
+                        acked
+                            .lock()
+                            .unwrap()
+                            .insert((id.clone(), key), r.json()["seq"].as_u64().unwrap());
+                    }
+                    // The kill cut the connection: this send was never acknowledged.
+                    _ => return,
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    kefu.signal_and_wait(SIGKILL);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 20,
+        "too little load before the kill: {}",
+        acked.len()
+    );
+
+    let kefu = start(&dir, "2", "always");
+    let mut http = kefu.http();
+    for (id, token) in &convs {
+        let mut after = 0;
+        let mut seen = BTreeMap::new();
+        loop {
+            let page = http
+                .get(
+                    &format!("/v1/conversations/{id}/messages?after={after}&limit=1000"),
+                    Some(token),
+                )
+                .json();
+            let messages = page["messages"].as_array().unwrap().clone();
+            if messages.is_empty() {
+                break;
+            }
+            for m in messages {
+                let seq = m["seq"].as_u64().unwrap();
+                assert_eq!(seq, after + 1, "no gap, no duplicate in {id}");
+                after = seq;
+                if let Some(key) = m["client_msg_id"].as_str() {
+                    assert!(
+                        seen.insert(key.to_owned(), seq).is_none(),
+                        "duplicate {key}"
+                    );
+                }
+            }
+        }
+        for ((cid, key), seq) in acked.iter().filter(|((c, _), _)| c == id) {
+            assert_eq!(
+                seen.get(key),
+                Some(seq),
+                "acked {key} of {cid} lost or moved"
+            );
+        }
+        // A retry of an acknowledged send after the restart finds its original seq.
+        if let Some(((_, key), seq)) = acked.iter().find(|((c, _), _)| c == id) {
+            let r = http.post(
+                &format!("/v1/conversations/{id}/messages"),
+                Some(token),
+                &json!({"text": "again", "client_msg_id": key}).to_string(),
+            );
+            assert_eq!(r.status, 200);
+            assert_eq!(r.json()["seq"].as_u64(), Some(*seq));
+        }
+        // And a WebSocket resume from the middle continues exactly.
+        let mid = after / 2;
+        let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={token}")).expect("upgrade");
+        ws.send_json(&json!({"type": "subscribe", "conversation_id": id, "after": mid}));
+        for want in mid + 1..=after {
+            match ws.recv_stored() {
+                WsMsg::Text(v) => assert_eq!(v["seq"].as_u64(), Some(want)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn binary_protocol_roundtrip() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir, "2", "always");
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, Some("hello"));
+    let conv = ConversationId::parse(&id).unwrap();
+    let mut bin = Bin::connect(kefu.tcp);
+    // Anything before Hello is refused.
+    bin.send(&ClientMsg::Ping { nonce: 1 });
+    assert!(matches!(bin.recv(), Some(BinMsg::Error { code: 401, .. })));
+    let mut bin = Bin::connect(kefu.tcp);
+    bin.send(&ClientMsg::Hello { token: &visitor });
+    assert_eq!(
+        bin.recv(),
+        Some(BinMsg::Welcome {
+            principal: 1,
+            tenant: "demo".into()
+        })
+    );
+    bin.send(&ClientMsg::Ping { nonce: 42 });
+    assert_eq!(bin.recv(), Some(BinMsg::Pong { nonce: 42 }));
+    bin.send(&ClientMsg::Send {
+        conversation_id: conv,
+        client_msg_id: Some("b-1"),
+        text: "over tcp",
+    });
+    let Some(BinMsg::Ack {
+        seq,
+        duplicate: false,
+        ..
+    }) = bin.recv()
+    else {
+        panic!("expected an ack");
+    };
+    bin.send(&ClientMsg::Send {
+        conversation_id: conv,
+        client_msg_id: Some("b-1"),
+        text: "over tcp",
+    });
+    assert!(matches!(bin.recv(), Some(BinMsg::Ack { seq: s, duplicate: true, .. }) if s == seq));
+    bin.send(&ClientMsg::Subscribe {
+        conversation_id: conv,
+        after_seq: 0,
+    });
+    for want in 1..=seq {
+        match bin.recv() {
+            Some(BinMsg::Record {
+                seq: got,
+                conversation_id,
+                bytes,
+                ..
+            }) => {
+                assert_eq!(got, want);
+                assert_eq!(conversation_id, conv.0);
+                let (f, used) = frame::decode(&bytes, u32::MAX).expect("a valid stored frame");
+                assert_eq!(used, bytes.len());
+                assert_eq!(f.header.seq, want);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Live over HTTP, delivered over TCP.
+    let r = http.post(
+        &format!("/v1/conversations/{id}/messages"),
+        Some(&visitor),
+        &json!({"text": "live"}).to_string(),
+    );
+    assert_eq!(r.status, 201);
+    match bin.recv() {
+        Some(BinMsg::Record { seq: got, .. }) => assert_eq!(got, seq + 1),
+        other => panic!("{other:?}"),
+    }
+    // Garbage gets an error frame and a close.
+    let mut junk = Bin::connect(kefu.tcp);
+    junk.send_raw(b"NOT A FRAME AT ALL, NOT EVEN 48 BYTES OF HEADER......");
+    assert!(matches!(junk.recv(), Some(BinMsg::Error { code: 400, .. })));
+}
+
+#[test]
+fn stream_bytes_equal_the_segment_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kefu = start(&dir, "1", "always");
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, Some("hello"));
+    for i in 0..20 {
+        let r = http.post(
+            &format!("/v1/conversations/{id}/messages"),
+            Some(&visitor),
+            &json!({"text": format!("s{i}")}).to_string(),
+        );
+        assert_eq!(r.status, 201);
+    }
+    let integration = kefu.integration.clone().unwrap();
+    assert_eq!(
+        http.get("/v1/stream?shard=0&from=0", Some(&visitor)).status,
+        403
+    );
+    assert_eq!(http.get("/v1/stream?shard=0&from=0", None).status, 401);
+    let mut stream = std::net::TcpStream::connect(kefu.http).unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /v1/stream?shard=0&from=0 HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer {integration}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let all = kefu_tests::read_until_quiet(&mut stream, Duration::from_secs(5));
+    let body_at = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(all.starts_with(b"HTTP/1.1 200"));
+    let body = &all[body_at..];
+    let mut at = 0;
+    let mut offsets = Vec::new();
+    while at < body.len() {
+        let (f, used) = frame::decode(&body[at..], u32::MAX).expect("whole frames");
+        offsets.push(f.header.log_offset);
+        at += used;
+    }
+    assert_eq!(offsets, (0..offsets.len() as u64).collect::<Vec<_>>());
+    assert!(offsets.len() >= 21);
+    // Byte for byte what the segment file holds.
+    let _ = kefu.signal_and_wait(SIGTERM);
+    let seg_dir = dir.path().join("data").join("shard-0");
+    let mut files: Vec<_> = std::fs::read_dir(&seg_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    files.sort();
+    let disk = std::fs::read(&files[0]).unwrap();
+    assert_eq!(&disk[..body.len()], body);
+}
+
+#[test]
+fn slow_websocket_consumer_is_closed_with_4008() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &[(
+            "subscriber_queue_depth = 1024",
+            "subscriber_queue_depth = 8",
+        )],
+    );
+    let data = dir.path().join("data");
+    let kefu = Kefu::start(
+        Path::new(BIN),
+        &data,
+        &["--config", &cfg, "--shards", "1", "--durability", "never"],
+    );
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, None);
+    let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).expect("upgrade");
+    ws.send_json(&json!({"type": "subscribe", "conversation_id": id, "after": 0}));
+    // Make sure the subscription is live before flooding.
+    let _ = ws.recv_stored();
+    // Stop reading; flood with large messages until the socket buffers and the 8-slot queue
+    // overflow. Bounded: at most 4000 sends.
+    let text = "w".repeat(7000);
+    let body = json!({"text": text}).to_string();
+    for _ in 0..4000 {
+        let r = http.post(
+            &format!("/v1/conversations/{id}/messages"),
+            Some(&visitor),
+            &body,
+        );
+        assert_eq!(r.status, 201);
+    }
+    let mut closed = None;
+    for _ in 0..10_000 {
+        match ws.recv() {
+            WsMsg::Close(code) => {
+                closed = code;
+                break;
+            }
+            WsMsg::Text(_) => {}
+        }
+    }
+    assert_eq!(closed, Some(4008));
+}
