@@ -2,6 +2,12 @@
 //! the request's fd inside its time window, storage syncs of the same process between its
 //! `appended` and `synced` stages, and TCP events on its (local port, peer port).
 //!
+//! Windows: an io_uring operation on the request's fd belongs to it if it was submitted between
+//! `accepted` and `answered`; reads if they completed between `accepted` and `answered`, plus
+//! the last read completing in the `io_before_ns` before `accepted` (the one that carried the
+//! request); TCP events if they happened between `accepted - tcp_before_ns` and
+//! `answered + grace_ns`.
+//!
 //! A request's record arrives when it is answered, but the write completion (and a retransmit)
 //! can come later, so each request waits `grace_ns` before it is finished. Every buffer here is
 //! bounded; what falls out is counted, never silently lost.
@@ -344,17 +350,26 @@ impl Joiner {
         if rec.fd >= 0
             && let Some(q) = self.io_by_fd.get(&(tgid, rec.fd))
         {
+            // Operations a request started are submitted between `accepted` and `answered`.
+            // Reads are the exception: the one that carried the request completed just before
+            // `accepted` (only the latest such read is ours; earlier ones carried earlier
+            // requests), and reads of the rest of its body complete before `answered`.
+            let mut carrying_read: Option<&IoUringEvent> = None;
             for e in q {
                 let complete = e.header.ktime_ns;
-                let joined = if opcode::is_read(e.opcode) {
-                    complete >= window_start && complete <= end
-                } else {
-                    complete >= window_start && e.submit_ns <= window_end
-                };
-                if joined {
+                if opcode::is_read(e.opcode) {
+                    if complete >= window_start && complete < start {
+                        if carrying_read.is_none_or(|c| c.header.ktime_ns <= complete) {
+                            carrying_read = Some(e);
+                        }
+                    } else if complete >= start && complete <= end {
+                        io.push(*e);
+                    }
+                } else if e.submit_ns >= start && e.submit_ns <= end {
                     io.push(*e);
                 }
             }
+            io.extend(carrying_read.copied());
         }
         if let (Some(appended), Some(synced)) = (rec.get(Stage::Appended), rec.get(Stage::Synced)) {
             for e in &self.syncs {
@@ -432,12 +447,17 @@ mod tests {
     fn joins_by_fd_window_and_sync_stages() {
         let mut j = Joiner::new(JoinConfig::default());
         let base = 10_000 * MS;
+        // The previous request's read and response on the same connection.
+        j.push(io(5, 27, base - 600 * MS, base - MS));
+        j.push(io(5, 26, base - MS, base - MS / 2));
         // Read carrying the request, completing just before `accepted`.
         j.push(io(5, 27, base - 500 * MS, base - MS / 2));
         // Response write, completing after the marker fired.
         j.push(io(5, 26, base + 4 * MS, base + 5 * MS));
         // The next request's read, after the answer: not ours.
         j.push(io(5, 27, base + 4 * MS, base + 6 * MS));
+        // The next request's response on the same fd, submitted after this one was answered.
+        j.push(io(5, 26, base + 8 * MS, base + 9 * MS));
         // Another connection.
         j.push(io(6, 26, base + MS, base + 2 * MS));
         // Storage sync between appended and synced.

@@ -1,0 +1,278 @@
+//! Loads the real probes and attaches them to the demo process (`kefu-trace-demo`), a stand-in
+//! for the gateway: exactly N markers must arrive with their stages in order, io_uring and TCP
+//! events must join to the requests of a real socket, and after detaching the semaphore must be
+//! back to 0. Needs root and BPF; without them each test says why and skips.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kefu_trace::join::{JoinConfig, Joiner, Trace};
+use kefu_trace::probes::{Event, TraceTarget, Tracer, unavailable_reason};
+use kefu_trace_common::{STAGE_COUNT, Stage, now_ns};
+
+/// Upper bound for anything a test waits for (the machine is shared and slow at times).
+const WAIT_MAX: Duration = Duration::from_secs(60);
+
+fn skip() -> bool {
+    match unavailable_reason() {
+        Some(reason) => {
+            eprintln!("skipped: {reason}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// The demo process; killed on drop so a failing test leaves nothing running.
+struct Demo {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Demo {
+    fn start(args: &[&str]) -> (Demo, Vec<String>) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kefu-trace-demo"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting kefu-trace-demo");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut demo = Demo {
+            child,
+            stdin,
+            stdout,
+        };
+        let ready = demo.line();
+        let words: Vec<String> = ready.split_whitespace().map(String::from).collect();
+        assert_eq!(words.first().map(String::as_str), Some("ready"), "{ready}");
+        (demo, words)
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("reading the demo");
+        line.trim().to_string()
+    }
+
+    fn semaphore(&mut self) -> u16 {
+        writeln!(self.stdin, "sem").unwrap();
+        let line = self.line();
+        line.strip_prefix("sem ")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected demo answer `{line}`"))
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll the tracer until `want` requests are finished (plus a settle period to catch extras).
+fn collect(tracer: &mut Tracer, joiner: &mut Joiner, want: usize) -> Vec<Trace> {
+    let deadline = Instant::now() + WAIT_MAX;
+    let mut traces = Vec::new();
+    let mut events: Vec<Event> = Vec::new();
+    let mut settle_until: Option<Instant> = None;
+    loop {
+        events.clear();
+        tracer.poll(&mut events, 65_536);
+        for e in events.drain(..) {
+            joiner.push(e);
+        }
+        joiner.ready(now_ns(), &mut traces);
+        if traces.len() >= want && settle_until.is_none() {
+            settle_until = Some(Instant::now() + Duration::from_millis(300));
+        }
+        if settle_until.is_some_and(|t| Instant::now() >= t) || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    joiner.flush(&mut traces);
+    traces
+}
+
+#[test]
+fn traces_exactly_n_markers_then_switches_them_off() {
+    if skip() {
+        return;
+    }
+    const N: usize = 500;
+    let (mut demo, words) = Demo::start(&["markers", &N.to_string()]);
+    let pid: u32 = words[1].parse().unwrap();
+    assert_eq!(demo.semaphore(), 0, "markers must be off before attaching");
+    let mut tracer = Tracer::attach(&TraceTarget {
+        pid: Some(pid),
+        ..Default::default()
+    })
+    .expect("attaching to the demo");
+    let mut joiner = Joiner::new(JoinConfig::default());
+    let traces = collect(&mut tracer, &mut joiner, N);
+    assert_eq!(demo.line(), format!("emitted {N}"));
+    let counters = tracer.counters().unwrap();
+    assert_eq!(counters.ringbuf_drops, 0);
+    assert_eq!(counters.record_read_errors, 0);
+    assert_eq!(traces.len(), N, "exactly N request records");
+    let mut ids: Vec<u64> = traces.iter().map(|t| t.record.request_id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=N as u64).collect::<Vec<_>>());
+    for t in &traces {
+        assert_eq!(t.tgid, pid);
+        assert!(t.record.stages_in_order(), "{:?}", t.record);
+        assert!(
+            t.record.stage_ns.iter().all(|&ns| ns != 0),
+            "all {STAGE_COUNT} stages set"
+        );
+        // The probe's clock and the process's CLOCK_MONOTONIC are the same clock.
+        assert!(t.marker_ns >= t.record.get(Stage::Answered).unwrap());
+    }
+    assert_eq!(
+        demo.semaphore(),
+        1,
+        "the kernel holds the semaphore while attached"
+    );
+    tracer.detach();
+    drop(tracer);
+    assert_eq!(demo.semaphore(), 0, "markers off again after detach");
+}
+
+#[test]
+fn joins_io_uring_and_tcp_events_of_real_connections() {
+    if skip() {
+        return;
+    }
+    const CONNECTIONS: usize = 3;
+    const PER_CONNECTION: usize = 20;
+    let (mut demo, words) = Demo::start(&["serve"]);
+    let pid: u32 = words[1].parse().unwrap();
+    let port: u16 = words[2].parse().unwrap();
+    let mut tracer = Tracer::attach(&TraceTarget {
+        pid: Some(pid),
+        ..Default::default()
+    })
+    .expect("attaching to the demo server");
+    // See the demo's ATTACH_SETTLE: the semaphore is up a moment before the program is attached.
+    std::thread::sleep(Duration::from_millis(200));
+    for c in 0..CONNECTIONS {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(WAIT_MAX)).unwrap();
+        for i in 0..PER_CONNECTION {
+            s.write_all(format!("conn {c} req {i}\n").as_bytes())
+                .unwrap();
+            let mut reply = [0u8; 3];
+            s.read_exact(&mut reply).unwrap();
+            assert_eq!(&reply, b"ok\n");
+        }
+    }
+    let mut joiner = Joiner::new(JoinConfig::default());
+    let traces = collect(&mut tracer, &mut joiner, CONNECTIONS * PER_CONNECTION);
+    assert_eq!(traces.len(), CONNECTIONS * PER_CONNECTION);
+    let mut with_tcp = 0;
+    for t in &traces {
+        let r = &t.record;
+        assert!(
+            r.stages_in_order() && r.stage_ns.iter().all(|&ns| ns != 0),
+            "{r:?}"
+        );
+        let ops: Vec<u8> = t.io.iter().map(|e| e.opcode).collect();
+        // recv (27) carrying the request, fsync (3) between appended and synced, send (26).
+        assert_eq!(
+            ops,
+            vec![27, 3, 26],
+            "request {} joined {:?}",
+            r.request_id,
+            t.io
+        );
+        let recv = &t.io[0];
+        let send = &t.io[2];
+        assert_eq!((recv.fd, send.fd), (r.fd, r.fd));
+        assert!(recv.res > 0 && send.res == 3);
+        assert!(recv.header.ktime_ns <= r.get(Stage::Accepted).unwrap());
+        assert!(send.submit_ns <= r.get(Stage::Answered).unwrap());
+        if t.tcp
+            .iter()
+            .any(|e| e.local_port == port && e.remote_port == r.peer_port)
+        {
+            with_tcp += 1;
+        }
+    }
+    // Each connection's handshake (SYN_RECV -> ESTABLISHED) joins to its first requests.
+    assert!(
+        with_tcp >= CONNECTIONS,
+        "TCP events joined to {with_tcp} requests"
+    );
+    tracer.detach();
+    drop(tracer);
+    assert_eq!(demo.semaphore(), 0);
+}
+
+#[test]
+fn cli_prints_json_lines_and_detaches() {
+    if skip() {
+        return;
+    }
+    const N: usize = 50;
+    let (mut demo, words) = Demo::start(&["markers", &N.to_string()]);
+    let pid = &words[1];
+    let dir = std::env::temp_dir().join(format!("kefu-trace-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let chrome = dir.join("trace.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_kefu-trace"))
+        .args([
+            "--pid",
+            pid,
+            "--json",
+            "--max-requests",
+            &N.to_string(),
+            "--duration-s",
+            "60",
+        ])
+        .arg("--chrome-trace")
+        .arg(&chrome)
+        .output()
+        .expect("running kefu-trace");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("detached; markers off"), "{stderr}");
+    assert!(
+        stderr.contains("\"ringbuf_drops\":0"),
+        "drops are reported: {stderr}"
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), N);
+    for v in &lines {
+        assert_eq!(v["stages_us"].as_object().unwrap().len(), STAGE_COUNT);
+        assert_eq!(v["route"], "message_send");
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&chrome).unwrap()).unwrap();
+    let requests = doc["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["cat"] == "request")
+        .count();
+    assert_eq!(requests, N);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(demo.line(), format!("emitted {N}"));
+    assert_eq!(demo.semaphore(), 0);
+}
