@@ -378,7 +378,7 @@ pub static KEFU_TRACE_SEMAPHORE: AtomicU16 = AtomicU16::new(0);
 pub static KEFU_TRACE_SAMPLE_EVERY: AtomicU32 = AtomicU32::new(0);
 
 /// Requests seen while tracing, for [`KEFU_TRACE_SAMPLE_EVERY`]; only touched while traced.
-#[cfg(not(target_arch = "bpf"))]
+#[cfg(all(not(target_arch = "bpf"), not(feature = "disabled")))]
 static SAMPLE_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// The symbol names the tracer looks up in the gateway binary.
@@ -389,10 +389,17 @@ pub const SAMPLE_EVERY_SYMBOL: &str = "KEFU_TRACE_SAMPLE_EVERY";
 /// Should this request be traced? Call it once when a request starts: false (one relaxed load)
 /// while no tracer is attached; while one is, true for every request or, with sampling, for one
 /// request in [`KEFU_TRACE_SAMPLE_EVERY`]. Only traced requests need timestamps and [`emit`].
-#[cfg(not(target_arch = "bpf"))]
+#[cfg(all(not(target_arch = "bpf"), not(feature = "disabled")))]
 #[inline(always)]
 pub fn trace_enabled() -> bool {
     KEFU_TRACE_SEMAPHORE.load(Ordering::Relaxed) != 0 && sampled()
+}
+
+/// With the `disabled` feature the markers are compiled out: never trace.
+#[cfg(all(not(target_arch = "bpf"), feature = "disabled"))]
+#[inline(always)]
+pub fn trace_enabled() -> bool {
+    false
 }
 
 /// True while a tracer has the request probe attached (no sampling).
@@ -402,7 +409,7 @@ pub fn tracer_attached() -> bool {
     KEFU_TRACE_SEMAPHORE.load(Ordering::Relaxed) != 0
 }
 
-#[cfg(not(target_arch = "bpf"))]
+#[cfg(all(not(target_arch = "bpf"), not(feature = "disabled")))]
 #[inline(never)]
 fn sampled() -> bool {
     let every = KEFU_TRACE_SAMPLE_EVERY.load(Ordering::Relaxed);
