@@ -3,9 +3,10 @@
 //! `appended` and `synced` stages, and TCP events on its (local port, peer port).
 //!
 //! Windows: an io_uring operation on the request's fd belongs to it if it was submitted between
-//! `accepted` and `answered`; reads if they completed between `accepted` and `answered`, plus
-//! the last read completing in the `io_before_ns` before `accepted` (the one that carried the
-//! request); TCP events if they happened between `accepted - tcp_before_ns` and
+//! `accepted` and `answered`, or is the first one submitted in the `io_after_ns` after
+//! `answered` (the response write); reads if they completed between `accepted` and `answered`,
+//! plus the last read completing in the `io_before_ns` before `accepted` (the one that carried
+//! the request); TCP events if they happened between `accepted - tcp_before_ns` and
 //! `answered + grace_ns`.
 //!
 //! A request's record arrives when it is answered, but the write completion (and a retransmit)
@@ -26,6 +27,8 @@ pub struct JoinConfig {
     /// How far before `accepted` an io_uring completion still belongs to the request (the read
     /// that carried its bytes completes just before the gateway stamps `accepted`).
     pub io_before_ns: u64,
+    /// How long after `answered` the response write may still be submitted.
+    pub io_after_ns: u64,
     /// How far before `accepted` TCP events still belong to the request (connection setup).
     pub tcp_before_ns: u64,
     /// Kernel events older than this are dropped.
@@ -41,6 +44,7 @@ impl Default for JoinConfig {
         Self {
             grace_ns: 20_000_000,
             io_before_ns: 2_000_000,
+            io_after_ns: 5_000_000,
             tcp_before_ns: 1_000_000_000,
             keep_ns: 5_000_000_000,
             kernel_events_max: 500_000,
@@ -124,10 +128,11 @@ pub mod opcode {
     pub const FSYNC: u8 = 3;
     pub const SYNC_FILE_RANGE: u8 = 8;
 
-    /// True for operations that read from the connection (they belong to the request whose bytes
-    /// they carried, so they must complete before it is answered).
+    /// True for operations that complete when the peer sends: reads, and poll-adds (a runtime
+    /// may wait for readability and then read with a plain syscall). They belong to the request
+    /// whose bytes they carried, so they must complete before it is answered.
     pub fn is_read(op: u8) -> bool {
-        matches!(op, 1 | 4 | 10 | 22 | 27 | 49 | 58 | 60)
+        matches!(op, 1 | 4 | 6 | 10 | 22 | 27 | 49 | 58 | 60)
     }
 
     pub fn name(op: u8) -> &'static str {
@@ -350,11 +355,16 @@ impl Joiner {
         if rec.fd >= 0
             && let Some(q) = self.io_by_fd.get(&(tgid, rec.fd))
         {
-            // Operations a request started are submitted between `accepted` and `answered`.
-            // Reads are the exception: the one that carried the request completed just before
-            // `accepted` (only the latest such read is ours; earlier ones carried earlier
-            // requests), and reads of the rest of its body complete before `answered`.
+            // Operations a request started are submitted between `accepted` and `answered`,
+            // and its response may be written right after `answered` (the gateway stamps it
+            // when the response is complete in its write buffer): the first operation submitted
+            // in the `io_after_ns` after `answered` is that write. Reads are the exception: the
+            // one that carried the request completed just before `accepted` (only the latest
+            // such read is ours; earlier ones carried earlier requests), and reads of the rest
+            // of its body complete before `answered`. That write must come before the read that
+            // brought the next request.
             let mut carrying_read: Option<&IoUringEvent> = None;
+            let mut response_write: Option<&IoUringEvent> = None;
             for e in q {
                 let complete = e.header.ktime_ns;
                 if opcode::is_read(e.opcode) {
@@ -367,9 +377,25 @@ impl Joiner {
                     }
                 } else if e.submit_ns >= start && e.submit_ns <= end {
                     io.push(*e);
+                } else if e.submit_ns > end
+                    && e.submit_ns <= end + self.cfg.io_after_ns
+                    && response_write.is_none_or(|w| w.submit_ns > e.submit_ns)
+                {
+                    response_write = Some(e);
                 }
             }
             io.extend(carrying_read.copied());
+            // A write after a read that brought the next request belongs to that request.
+            let next_read = q
+                .iter()
+                .filter(|e| opcode::is_read(e.opcode) && e.header.ktime_ns > end)
+                .map(|e| e.header.ktime_ns)
+                .min();
+            io.extend(
+                response_write
+                    .filter(|w| next_read.is_none_or(|r| w.submit_ns < r))
+                    .copied(),
+            );
         }
         if let (Some(appended), Some(synced)) = (rec.get(Stage::Appended), rec.get(Stage::Synced)) {
             for e in &self.syncs {
@@ -453,11 +479,12 @@ mod tests {
         // Read carrying the request, completing just before `accepted`.
         j.push(io(5, 27, base - 500 * MS, base - MS / 2));
         // Response write, completing after the marker fired.
-        j.push(io(5, 26, base + 4 * MS, base + 5 * MS));
+        // The gateway stamps `answered` when the response is buffered and writes right after.
+        j.push(io(5, 26, base + 4 * MS + MS / 2, base + 5 * MS));
         // The next request's read, after the answer: not ours.
         j.push(io(5, 27, base + 4 * MS, base + 6 * MS));
         // The next request's response on the same fd, submitted after this one was answered.
-        j.push(io(5, 26, base + 8 * MS, base + 9 * MS));
+        j.push(io(5, 26, base + 7 * MS, base + 9 * MS));
         // Another connection.
         j.push(io(6, 26, base + MS, base + 2 * MS));
         // Storage sync between appended and synced.
