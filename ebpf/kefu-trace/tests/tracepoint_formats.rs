@@ -31,7 +31,7 @@ const FIELDS: &[(&str, &str, &str, usize, usize)] = &[
     ("tcp", "tcp_retransmit_skb", "daddr", 38, 4),
 ];
 
-/// `field:<type> <name>[N];	offset:O;	size:S;` -> (name, offset, size).
+/// `field:<type> <name>[N];<TAB>offset:O;<TAB>size:S;` -> (name, offset, size).
 fn parse_format(text: &str) -> Vec<(String, usize, usize)> {
     let mut out = Vec::new();
     for line in text.lines() {
