@@ -8,6 +8,7 @@ pub mod demo;
 pub mod engine;
 pub mod http;
 pub mod intent;
+pub mod lifecycle;
 pub mod metrics;
 pub mod ratelimit;
 pub mod replies;
