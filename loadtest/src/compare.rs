@@ -17,6 +17,10 @@ pub struct Comparison {
     pub reference_median_rps: f64,
     /// generator median / reference median: >= 1 means we drive at least as much load.
     pub ratio: f64,
+    /// CPU time (user + system) per successful request, medians: on a shared machine this is
+    /// the steadier measure of the generator's own cost.
+    pub generator_cpu_us_per_request: f64,
+    pub reference_cpu_us_per_request: f64,
 }
 
 impl Comparison {
@@ -28,13 +32,17 @@ impl Comparison {
                 .join(", ")
         };
         format!(
-            "compare: generator rounds [{}] median {:.0} req/s; {} rounds [{}] median {:.0} req/s; ratio {:.3}\n",
+            "compare: generator rounds [{}] median {:.0} req/s; {} rounds [{}] median {:.0} req/s; ratio {:.3}\n\
+             compare: CPU per request: generator {:.2} us, {} {:.2} us\n",
             fmt(&self.generator_rps),
             self.generator_median_rps,
             self.reference,
             fmt(&self.reference_rps),
             self.reference_median_rps,
-            self.ratio
+            self.ratio,
+            self.generator_cpu_us_per_request,
+            self.reference,
+            self.reference_cpu_us_per_request,
         )
     }
 }
@@ -49,21 +57,40 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Run `rounds` rounds of (generator, wrk); `generator` returns its successful req/s.
+/// CPU seconds (user + system) used so far by this process (`RUSAGE_SELF`) or its waited-for
+/// children (`RUSAGE_CHILDREN`).
+fn cpu_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Run `rounds` rounds of (generator, wrk); `generator` returns its successful req/s and count.
 pub fn compare_wrk(
     url: &str,
     connections: usize,
     duration: Duration,
     rounds: usize,
     lua_script: Option<&Path>,
-    mut generator: impl FnMut() -> anyhow::Result<f64>,
+    mut generator: impl FnMut() -> anyhow::Result<(f64, u64)>,
 ) -> anyhow::Result<Comparison> {
     let mut gen_rps = Vec::with_capacity(rounds);
     let mut wrk_rps = Vec::with_capacity(rounds);
+    let mut gen_cpu = Vec::with_capacity(rounds);
+    let mut wrk_cpu = Vec::with_capacity(rounds);
     for round in 0..rounds {
-        let g = generator().with_context(|| format!("generator, round {}", round + 1))?;
-        let w = run_wrk(url, connections, duration, lua_script)
+        let cpu0 = cpu_seconds(libc::RUSAGE_SELF);
+        let (g, g_ok) = generator().with_context(|| format!("generator, round {}", round + 1))?;
+        gen_cpu.push((cpu_seconds(libc::RUSAGE_SELF) - cpu0) * 1e6 / g_ok.max(1) as f64);
+        let cpu0 = cpu_seconds(libc::RUSAGE_CHILDREN);
+        let (w, w_ok) = run_wrk(url, connections, duration, lua_script)
             .with_context(|| format!("wrk, round {}", round + 1))?;
+        wrk_cpu.push((cpu_seconds(libc::RUSAGE_CHILDREN) - cpu0) * 1e6 / w_ok.max(1) as f64);
         eprintln!(
             "compare round {}: generator {g:.0} req/s, wrk -t1 {w:.0} req/s",
             round + 1
@@ -80,16 +107,19 @@ pub fn compare_wrk(
         generator_median_rps: gm,
         reference_median_rps: wm,
         ratio: if wm > 0.0 { gm / wm } else { f64::INFINITY },
+        generator_cpu_us_per_request: median(&gen_cpu),
+        reference_cpu_us_per_request: median(&wrk_cpu),
     })
 }
 
-/// One `wrk -t1 -c C -d D` run; returns its req/s counting only 2xx/3xx responses.
+/// One `wrk -t1 -c C -d D` run; returns its req/s and request count, counting only 2xx/3xx
+/// responses.
 pub fn run_wrk(
     url: &str,
     connections: usize,
     duration: Duration,
     lua_script: Option<&Path>,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, u64)> {
     let secs = duration.as_secs().max(1);
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s")]);
@@ -112,9 +142,9 @@ pub fn run_wrk(
     parse_wrk(&text)
 }
 
-/// Requests/sec from wrk's summary, minus its non-2xx/3xx and timeouts (wrk counts those as
-/// requests; we count them as errors).
-pub fn parse_wrk(text: &str) -> anyhow::Result<f64> {
+/// Requests/sec and good requests from wrk's summary, minus its non-2xx/3xx (wrk counts those
+/// as requests; we count them as errors).
+pub fn parse_wrk(text: &str) -> anyhow::Result<(f64, u64)> {
     let mut rps = None;
     let mut requests = None;
     let mut bad = 0u64;
@@ -133,8 +163,11 @@ pub fn parse_wrk(text: &str) -> anyhow::Result<f64> {
     }
     let rps = rps.with_context(|| format!("no Requests/sec line in wrk output:\n{text}"))?;
     Ok(match requests {
-        Some(n) if n > 0 => rps * (n.saturating_sub(bad)) as f64 / n as f64,
-        _ => rps,
+        Some(n) if n > 0 => (
+            rps * (n.saturating_sub(bad)) as f64 / n as f64,
+            n.saturating_sub(bad),
+        ),
+        _ => (rps, 0),
     })
 }
 
@@ -147,8 +180,9 @@ mod tests {
         let out = "Running 3s test @ http://127.0.0.1:8080/\n  1 threads and 64 connections\n  \
                    390000 requests in 3.00s, 50.00MB read\n  Non-2xx or 3xx responses: 39000\n\
                    Requests/sec: 130000.00\nTransfer/sec:     16.67MB\n";
-        let r = parse_wrk(out).unwrap();
+        let (r, n) = parse_wrk(out).unwrap();
         assert!((r - 117_000.0).abs() < 1.0, "{r}");
+        assert_eq!(n, 351_000);
         assert!(parse_wrk("garbage").is_err());
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);

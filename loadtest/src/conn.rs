@@ -132,6 +132,19 @@ impl Conn {
         }
     }
 
+    /// Write all of `data` and hand the buffer back for reuse.
+    pub async fn write_vec(
+        &mut self,
+        data: Vec<u8>,
+        deadline: Instant,
+    ) -> (Result<(), ErrorKind>, Option<Vec<u8>>) {
+        match monoio::time::timeout_at(deadline.into(), self.stream.write_all(data)).await {
+            Ok((Ok(_), buf)) => (Ok(()), Some(buf)),
+            Ok((Err(e), buf)) => (Err(ErrorKind::from_io(&e)), Some(buf)),
+            Err(_) => (Err(ErrorKind::Timeout), None),
+        }
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.stream.local_addr()
     }

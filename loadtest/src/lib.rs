@@ -10,5 +10,8 @@ pub mod compare;
 pub mod conn;
 pub mod engine;
 pub mod http1;
+pub mod kefu;
+pub mod scenario;
 pub mod stats;
 pub mod target;
+pub mod ws;

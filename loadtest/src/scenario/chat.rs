@@ -1,0 +1,7 @@
+//! `chat` scenario (being written).
+
+use crate::cli::Args;
+
+pub fn run(_args: &Args) -> anyhow::Result<i32> {
+    anyhow::bail!("the chat scenario is not written yet")
+}
