@@ -1,5 +1,6 @@
 //! The kefu gateway: thread-per-core io_uring server that carries conversations end to end.
 pub mod access;
+pub mod attachments;
 pub mod auth;
 pub mod binary;
 pub mod config;

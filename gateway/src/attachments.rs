@@ -1,0 +1,635 @@
+//! Attachment storage under `<data_dir>/attachments/<tenant>/<id>`: uploads stream into a temp file with the size limit (413) and content-type allow-list (415) enforced as they arrive, become visible only after fsync and rename, carry their metadata in a JSON file beside them, and open again for download with their length for sendfile.
+//!
+//! Files of one tenant, in its own directory:
+//!
+//! | name | what |
+//! |---|---|
+//! | `<id>` | the bytes, exactly as uploaded |
+//! | `<id>.json` | [`AttachmentMeta`]: conversation, content type, size, SHA-256 |
+//! | `.upload-<id>.tmp`, `.<id>.json.<rand>.tmp` | in progress; never read |
+//!
+//! Commit order: data to the temp file, fsync, rename to `<id>`; then the metadata through
+//! `tenant::write_file_atomic` (temp, fsync, rename, directory fsync). The metadata file is the
+//! commit point: lookups need it, and [`AttachmentStore::open`] deletes temp files and data files
+//! without metadata, so an upload cut off at any point (client gone, crash, full disk) leaves
+//! nothing behind after the next start, and nothing visible before it.
+//!
+//! Ids are 128 random bits (`a` + 32 hex digits): unguessable, and checked for that exact shape
+//! before they touch a path, so an id cannot climb out of the tenant's directory. A tenant's
+//! lookup only searches its own directory, so another tenant's id is simply not found; who may
+//! download within the tenant is the caller's check (`auth::authorize` against
+//! [`AttachmentMeta::conversation`]).
+//!
+//! The calls block on the file system (writes of one request chunk, one fsync at the end); the
+//! gateway runs them where a short block is acceptable or on a blocking helper thread.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::tenant::{AttachmentConfig, write_file_atomic};
+
+/// Directory under the data dir.
+pub const ATTACHMENTS_DIR: &str = "attachments";
+/// Characters of an attachment id: `a` + 32 lowercase hex digits.
+pub const ATTACHMENT_ID_LEN: usize = 33;
+/// Largest metadata file read back.
+const META_BYTES_MAX: u64 = 4096;
+const UPLOAD_PREFIX: &str = ".upload-";
+const TMP_SUFFIX: &str = ".tmp";
+const META_SUFFIX: &str = ".json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachmentError {
+    #[error("attachment larger than size_bytes_max = {size_bytes_max}")]
+    TooLarge { size_bytes_max: u64 },
+    #[error("content type {content_type:?} is not allowed")]
+    UnsupportedType { content_type: String },
+    #[error("body has {received} bytes but Content-Length said {declared}")]
+    LengthMismatch { declared: u64, received: u64 },
+    #[error("no such attachment")]
+    NotFound,
+    #[error("attachment {id} is damaged: {problem}")]
+    Damaged { id: String, problem: String },
+    #[error("attachment storage: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl AttachmentError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            AttachmentError::TooLarge { .. } => 413,
+            AttachmentError::UnsupportedType { .. } => 415,
+            AttachmentError::LengthMismatch { .. } => 400,
+            AttachmentError::NotFound => 404,
+            AttachmentError::Damaged { .. } | AttachmentError::Io(_) => 500,
+        }
+    }
+}
+
+/// What is stored beside each attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentMeta {
+    pub id: String,
+    pub tenant: String,
+    pub conversation: u64,
+    /// The normalized content type (lowercase essence, no parameters).
+    pub content_type: String,
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the bytes.
+    pub sha256: String,
+}
+
+/// What [`AttachmentStore::open`] cleaned up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    pub temp_files_removed: usize,
+    pub orphans_removed: usize,
+}
+
+/// The attachments of every tenant under one data dir.
+#[derive(Debug, Clone)]
+pub struct AttachmentStore {
+    root: PathBuf,
+}
+
+/// The lowercase `type/subtype` of a `Content-Type` value, without parameters; `None` if it is
+/// not of that shape.
+pub fn content_type_essence(value: &str) -> Option<String> {
+    let essence = value.split(';').next()?.trim().to_ascii_lowercase();
+    let (kind, subtype) = essence.split_once('/')?;
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    (token(kind) && token(subtype) && essence.len() <= 127).then_some(essence)
+}
+
+/// Does the allow-list admit `essence`? Entries are `type/subtype` or `type/*`; an empty list
+/// admits nothing (attachments off).
+pub fn content_type_allowed(allow: &[String], essence: &str) -> bool {
+    let kind = essence.split('/').next().unwrap_or_default();
+    allow
+        .iter()
+        .any(|pattern| match pattern.strip_suffix("/*") {
+            Some(pattern_kind) => pattern_kind == kind,
+            None => pattern == essence,
+        })
+}
+
+fn valid_id(id: &str) -> bool {
+    id.len() == ATTACHMENT_ID_LEN
+        && id.starts_with('a')
+        && id[1..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn new_id() -> std::io::Result<String> {
+    let bytes: [u8; 16] = crate::auth::random_bytes()?;
+    let mut id = String::with_capacity(ATTACHMENT_ID_LEN);
+    id.push('a');
+    for b in bytes {
+        id.push_str(&format!("{b:02x}"));
+    }
+    Ok(id)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl AttachmentStore {
+    /// Opens (creating) `<data_dir>/attachments` and removes what interrupted uploads left.
+    pub fn open(data_dir: &Path) -> std::io::Result<(Self, Cleanup)> {
+        let root = data_dir.join(ATTACHMENTS_DIR);
+        std::fs::create_dir_all(&root)?;
+        let mut cleanup = Cleanup::default();
+        for tenant_dir in std::fs::read_dir(&root)? {
+            let tenant_dir = tenant_dir?;
+            if !tenant_dir.file_type()?.is_dir() {
+                continue;
+            }
+            let dir = tenant_dir.path();
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if name.starts_with('.') && name.ends_with(TMP_SUFFIX) {
+                    std::fs::remove_file(entry.path())?;
+                    cleanup.temp_files_removed += 1;
+                } else if valid_id(name) && !dir.join(format!("{name}{META_SUFFIX}")).exists() {
+                    // Data renamed into place but the metadata never committed.
+                    std::fs::remove_file(entry.path())?;
+                    cleanup.orphans_removed += 1;
+                }
+            }
+            if cleanup != Cleanup::default() {
+                File::open(&dir)?.sync_all()?;
+            }
+        }
+        Ok((Self { root }, cleanup))
+    }
+
+    fn tenant_dir(&self, tenant: &str) -> PathBuf {
+        // Tenant names are validated at config load ([A-Za-z0-9_-]); assert it here too since a
+        // bad one would be a path.
+        assert!(
+            !tenant.is_empty()
+                && tenant
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+            "tenant names are validated at config load"
+        );
+        self.root.join(tenant)
+    }
+
+    /// Starts an upload for `conversation` of `tenant`. `content_type` is the request's header
+    /// value; `declared_len` its Content-Length, if any (checked against the limit now, and
+    /// against the body at the end).
+    pub fn begin(
+        &self,
+        tenant: &str,
+        conversation: u64,
+        content_type: &str,
+        declared_len: Option<u64>,
+        limits: &AttachmentConfig,
+    ) -> Result<Upload, AttachmentError> {
+        let essence = content_type_essence(content_type)
+            .filter(|e| content_type_allowed(&limits.content_types, e))
+            .ok_or_else(|| AttachmentError::UnsupportedType {
+                content_type: content_type.chars().take(127).collect(),
+            })?;
+        if declared_len.is_some_and(|len| len > limits.size_bytes_max) {
+            return Err(AttachmentError::TooLarge {
+                size_bytes_max: limits.size_bytes_max,
+            });
+        }
+        let dir = self.tenant_dir(tenant);
+        std::fs::create_dir_all(&dir)?;
+        let id = new_id()?;
+        let tmp_path = dir.join(format!("{UPLOAD_PREFIX}{id}{TMP_SUFFIX}"));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp_path)?;
+        Ok(Upload {
+            dir,
+            tmp_path,
+            file: Some(file),
+            hasher: Sha256::new(),
+            size: 0,
+            size_bytes_max: limits.size_bytes_max,
+            declared_len,
+            meta: AttachmentMeta {
+                id,
+                tenant: tenant.to_owned(),
+                conversation,
+                content_type: essence,
+                size: 0,
+                sha256: String::new(),
+            },
+        })
+    }
+
+    /// The attachment `id` of `tenant`: its metadata and the open file, positioned at 0, whose
+    /// length is `meta.size` (checked), ready for sendfile.
+    pub fn open_for_download(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<(AttachmentMeta, File), AttachmentError> {
+        if !valid_id(id) {
+            return Err(AttachmentError::NotFound);
+        }
+        let dir = self.tenant_dir(tenant);
+        let meta_path = dir.join(format!("{id}{META_SUFFIX}"));
+        let text = match File::open(&meta_path) {
+            Ok(file) => {
+                use std::io::Read;
+                let mut text = String::new();
+                file.take(META_BYTES_MAX).read_to_string(&mut text)?;
+                text
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(AttachmentError::NotFound);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let damaged = |problem: String| AttachmentError::Damaged {
+            id: id.to_owned(),
+            problem,
+        };
+        let meta: AttachmentMeta =
+            serde_json::from_str(&text).map_err(|e| damaged(format!("metadata: {e}")))?;
+        if meta.id != id || meta.tenant != tenant {
+            return Err(damaged("metadata names another attachment".into()));
+        }
+        let file = File::open(dir.join(id)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => damaged("data file missing".into()),
+            _ => e.into(),
+        })?;
+        let len = file.metadata()?.len();
+        if len != meta.size {
+            return Err(damaged(format!(
+                "{len} bytes on disk, {} in metadata",
+                meta.size
+            )));
+        }
+        Ok((meta, file))
+    }
+}
+
+/// An upload in progress. Dropping it without [`Upload::finish`] removes its temp file.
+#[derive(Debug)]
+pub struct Upload {
+    dir: PathBuf,
+    tmp_path: PathBuf,
+    file: Option<File>,
+    hasher: Sha256,
+    size: u64,
+    size_bytes_max: u64,
+    declared_len: Option<u64>,
+    meta: AttachmentMeta,
+}
+
+impl Upload {
+    pub fn id(&self) -> &str {
+        &self.meta.id
+    }
+
+    /// Bytes received so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends a chunk of the body. Past the limit: `TooLarge`, and the temp file is gone (the
+    /// caller answers 413 and drops the upload).
+    pub fn write_chunk(&mut self, chunk: &[u8]) -> Result<(), AttachmentError> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(AttachmentError::Io(std::io::Error::other(
+                "upload already failed",
+            )));
+        };
+        let size = self.size + chunk.len() as u64;
+        if size > self.size_bytes_max {
+            self.discard();
+            return Err(AttachmentError::TooLarge {
+                size_bytes_max: self.size_bytes_max,
+            });
+        }
+        if let Err(e) = file.write_all(chunk) {
+            self.discard();
+            return Err(e.into());
+        }
+        self.hasher.update(chunk);
+        self.size = size;
+        Ok(())
+    }
+
+    /// Makes the upload durable and visible; returns its metadata.
+    pub fn finish(mut self) -> Result<AttachmentMeta, AttachmentError> {
+        if let Some(declared) = self.declared_len
+            && declared != self.size
+        {
+            self.discard();
+            return Err(AttachmentError::LengthMismatch {
+                declared,
+                received: self.size,
+            });
+        }
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| std::io::Error::other("upload already failed"))?;
+        let result = (|| -> Result<AttachmentMeta, AttachmentError> {
+            file.sync_all()?;
+            drop(file);
+            let data_path = self.dir.join(&self.meta.id);
+            std::fs::rename(&self.tmp_path, &data_path)?;
+            let mut meta = self.meta.clone();
+            meta.size = self.size;
+            meta.sha256 = hex(&std::mem::take(&mut self.hasher).finalize());
+            let json = serde_json::to_vec(&meta).expect("metadata serializes");
+            if let Err(e) =
+                write_file_atomic(&self.dir.join(format!("{}{META_SUFFIX}", meta.id)), &json)
+            {
+                let _ = std::fs::remove_file(&data_path);
+                return Err(e.into());
+            }
+            Ok(meta)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.tmp_path);
+        }
+        result
+    }
+
+    fn discard(&mut self) {
+        self.file = None;
+        let _ = std::fs::remove_file(&self.tmp_path);
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            self.discard();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(size_bytes_max: u64) -> AttachmentConfig {
+        AttachmentConfig {
+            size_bytes_max,
+            content_types: vec!["image/*".into(), "application/pdf".into()],
+        }
+    }
+
+    /// Every file under the store, relative, sorted.
+    fn files(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for tenant in std::fs::read_dir(root.join(ATTACHMENTS_DIR)).unwrap() {
+            let tenant = tenant.unwrap();
+            for f in std::fs::read_dir(tenant.path()).unwrap() {
+                out.push(format!(
+                    "{}/{}",
+                    tenant.file_name().to_str().unwrap(),
+                    f.unwrap().file_name().to_str().unwrap()
+                ));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn round_trip_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, cleanup) = AttachmentStore::open(dir.path()).unwrap();
+        assert_eq!(cleanup, Cleanup::default());
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut upload = store
+            .begin(
+                "acme",
+                42,
+                "Image/PNG; name=x",
+                Some(body.len() as u64),
+                &limits(1 << 20),
+            )
+            .unwrap();
+        for chunk in body.chunks(4096) {
+            upload.write_chunk(chunk).unwrap();
+        }
+        let id = upload.id().to_owned();
+        // Not visible before finish.
+        assert!(matches!(
+            store.open_for_download("acme", &id),
+            Err(AttachmentError::NotFound)
+        ));
+        let meta = upload.finish().unwrap();
+        assert_eq!(meta.id, id);
+        assert_eq!(meta.size, body.len() as u64);
+        assert_eq!(meta.content_type, "image/png");
+        assert_eq!(meta.conversation, 42);
+        assert_eq!(meta.sha256, hex(&Sha256::digest(&body)));
+        let (found, mut file) = store.open_for_download("acme", &id).unwrap();
+        assert_eq!(found, meta);
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut back).unwrap();
+        assert_eq!(back, body);
+        assert_eq!(
+            files(dir.path()),
+            [format!("acme/{id}"), format!("acme/{id}.json")]
+        );
+        // Another tenant cannot reach it, and ids cannot climb out of the directory.
+        assert!(matches!(
+            store.open_for_download("globex", &id),
+            Err(AttachmentError::NotFound)
+        ));
+        for bad in [
+            "../acme/x",
+            "",
+            "A0",
+            &id.to_uppercase(),
+            &format!("{id}.json"),
+        ] {
+            assert!(matches!(
+                store.open_for_download("acme", bad),
+                Err(AttachmentError::NotFound)
+            ));
+        }
+    }
+
+    #[test]
+    fn limits_answer_413_and_415_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = AttachmentStore::open(dir.path()).unwrap();
+        let e = store
+            .begin("acme", 1, "text/html", None, &limits(10))
+            .unwrap_err();
+        assert_eq!(e.http_status(), 415);
+        let e = store
+            .begin("acme", 1, "not a type", None, &limits(10))
+            .unwrap_err();
+        assert_eq!(e.http_status(), 415);
+        let e = store
+            .begin("acme", 1, "application/pdf", Some(11), &limits(10))
+            .unwrap_err();
+        assert_eq!(e.http_status(), 413);
+        // No Content-Length (chunked): the limit trips while streaming.
+        let mut upload = store
+            .begin("acme", 1, "application/pdf", None, &limits(10))
+            .unwrap();
+        upload.write_chunk(b"0123456789").unwrap();
+        let e = upload.write_chunk(b"x").unwrap_err();
+        assert_eq!(e.http_status(), 413);
+        assert!(
+            upload.write_chunk(b"").is_err(),
+            "a failed upload stays failed"
+        );
+        drop(upload);
+        // A body shorter than declared.
+        let mut upload = store
+            .begin("acme", 1, "application/pdf", Some(5), &limits(10))
+            .unwrap();
+        upload.write_chunk(b"abc").unwrap();
+        assert_eq!(upload.finish().unwrap_err().http_status(), 400);
+        // Exactly at the limit is fine.
+        let mut upload = store
+            .begin("acme", 1, "application/pdf", None, &limits(10))
+            .unwrap();
+        upload.write_chunk(b"0123456789").unwrap();
+        let meta = upload.finish().unwrap();
+        assert_eq!(
+            files(dir.path()).len(),
+            2,
+            "only the one complete upload: {:?}",
+            files(dir.path())
+        );
+        assert!(store.open_for_download("acme", &meta.id).is_ok());
+        // An empty allow-list turns attachments off.
+        let off = AttachmentConfig {
+            size_bytes_max: 10,
+            content_types: vec![],
+        };
+        assert_eq!(
+            store
+                .begin("acme", 1, "image/png", None, &off)
+                .unwrap_err()
+                .http_status(),
+            415
+        );
+    }
+
+    #[test]
+    fn aborted_upload_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = AttachmentStore::open(dir.path()).unwrap();
+        // The client goes away mid-body: the handler drops the upload.
+        let mut upload = store
+            .begin("acme", 7, "image/jpeg", Some(1_000), &limits(1 << 20))
+            .unwrap();
+        upload.write_chunk(&[1; 500]).unwrap();
+        let id = upload.id().to_owned();
+        assert_eq!(
+            files(dir.path()).len(),
+            1,
+            "the temp file exists while uploading"
+        );
+        drop(upload);
+        assert!(files(dir.path()).is_empty());
+        assert!(matches!(
+            store.open_for_download("acme", &id),
+            Err(AttachmentError::NotFound)
+        ));
+    }
+
+    #[test]
+    fn a_crash_mid_upload_is_cleaned_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = AttachmentStore::open(dir.path()).unwrap();
+        let mut done = store
+            .begin("acme", 1, "image/gif", None, &limits(1 << 20))
+            .unwrap();
+        done.write_chunk(b"GIF89a").unwrap();
+        let done = done.finish().unwrap();
+        // Simulate a process killed mid-upload: the temp file stays (forget skips Drop) ...
+        let mut cut = store
+            .begin("acme", 1, "image/gif", None, &limits(1 << 20))
+            .unwrap();
+        cut.write_chunk(b"GIF8").unwrap();
+        std::mem::forget(cut);
+        // ... and one killed between the data rename and the metadata commit.
+        let orphan = new_id().unwrap();
+        std::fs::write(
+            dir.path().join(ATTACHMENTS_DIR).join("acme").join(&orphan),
+            b"x",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path()
+                .join(ATTACHMENTS_DIR)
+                .join("acme")
+                .join(".x.json.1234.tmp"),
+            b"{",
+        )
+        .unwrap();
+        assert_eq!(files(dir.path()).len(), 5);
+        let (store, cleanup) = AttachmentStore::open(dir.path()).unwrap();
+        assert_eq!(
+            cleanup,
+            Cleanup {
+                temp_files_removed: 2,
+                orphans_removed: 1
+            }
+        );
+        assert_eq!(
+            files(dir.path()),
+            [
+                format!("acme/{}", done.id),
+                format!("acme/{}.json", done.id)
+            ]
+        );
+        assert!(store.open_for_download("acme", &done.id).is_ok());
+        // A damaged file is reported, not served.
+        std::fs::write(
+            dir.path().join(ATTACHMENTS_DIR).join("acme").join(&done.id),
+            b"GIF",
+        )
+        .unwrap();
+        assert!(matches!(
+            store.open_for_download("acme", &done.id),
+            Err(AttachmentError::Damaged { .. })
+        ));
+    }
+
+    #[test]
+    fn content_type_rules() {
+        let allow = ["image/*".to_string(), "application/pdf".to_string()];
+        for (value, ok) in [
+            ("image/png", true),
+            ("IMAGE/SVG+XML; charset=utf-8", true),
+            ("application/pdf", true),
+            ("application/pdfx", false),
+            ("application/*", false),
+            ("imagex/png", false),
+            ("image", false),
+            ("image/", false),
+            ("/png", false),
+        ] {
+            let allowed =
+                content_type_essence(value).is_some_and(|e| content_type_allowed(&allow, &e));
+            assert_eq!(allowed, ok, "{value}");
+        }
+    }
+}
