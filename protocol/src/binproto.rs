@@ -96,6 +96,37 @@ impl BinLimits {
     }
 }
 
+impl BinLimits {
+    /// Bytes of a `Send` payload around its text: two length prefixes.
+    pub const SEND_OVERHEAD_BYTES: usize = 2 + 4;
+
+    /// Check limits read from config at startup: the strings fit their length prefixes, and a
+    /// `Send` with the longest text and `client_msg_id` fits `payload_len_max`, so every message
+    /// the JSON model accepts is also accepted here.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("token_bytes_max", self.token_bytes_max),
+            ("client_msg_id_bytes_max", self.client_msg_id_bytes_max),
+            ("id_bytes_max", self.id_bytes_max),
+            ("reason_bytes_max", self.reason_bytes_max),
+        ] {
+            if value == 0 || value > usize::from(u16::MAX) {
+                return Err(format!("{name} = {value} must be in 1..={}", u16::MAX));
+            }
+        }
+        let send_max =
+            self.text_bytes_max + self.client_msg_id_bytes_max + Self::SEND_OVERHEAD_BYTES;
+        if (self.payload_len_max as usize) < send_max {
+            return Err(format!(
+                "payload_len_max = {} is below the largest send ({send_max} bytes: text_bytes_max + client_msg_id_bytes_max + {})",
+                self.payload_len_max,
+                Self::SEND_OVERHEAD_BYTES
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for BinLimits {
     fn default() -> Self {
         // Room for the largest text plus its length prefixes and a client_msg_id.

@@ -342,6 +342,36 @@ fn text_limit_follows_config() {
 }
 
 #[test]
+fn limits_are_checked_at_startup() {
+    assert_eq!(BinLimits::default().check(), Ok(()));
+    assert_eq!(ModelLimits::DEFAULT.check(), Ok(()));
+    let small = BinLimits {
+        payload_len_max: 1000,
+        ..lim()
+    };
+    assert_eq!(
+        small.check().unwrap_err(),
+        "payload_len_max = 1000 is below the largest send (65606 bytes: text_bytes_max + client_msg_id_bytes_max + 6)"
+    );
+    let wide = BinLimits {
+        reason_bytes_max: 70_000,
+        ..lim()
+    };
+    assert_eq!(
+        wide.check().unwrap_err(),
+        "reason_bytes_max = 70000 must be in 1..=65535"
+    );
+    let zero = ModelLimits {
+        name_bytes_max: 0,
+        ..ModelLimits::DEFAULT
+    };
+    assert_eq!(
+        zero.check().unwrap_err(),
+        "name_bytes_max must be at least 1"
+    );
+}
+
+#[test]
 fn encoder_refuses_what_its_prefix_cannot_hold() {
     let long = "x".repeat(70_000);
     let mut out = vec![1, 2, 3];

@@ -38,6 +38,36 @@ impl ModelLimits {
     };
 }
 
+impl ModelLimits {
+    /// Check limits read from config at startup: every limit is positive, and every string the
+    /// binary protocol carries with a `u16` length prefix fits it.
+    pub fn check(&self) -> Result<(), String> {
+        let fields = [
+            ("text_bytes_max", self.text_bytes_max, u32::MAX as usize),
+            ("name_bytes_max", self.name_bytes_max, usize::MAX),
+            (
+                "client_msg_id_bytes_max",
+                self.client_msg_id_bytes_max,
+                u16::MAX as usize,
+            ),
+            ("id_bytes_max", self.id_bytes_max, u16::MAX as usize),
+            ("channel_bytes_max", self.channel_bytes_max, usize::MAX),
+            ("reason_bytes_max", self.reason_bytes_max, u16::MAX as usize),
+            ("token_bytes_max", self.token_bytes_max, u16::MAX as usize),
+            ("page_entries_max", self.page_entries_max, usize::MAX),
+        ];
+        for (name, value, max) in fields {
+            if value == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+            if value > max {
+                return Err(format!("{name} = {value} exceeds {max}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for ModelLimits {
     fn default() -> Self {
         Self::DEFAULT
