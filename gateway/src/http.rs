@@ -5,6 +5,8 @@
 //! `kefu_protocol::http` (limits give 413/414/431); a command for a conversation goes to the
 //! shard that owns it and the reply comes back through a one-shot slot.
 
+use std::cell::RefCell;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,7 @@ use kefu_protocol::model::{
     CreateConversationResponse, ErrorBody, ModelLimits, SendMessageRequest, SendMessageResponse,
     TransferRequest, Validate, WriteJson, parse_json,
 };
+use kefu_trace_common::{RequestRecord, Stage as TraceStage, emit, now_ns, route as trace_route};
 use monoio::net::TcpStream;
 
 use crate::conn::Conn;
@@ -81,6 +84,16 @@ pub async fn call(
     shard: u16,
     make: impl FnOnce(crate::shard::Reply) -> Command,
 ) -> Result<Outcome, HttpError> {
+    call_traced(ctx, shard, None, make).await
+}
+
+/// [`call`] that fills the stages of a traced request's record.
+pub async fn call_traced(
+    ctx: &ShardCtx,
+    shard: u16,
+    trace: Option<&RefCell<RequestRecord>>,
+    make: impl FnOnce(crate::shard::Reply) -> Command,
+) -> Result<Outcome, HttpError> {
     let inbox = ctx
         .shared
         .inboxes
@@ -101,7 +114,22 @@ pub async fn call(
             "the gateway is overloaded; retry shortly",
         ));
     }
+    if let Some(rec) = trace {
+        rec.borrow_mut().set(TraceStage::RoutedToShard, now_ns());
+    }
     let outcome = reply.wait().await;
+    if let Some(rec) = trace {
+        let mut rec = rec.borrow_mut();
+        for (stage, at) in [
+            (TraceStage::Appended, &reply.appended_ns),
+            (TraceStage::Synced, &reply.synced_ns),
+        ] {
+            let ns = at.load(std::sync::atomic::Ordering::Relaxed);
+            if ns != 0 {
+                rec.set(stage, ns);
+            }
+        }
+    }
     ctx.metrics
         .latency(Stage::Command, started.elapsed().as_micros() as u64);
     Ok(outcome)
@@ -190,6 +218,8 @@ fn write_json(out: &mut Vec<u8>, status: u16, keep_alive: bool, body: &[u8]) {
 
 /// Serves one HTTP connection until it closes; returns why it ended.
 pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Disconnect {
+    let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+    let peer_port = stream.peer_addr().map(|a| a.port()).unwrap_or(0);
     let peer_loopback = stream
         .peer_addr()
         .map(|a| a.ip().is_loopback())
@@ -227,6 +257,11 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
         }
         let b = buf.take().unwrap_or_else(|| ctx.pool.take());
         let (res, b) = conn.read_append(b).await;
+        let read_at_ns = if kefu_trace_common::tracer_attached() {
+            now_ns()
+        } else {
+            0
+        };
         buf = Some(b);
         match res {
             Ok(0) => return Disconnect::Closed,
@@ -241,6 +276,20 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
                 break;
             }
             let started = Instant::now();
+            // The eBPF request marker: one relaxed load when no tracer is attached.
+            let traced = kefu_trace_common::trace_enabled();
+            let trace = RefCell::new(RequestRecord::default());
+            if traced {
+                let mut rec = trace.borrow_mut();
+                let n = ctx.next_conn_id();
+                rec.request_id = (u64::from(ctx.id) << 48) | n;
+                rec.connection_id = conn_id;
+                rec.shard = ctx.id;
+                rec.fd = conn.stream.as_raw_fd();
+                rec.local_port = local_port;
+                rec.peer_port = peer_port;
+                rec.set(TraceStage::Accepted, read_at_ns);
+            }
             let parsed = parse_request(b, &ctx.shared.http_limits);
             let req = match parsed {
                 Ok(req) => req,
@@ -274,6 +323,12 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
                 }
             };
             let status_before = out.len();
+            if traced {
+                let mut rec = trace.borrow_mut();
+                rec.set(TraceStage::Parsed, now_ns());
+                rec.route = route_id(&req.head);
+            }
+            let trace_ref = traced.then_some(&trace);
             next = match route(
                 &ctx,
                 &req.head,
@@ -282,6 +337,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
                 peer_loopback,
                 &mut out,
                 conn_id,
+                trace_ref,
             )
             .await
             {
@@ -291,7 +347,15 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
                     Next::Continue { keep_alive }
                 }
             };
-            ctx.metrics.response(status_of(&out[status_before..]));
+            let status = status_of(&out[status_before..]);
+            ctx.metrics.response(status);
+            if traced {
+                let mut rec = trace.borrow_mut();
+                rec.status = status;
+                // Answered: the response is complete in the write buffer, written right after.
+                rec.set(TraceStage::Answered, now_ns());
+                emit(&rec);
+            }
             ctx.metrics
                 .latency(Stage::Request, started.elapsed().as_micros() as u64);
             let b = buf.as_mut().expect("buffer");
@@ -338,6 +402,25 @@ fn status_of(out: &[u8]) -> u16 {
         .unwrap_or(0)
 }
 
+/// The eBPF tracer's route id of a request.
+fn route_id(head: &RequestHead<'_>) -> u16 {
+    let segments: Vec<&str> = head.path.trim_start_matches('/').split('/').collect();
+    match (head.method, segments.as_slice()) {
+        (_, ["healthz" | "readyz"]) => trace_route::HEALTH,
+        (_, ["metrics"]) => trace_route::METRICS,
+        (Method::Post, ["v1", "conversations"]) => trace_route::CONVERSATION_CREATE,
+        (Method::Get, ["v1", "conversations", _]) => trace_route::CONVERSATION_GET,
+        (Method::Post, ["v1", "conversations", _, "messages"]) => trace_route::MESSAGE_SEND,
+        (Method::Get, ["v1", "conversations", _, "messages"]) => trace_route::MESSAGES_LIST,
+        (_, ["v1", "conversations", _, "poll"]) => trace_route::POLL,
+        (_, ["v1", "agents", "me", "status"]) => trace_route::AGENT_STATUS,
+        (_, ["v1", "conversations", _, _]) => trace_route::CONVERSATION_ACTION,
+        (_, ["v1", "stream"]) => trace_route::STREAM,
+        _ => trace_route::UNKNOWN,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn route(
     ctx: &Rc<ShardCtx>,
     head: &RequestHead<'_>,
@@ -346,6 +429,7 @@ async fn route(
     peer_loopback: bool,
     out: &mut Vec<u8>,
     conn_id: u64,
+    trace: Option<&RefCell<RequestRecord>>,
 ) -> Result<Next, HttpError> {
     let done = Next::Continue { keep_alive };
     let segments: Vec<&str> = head.path.trim_start_matches('/').split('/').collect();
@@ -377,7 +461,7 @@ async fn route(
             Ok(done)
         }
         (Method::Post, ["v1", "conversations"]) => {
-            create(ctx, head, body, keep_alive, out).await?;
+            create(ctx, head, body, keep_alive, out, trace).await?;
             Ok(done)
         }
         (Method::Get, ["v1", "conversations", id]) => {
@@ -399,7 +483,10 @@ async fn route(
             let id = conversation_id(ctx, id)?;
             let actor = authenticate(ctx, head)?;
             let req: SendMessageRequest = body_json(ctx, body)?;
-            let outcome = call(ctx, (id >> 48) as u16, |reply| Command::Send {
+            if let Some(rec) = trace {
+                rec.borrow_mut().conversation_id = id;
+            }
+            let outcome = call_traced(ctx, (id >> 48) as u16, trace, |reply| Command::Send {
                 conv: id,
                 actor,
                 text: req.text,
@@ -473,7 +560,7 @@ async fn route(
                     TransferRequest::ToGroup(g) => Transition::TransferToGroup(g),
                 },
             };
-            let outcome = call(ctx, (id >> 48) as u16, |reply| Command::Transition {
+            let outcome = call_traced(ctx, (id >> 48) as u16, trace, |reply| Command::Transition {
                 conv: id,
                 tenant,
                 agent: name,
@@ -590,6 +677,7 @@ async fn create(
     body: &[u8],
     keep_alive: bool,
     out: &mut Vec<u8>,
+    trace: Option<&RefCell<RequestRecord>>,
 ) -> Result<(), HttpError> {
     let req: CreateConversationRequest = body_json(ctx, body)?;
     // Tenant: the `Kefu-Tenant` header or `?tenant=`, else the first configured tenant.
@@ -613,7 +701,7 @@ async fn create(
             as u16,
     };
     // A new conversation lives on the shard that accepted the connection: no hop.
-    let outcome = call(ctx, ctx.id, |reply| Command::Create {
+    let outcome = call_traced(ctx, ctx.id, trace, |reply| Command::Create {
         tenant,
         visitor_name: req.visitor.name,
         channel: req.channel,

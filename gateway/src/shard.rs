@@ -51,6 +51,10 @@ impl RecordLog for Log {
 pub struct ReplySlot<T> {
     value: ArrayQueue<T>,
     waker: AtomicWaker,
+    /// Monotonic ns when the owning shard appended the command's records and when they became
+    /// durable; filled only while a tracer is attached (for the eBPF request marker).
+    pub appended_ns: AtomicU64,
+    pub synced_ns: AtomicU64,
 }
 
 impl<T> ReplySlot<T> {
@@ -58,6 +62,8 @@ impl<T> ReplySlot<T> {
         Arc::new(Self {
             value: ArrayQueue::new(1),
             waker: AtomicWaker::new(),
+            appended_ns: AtomicU64::new(0),
+            synced_ns: AtomicU64::new(0),
         })
     }
 
@@ -355,6 +361,11 @@ pub async fn committer(
                 break;
             }
             let h = held.pop_front().expect("front exists");
+            if h.release_at > 0 && kefu_trace_common::tracer_attached() {
+                h.reply
+                    .synced_ns
+                    .store(kefu_trace_common::now_ns(), Ordering::Relaxed);
+            }
             let outcome = match (&poisoned, h.release_at > durable) {
                 // Not durable and never will be: the write failed.
                 (Some(why), true) => Outcome::Done(Err(EngineError::Storage(why.clone()))),
@@ -399,6 +410,11 @@ fn handle(
     // Replies that report writes wait for durability; reads answer at once (release_at 0).
     let mut hold = |reply: Reply, outcome: Outcome, write: bool, engine: &Engine| {
         let release_at = if write { engine.appended_end() } else { 0 };
+        if write && kefu_trace_common::tracer_attached() {
+            reply
+                .appended_ns
+                .store(kefu_trace_common::now_ns(), Ordering::Relaxed);
+        }
         held.push_back(Held {
             release_at,
             reply,
