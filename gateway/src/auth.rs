@@ -573,6 +573,44 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_input_never_panics_or_verifies() {
+        let keys = [("acme", key(1))];
+        let good = issue_visitor_token(&keys[0].1, "acme", 7, 1_000);
+        // xorshift64*, fixed seed: random lengths and bytes from the token alphabet and beyond,
+        // plus random edits of a valid token.
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        let alphabet = b"kv1.ABCxyz019-_=+/ \xff";
+        for round in 0..20_000 {
+            let mut bytes: Vec<u8> = if round % 2 == 0 {
+                let len = (next() % 200) as usize;
+                (0..len)
+                    .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                    .collect()
+            } else {
+                good.clone().into_bytes()
+            };
+            if !bytes.is_empty() {
+                for _ in 0..1 + next() % 3 {
+                    let at = (next() % bytes.len() as u64) as usize;
+                    bytes[at] = alphabet[(next() % alphabet.len() as u64) as usize];
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            let result = verify_visitor_token(&text, 0, lookup(&keys));
+            if text != good {
+                assert!(result.is_err(), "{text:?} verified");
+            }
+            let _ = bearer_token(&bytes);
+        }
+    }
+
+    #[test]
     fn keys_are_random_and_redacted() {
         let (a, b) = (
             VisitorKey::generate().unwrap(),

@@ -20,6 +20,9 @@
 //!   it answer [`DeskError::UnknownConversation`]; a caller that keeps the state answers 409
 //!   through [`check`] with `State::Closed`.
 //!
+//! - [`AutoClose`]: the auto-close timers alone, for an engine that keeps its own states and only
+//!   needs "which resolved conversations are idle long enough now".
+//!
 //! Bounds: conversations tracked (queued, assigned and resolved) at most
 //! `DeskLimits::conversations_max`; the auto-close set holds only resolved ones.
 
@@ -234,13 +237,81 @@ pub struct DeskLimits {
     pub auto_close_idle_ms: u64,
 }
 
+/// The auto-close timers of resolved conversations: each closes `idle_ms` after it was resolved
+/// unless it is reopened first. Usable alone by an engine that keeps its own states: call
+/// [`AutoClose::resolved`] on resolve, [`AutoClose::cancel`] on reopen (or any other way out of
+/// resolved), and [`AutoClose::pop_due`] from the shard's timer, which also schedules itself with
+/// [`AutoClose::next_deadline_ms`]. Holds one entry per resolved conversation, so its size is
+/// bounded by the caller's conversation limit.
+#[derive(Debug, Default)]
+pub struct AutoClose {
+    idle_ms: u64,
+    deadlines: BTreeSet<(u64, ConvId)>,
+    by_conv: HashMap<ConvId, u64>,
+}
+
+impl AutoClose {
+    /// `idle_ms` = 0: never close.
+    pub fn new(idle_ms: u64) -> Self {
+        Self {
+            idle_ms,
+            ..Self::default()
+        }
+    }
+
+    /// `conv` was resolved at `now_ms`: (re)starts its timer. Returns when it will close.
+    pub fn resolved(&mut self, conv: ConvId, now_ms: u64) -> Option<u64> {
+        self.cancel(conv);
+        if self.idle_ms == 0 {
+            return None;
+        }
+        let deadline = now_ms.saturating_add(self.idle_ms);
+        self.deadlines.insert((deadline, conv));
+        self.by_conv.insert(conv, deadline);
+        Some(deadline)
+    }
+
+    /// `conv` left the resolved state (reopened, closed by hand): no timer any more.
+    pub fn cancel(&mut self, conv: ConvId) {
+        if let Some(deadline) = self.by_conv.remove(&conv) {
+            self.deadlines.remove(&(deadline, conv));
+        }
+    }
+
+    /// The next conversation whose idle time is up at `now_ms` (earliest first); its timer is
+    /// removed. Call until `None`.
+    pub fn pop_due(&mut self, now_ms: u64) -> Option<ConvId> {
+        let &(deadline, conv) = self.deadlines.first()?;
+        if deadline > now_ms {
+            return None;
+        }
+        self.deadlines.pop_first();
+        self.by_conv.remove(&conv);
+        Some(conv)
+    }
+
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.deadlines.first().map(|&(deadline, _)| deadline)
+    }
+
+    pub fn deadline_ms(&self, conv: ConvId) -> Option<u64> {
+        self.by_conv.get(&conv).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_conv.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_conv.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Conv {
     state: State,
     group: GroupId,
     agent: Option<AgentId>,
-    /// When it closes, while resolved.
-    close_at_ms: Option<u64>,
 }
 
 /// One tenant's conversations, routing and timers. See the module docs.
@@ -249,7 +320,7 @@ pub struct Desk {
     limits: DeskLimits,
     router: Router,
     convs: HashMap<ConvId, Conv>,
-    closing: BTreeSet<(u64, ConvId)>,
+    auto_close: AutoClose,
     next_order_key: u64,
     /// Scratch for router effects, reused.
     effects: Vec<Effect>,
@@ -263,7 +334,7 @@ impl Desk {
             limits,
             router,
             convs: HashMap::with_capacity(limits.conversations_max),
-            closing: BTreeSet::new(),
+            auto_close: AutoClose::new(limits.auto_close_idle_ms),
             next_order_key: 1,
             effects: Vec::new(),
         }
@@ -352,7 +423,6 @@ impl Desk {
                     state: State::Queued,
                     group,
                     agent: None,
-                    close_at_ms: None,
                 },
             );
             self.router.dispatch(&mut effects);
@@ -547,15 +617,10 @@ impl Desk {
         let unassigned_end =
             at + usize::from(matches!(out.get(at), Some(Event::Unassigned { .. })));
         out.insert(unassigned_end, Event::Resolved { conv, by: actor });
-        let close_at_ms = (self.limits.auto_close_idle_ms > 0)
-            .then(|| now_ms.saturating_add(self.limits.auto_close_idle_ms));
         let c = self.convs.get_mut(&conv).expect("checked");
         c.state = State::Resolved;
         c.agent = None;
-        c.close_at_ms = close_at_ms;
-        if let Some(deadline) = close_at_ms {
-            self.closing.insert((deadline, conv));
-        }
+        self.auto_close.resolved(conv, now_ms);
         Ok(())
     }
 
@@ -578,10 +643,7 @@ impl Desk {
             .enqueue(conv, c.group, self.next_order_key, &mut effects);
         if result.is_ok() {
             self.next_order_key += 1;
-            if let Some(deadline) = c.close_at_ms {
-                self.closing.remove(&(deadline, conv));
-            }
-            self.convs.get_mut(&conv).expect("checked").close_at_ms = None;
+            self.auto_close.cancel(conv);
             if matches!(by, Actor::Agent(_) | Actor::Admin) {
                 out.push(Event::Audit {
                     by,
@@ -649,11 +711,7 @@ impl Desk {
             Ok(())
         })
         .expect("tick cannot fail");
-        while let Some(&(deadline, conv)) = self.closing.first() {
-            if deadline > now_ms {
-                break;
-            }
-            self.closing.pop_first();
+        while let Some(conv) = self.auto_close.pop_due(now_ms) {
             let c = self
                 .convs
                 .remove(&conv)
@@ -665,7 +723,7 @@ impl Desk {
 
     /// When `tick` next has work, if ever.
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        let close = self.closing.first().map(|&(deadline, _)| deadline);
+        let close = self.auto_close.next_deadline_ms();
         match (self.router.next_deadline_ms(), close) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -699,15 +757,18 @@ impl Desk {
                 }
                 State::Resolved => {
                     assert_eq!(placement, None, "{conv:#x} resolved but routed");
-                    if let Some(deadline) = c.close_at_ms {
-                        assert!(self.closing.contains(&(deadline, conv)));
+                    if self.limits.auto_close_idle_ms > 0 {
+                        assert!(
+                            self.auto_close.deadline_ms(conv).is_some(),
+                            "{conv:#x} timer"
+                        );
                         resolved += 1;
                     }
                 }
                 State::Closed => panic!("closed conversations are forgotten"),
             }
         }
-        assert_eq!(resolved, self.closing.len());
+        assert_eq!(resolved, self.auto_close.len());
         assert_eq!(
             self.router.conversations_len()
                 + self
@@ -779,6 +840,29 @@ mod tests {
             check(S::Closed, C::VisitorMessage).unwrap_err().to_string(),
             "cannot send a visitor message to a closed conversation"
         );
+    }
+
+    #[test]
+    fn auto_close_timers() {
+        let mut t = AutoClose::new(100);
+        assert_eq!(t.resolved(1, 0), Some(100));
+        assert_eq!(t.resolved(2, 50), Some(150));
+        assert_eq!(t.resolved(3, 10), Some(110));
+        assert_eq!(t.next_deadline_ms(), Some(100));
+        t.cancel(3); // reopened
+        assert_eq!(
+            t.resolved(1, 60),
+            Some(160),
+            "resolved again: timer restarts"
+        );
+        assert_eq!(t.pop_due(149), None);
+        assert_eq!(t.pop_due(160), Some(2));
+        assert_eq!(t.pop_due(160), Some(1));
+        assert_eq!(t.pop_due(1_000), None);
+        assert!(t.is_empty());
+        let mut never = AutoClose::new(0);
+        assert_eq!(never.resolved(1, 0), None);
+        assert_eq!(never.pop_due(u64::MAX), None);
     }
 
     /// Groups sales, support; alice (both, capacity 2), bob (support, 1), carol (sales, 1).
