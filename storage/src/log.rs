@@ -235,6 +235,39 @@ impl SyncJob {
     }
 }
 
+/// Decompresses a `.log.zst` segment into exactly its recorded size (which compression
+/// always writes), refusing anything over the 4 GiB a segment can hold.
+fn decompress_segment(raw: &[u8]) -> io::Result<Vec<u8>> {
+    let size = zstd::zstd_safe::get_frame_content_size(raw)
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "zstd frame without a content size",
+            )
+        })?;
+    if size > u32::MAX as u64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("zstd segment claims {size} bytes, over the 4 GiB segment limit"),
+        ));
+    }
+    zstd::bulk::decompress(raw, size as usize)
+}
+
+/// Positions inside a segment are `u32`; a longer file is not one this log wrote.
+fn check_segment_len(base: u64, len: u64) -> Result<()> {
+    if len > u32::MAX as u64 {
+        return Err(Error::Corrupt {
+            offset: base,
+            segment_base: base,
+            reason: format!("segment file of {len} bytes exceeds the 4 GiB segment limit"),
+        });
+    }
+    Ok(())
+}
+
 /// Takes an exclusive `flock` on the log's lock file, so two processes never write one log.
 fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_NAME);
@@ -366,6 +399,14 @@ impl Log {
         let active_is_plain_last = bases.last().is_some_and(|&(_, plain)| plain);
         if !active_is_plain_last {
             // Empty directory, or the newest segment is compressed (sealed): start a new one.
+            if log.segments.contains_key(&log.next_offset) {
+                // Only when the newest, compressed segment yielded no record at all.
+                return Err(Error::Corrupt {
+                    offset: log.next_offset,
+                    segment_base: log.next_offset,
+                    reason: "the newest segment is compressed and unreadable; move it away to open the log".into(),
+                });
+            }
             log.create_active(log.next_offset)?;
         }
         log.durable_offset = log.next_offset;
@@ -428,6 +469,7 @@ impl Log {
                 .metadata()
                 .map_err(|e| Error::io("stat", &path, e))?
                 .len();
+            check_segment_len(base, disk_bytes)?;
             if disk_bytes > 0 {
                 // SAFETY: segment files are only written by this process through the log,
                 // which holds the directory lock.
@@ -441,7 +483,7 @@ impl Log {
             let raw = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
             disk_bytes = raw.len() as u64;
             state = SegState::Compressed { cache: None };
-            match zstd::bulk::decompress(&raw, self.cfg.segment_bytes_max as usize) {
+            match decompress_segment(&raw) {
                 Ok(b) => bytes = b,
                 Err(e) => {
                     report.sealed_corruption.push(SealedCorruption {
@@ -512,6 +554,7 @@ impl Log {
             .metadata()
             .map_err(|e| Error::io("stat", &path, e))?
             .len();
+        check_segment_len(base, file_len)?;
         if file_len < self.cfg.segment_bytes_max {
             // Sealed-then-shrunk before a crash, or written with a smaller segment size.
             self.cfg
@@ -936,8 +979,7 @@ impl Log {
         } else {
             let path = segment::zst_path(&self.cfg.dir, base);
             let raw = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
-            let bytes = zstd::bulk::decompress(&raw, self.cfg.segment_bytes_max as usize)
-                .map_err(|e| Error::io("decompress", &path, e))?;
+            let bytes = decompress_segment(&raw).map_err(|e| Error::io("decompress", &path, e))?;
             if (bytes.len() as u64) < seg_len {
                 return Err(Error::Corrupt {
                     offset: base,
@@ -1185,13 +1227,13 @@ impl Log {
         if let Some(cause) = &self.poisoned {
             return Err(Error::Poisoned(cause.clone()));
         }
-        let active_base = self.active().base;
-        let Some(base) = self
-            .segments
-            .values()
-            .find(|s| s.base != active_base && matches!(s.state, SegState::Plain { .. }))
-            .map(|s| s.base)
-        else {
+        // Oldest plain sealed segment whose records all survived recovery: a damaged one
+        // stays as it is, as evidence.
+        let bases: Vec<u64> = self.segments.keys().copied().collect();
+        let Some(base) = bases.windows(2).find_map(|w| {
+            let s = &self.segments[&w[0]];
+            (matches!(s.state, SegState::Plain { .. }) && s.end == w[1]).then_some(w[0])
+        }) else {
             return Ok(None);
         };
         self.load(base)?;
