@@ -7,7 +7,6 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
 /// Largest latency the histograms hold; larger values are clamped (and show as this max).
@@ -15,13 +14,16 @@ pub const LATENCY_US_MAX: u64 = 60_000_000;
 /// Three significant figures: 0.1% resolution at any magnitude.
 const SIGFIG: u8 = 3;
 
-pub fn new_histogram() -> Histogram<u64> {
+/// The histogram type every series uses: microseconds.
+pub type Histogram = hdrhistogram::Histogram<u64>;
+
+pub fn new_histogram() -> Histogram {
     Histogram::new_with_bounds(1, LATENCY_US_MAX, SIGFIG)
         .expect("static histogram bounds are valid")
 }
 
 /// Record a latency, clamped into the histogram's range.
-pub fn record(hist: &mut Histogram<u64>, latency: Duration) {
+pub fn record(hist: &mut Histogram, latency: Duration) {
     let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
     hist.saturating_record(us.clamp(1, LATENCY_US_MAX));
 }
@@ -142,7 +144,7 @@ pub struct LatencySummary {
 }
 
 impl LatencySummary {
-    pub fn of(hist: &Histogram<u64>) -> LatencySummary {
+    pub fn of(hist: &Histogram) -> LatencySummary {
         if hist.is_empty() {
             return LatencySummary::default();
         }

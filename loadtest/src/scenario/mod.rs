@@ -6,6 +6,7 @@ pub mod connections;
 pub mod http;
 pub mod reconnect;
 pub mod send;
+pub mod wsutil;
 
 use std::path::PathBuf;
 use std::time::Duration;
