@@ -176,17 +176,19 @@ impl AttachmentStore {
         Ok((Self { root }, cleanup))
     }
 
-    fn tenant_dir(&self, tenant: &str) -> PathBuf {
-        // Tenant names are validated at config load ([A-Za-z0-9_-]); assert it here too since a
-        // bad one would be a path.
-        assert!(
-            !tenant.is_empty()
-                && tenant
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
-            "tenant names are validated at config load"
-        );
-        self.root.join(tenant)
+    /// The tenant's directory. Tenant names are validated at config load ([A-Za-z0-9_-]); a name
+    /// that is not (it would be a path) finds nothing rather than panicking.
+    fn tenant_dir(&self, tenant: &str) -> Result<PathBuf, AttachmentError> {
+        let ok = !tenant.is_empty()
+            && tenant.len() <= crate::tenant::NAME_BYTES_MAX
+            && tenant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(self.root.join(tenant))
+        } else {
+            Err(AttachmentError::NotFound)
+        }
     }
 
     /// Starts an upload for `conversation` of `tenant`. `content_type` is the request's header
@@ -210,7 +212,7 @@ impl AttachmentStore {
                 size_bytes_max: limits.size_bytes_max,
             });
         }
-        let dir = self.tenant_dir(tenant);
+        let dir = self.tenant_dir(tenant)?;
         std::fs::create_dir_all(&dir)?;
         let id = new_id()?;
         let tmp_path = dir.join(format!("{UPLOAD_PREFIX}{id}{TMP_SUFFIX}"));
@@ -247,7 +249,7 @@ impl AttachmentStore {
         if !valid_id(id) {
             return Err(AttachmentError::NotFound);
         }
-        let dir = self.tenant_dir(tenant);
+        let dir = self.tenant_dir(tenant)?;
         let meta_path = dir.join(format!("{id}{META_SUFFIX}"));
         let text = match File::open(&meta_path) {
             Ok(file) => {
@@ -452,10 +454,12 @@ mod tests {
             [format!("acme/{id}"), format!("acme/{id}.json")]
         );
         // Another tenant cannot reach it, and ids cannot climb out of the directory.
-        assert!(matches!(
-            store.open_for_download("globex", &id),
-            Err(AttachmentError::NotFound)
-        ));
+        for tenant in ["globex", "../acme", "", "acme/."] {
+            assert!(matches!(
+                store.open_for_download(tenant, &id),
+                Err(AttachmentError::NotFound)
+            ));
+        }
         for bad in [
             "../acme/x",
             "",

@@ -873,6 +873,11 @@ impl TenantRegistry {
             .map(|&index| &self.tenants[index as usize])
     }
 
+    /// The tenant's index in config order (what per-tenant tables are indexed by).
+    pub fn tenant_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).map(|&index| index as usize)
+    }
+
     pub fn tenants(&self) -> &[Tenant] {
         &self.tenants
     }
@@ -1578,6 +1583,8 @@ mod tests {
         other.intents = None;
         let registry =
             TenantRegistry::load(vec![demo, other], None, dir.path(), dir.path()).unwrap();
+        assert_eq!(registry.tenant_index("acme"), Some(1));
+        assert_eq!(registry.tenant_index("nope"), None);
         let demo = registry.tenant("demo").unwrap();
         assert!(demo.canned_replies.get("greeting").is_some());
         assert_eq!(demo.classify_group(Some("我要退款")), "support");
