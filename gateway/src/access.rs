@@ -1,15 +1,13 @@
-//! Who a request is: agent and integration bearer tokens from the config, and visitor tokens (HMAC-signed by `auth`, scoped to one conversation, with expiry) issued here with a per-tenant key derived from the data dir's secret.
+//! Who a request is: the gateway's view of `tenant::TenantRegistry` (agent, integration and signed visitor tokens) as engine [`Actor`]s with tenant indexes, and visitor-token issue.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use hmac::{Hmac, Mac};
 use kefu_protocol::model::ModelLimits;
-use sha2::Sha256;
 
-use crate::auth::{self, AuthError, VisitorKey};
+use crate::auth::{AuthError, Principal};
 use crate::config::{Config, Limits};
 use crate::engine::Actor;
+use crate::tenant::TenantRegistry;
 
 /// The model limits the gateway's config implies.
 pub fn model_limits(l: &Limits) -> ModelLimits {
@@ -22,97 +20,73 @@ pub fn model_limits(l: &Limits) -> ModelLimits {
 }
 
 pub struct Access {
-    tokens: HashMap<Box<str>, Actor>,
-    tenant_names: Vec<Box<str>>,
-    keys: Vec<VisitorKey>,
+    pub registry: Arc<TenantRegistry>,
     visitor_token_ttl_s: u64,
 }
 
 impl Access {
-    /// Every tenant's tokens must be filled in (demo tokens are generated before this).
-    pub fn new(config: &Config, secret: &[u8]) -> anyhow::Result<Self> {
-        let mut tokens = HashMap::new();
-        let mut keys = Vec::new();
-        for (i, t) in config.tenants.iter().enumerate() {
-            let tenant = i as u16;
-            for a in &t.agent {
-                let token = a
-                    .token
-                    .clone()
-                    .ok_or_else(|| anyhow::anyhow!("agent {} has no token", a.name))?;
-                tokens.insert(
-                    token.into_boxed_str(),
-                    Actor::Agent {
-                        tenant,
-                        name: Arc::from(a.name.as_str()),
-                    },
-                );
-            }
-            for n in &t.integration {
-                let token = n
-                    .token
-                    .clone()
-                    .ok_or_else(|| anyhow::anyhow!("integration {} has no token", n.name))?;
-                tokens.insert(token.into_boxed_str(), Actor::Integration { tenant });
-            }
-            // One key per tenant, derived from the server secret, so a leaked visitor token
-            // of one tenant says nothing about another's.
-            let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("any key length");
-            mac.update(b"kefu visitor key v1\0");
-            mac.update(t.name.as_bytes());
-            let bytes: [u8; 32] = mac.finalize().into_bytes().into();
-            keys.push(VisitorKey::from_bytes(bytes));
-        }
+    /// Loads the tenants (their tokens must be filled in: demo tokens are generated before
+    /// this), their intents and their visitor keys (created in the data dir on first start).
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let registry = TenantRegistry::load(
+            config.tenants.clone(),
+            None,
+            &config.config_dir,
+            &config.data_dir,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Self {
-            tokens,
-            tenant_names: config
-                .tenants
-                .iter()
-                .map(|t| t.name.as_str().into())
-                .collect(),
-            keys,
+            registry: Arc::new(registry),
             visitor_token_ttl_s: config.visitor_token_ttl_ms / 1000,
         })
     }
 
+    fn index(&self, tenant: &str) -> Result<u16, AuthError> {
+        self.registry
+            .tenants()
+            .iter()
+            .position(|t| t.name() == tenant)
+            .map(|i| i as u16)
+            .ok_or(AuthError::UnknownToken)
+    }
+
     /// The actor a bearer token stands for (401 on `Err`).
     pub fn authenticate(&self, token: &str) -> Result<Actor, AuthError> {
-        if token.is_empty() {
-            return Err(AuthError::Missing);
-        }
-        if token.starts_with(auth::VISITOR_TOKEN_PREFIX) {
-            let now_s = crate::shard::now_ms() / 1000;
-            let claims = auth::verify_visitor_token(token, now_s, |tenant| {
-                let i = self.tenant_names.iter().position(|n| &**n == tenant)?;
-                Some((&*self.tenant_names[i], &self.keys[i]))
-            })?;
-            let tenant = self
-                .tenant_names
-                .iter()
-                .position(|n| &**n == claims.tenant)
-                .ok_or(AuthError::BadSignature)? as u16;
-            return Ok(Actor::Visitor {
+        let now_s = crate::shard::now_ms() / 1000;
+        Ok(match self.registry.authenticate(token, now_s)? {
+            Principal::Visitor {
                 tenant,
-                conversation_id: claims.conversation,
-            });
-        }
-        self.tokens
-            .get(token)
-            .cloned()
-            .ok_or(AuthError::UnknownToken)
+                conversation,
+            } => Actor::Visitor {
+                tenant: self.index(tenant)?,
+                conversation_id: conversation,
+            },
+            Principal::Agent { tenant, name } => Actor::Agent {
+                tenant: self.index(tenant)?,
+                name: Arc::from(name),
+            },
+            Principal::Integration { tenant } => Actor::Integration {
+                tenant: self.index(tenant)?,
+            },
+            // No admin token is configured by the gateway; treat one like the first tenant's
+            // integration should a future config add it.
+            Principal::Admin => Actor::Integration { tenant: 0 },
+        })
     }
 
     pub fn issue_visitor_token(&self, tenant: u16, conversation: u64) -> String {
         let now_s = crate::shard::now_ms() / 1000;
-        auth::issue_visitor_token(
-            &self.keys[tenant as usize],
-            &self.tenant_names[tenant as usize],
-            conversation,
-            now_s + self.visitor_token_ttl_s,
-        )
+        let name = self.registry.tenants()[tenant as usize].name();
+        self.registry
+            .issue_visitor_token(name, conversation, now_s, self.visitor_token_ttl_s)
+            .expect("tenant indexes come from the registry")
+    }
+
+    pub fn tenant_name(&self, tenant: u16) -> &str {
+        self.registry.tenants()[tenant as usize].name()
     }
 
     pub fn tenants_len(&self) -> usize {
-        self.tenant_names.len()
+        self.registry.tenants().len()
     }
 }

@@ -119,7 +119,6 @@ async fn handle(
         };
         return match ctx.shared.access.authenticate(&token) {
             Ok(actor) => {
-                let tenants = &ctx.shared.config.tenants;
                 let (principal, tenant, id) = match &actor {
                     Actor::Visitor {
                         tenant,
@@ -138,7 +137,7 @@ async fn handle(
                         idle_timeout_ms: limits.idle_timeout_ms.min(u64::from(u32::MAX)) as u32,
                         principal,
                         shards: ctx.shared.shards() as u16,
-                        tenant: &tenants[tenant as usize].name,
+                        tenant: ctx.shared.access.tenant_name(tenant),
                         principal_id: &id,
                     }),
                     out,

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::tenant::TenantConfig;
+
 /// The config `kefu` runs on without `--config`.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../kefu.default.toml");
 
@@ -77,7 +79,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub tls: Option<TlsFile>,
     #[serde(default)]
-    pub tenant: Vec<TenantFile>,
+    /// No tenant: the embedded demo tenant (`tenant::DEMO_TENANT_TOML`).
+    pub tenant: Vec<TenantConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -326,48 +329,6 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TenantFile {
-    pub name: String,
-    /// Demo tenant: agent and integration tokens are generated on first start, kept in the data
-    /// dir, and printed.
-    #[serde(default)]
-    pub demo: bool,
-    pub groups: Vec<String>,
-    /// Intents file picking a group from the first message; the embedded demo intents if absent.
-    #[serde(default)]
-    pub intents: Option<PathBuf>,
-    #[serde(default)]
-    pub agent: Vec<AgentFile>,
-    #[serde(default)]
-    pub integration: Vec<IntegrationFile>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentFile {
-    pub name: String,
-    pub groups: Vec<String>,
-    #[serde(default = "capacity_default")]
-    pub capacity: u32,
-    /// Required unless the tenant is a demo tenant.
-    #[serde(default)]
-    pub token: Option<String>,
-}
-
-fn capacity_default() -> u32 {
-    8
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IntegrationFile {
-    pub name: String,
-    #[serde(default)]
-    pub token: Option<String>,
-}
-
 /// Flag overrides (`None`: keep the file's value).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Flags {
@@ -446,7 +407,9 @@ pub struct Config {
     pub limits: Limits,
     pub visitor_token_ttl_ms: u64,
     pub tls: Option<TlsFile>,
-    pub tenants: Vec<TenantFile>,
+    pub tenants: Vec<TenantConfig>,
+    /// Where relative paths of the config (intents files) are resolved.
+    pub config_dir: PathBuf,
 }
 
 /// Reads the file named by `--config` (or the embedded default) and applies the flags.
@@ -463,7 +426,11 @@ pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
         ),
     };
     let file = parse_toml(&text, &origin)?;
-    resolve(file, flags)
+    let mut config = resolve(file, flags)?;
+    if let Some(dir) = flags.config.as_ref().and_then(|p| p.parent()) {
+        config.config_dir = dir.to_owned();
+    }
+    Ok(config)
 }
 
 /// Parses config text; errors name the key (or the line and column where TOML gave up).
@@ -545,7 +512,13 @@ pub fn resolve(file: FileConfig, flags: &Flags) -> Result<Config, ConfigError> {
             "must be in 1000..=31536000000",
         ));
     }
-    check_tenants(&file.tenant)?;
+    let tenants = if file.tenant.is_empty() {
+        vec![crate::tenant::demo_tenant_config()]
+    } else {
+        file.tenant
+    };
+    crate::tenant::validate_tenants(&tenants, None)
+        .map_err(|e| ConfigError::new(e.key, e.problem))?;
     Ok(Config {
         http,
         tcp,
@@ -560,120 +533,9 @@ pub fn resolve(file: FileConfig, flags: &Flags) -> Result<Config, ConfigError> {
         limits: file.limits,
         visitor_token_ttl_ms: file.auth.visitor_token_ttl_ms,
         tls: file.tls,
-        tenants: file.tenant,
+        tenants,
+        config_dir: PathBuf::from("."),
     })
-}
-
-fn check_tenants(tenants: &[TenantFile]) -> Result<(), ConfigError> {
-    if tenants.is_empty() {
-        return Err(ConfigError::new(
-            "tenant",
-            "at least one [[tenant]] is needed",
-        ));
-    }
-    if tenants.len() > 64 {
-        return Err(ConfigError::new("tenant", "at most 64 tenants"));
-    }
-    let mut tokens = std::collections::HashSet::new();
-    for (ti, tenant) in tenants.iter().enumerate() {
-        let at = format!("tenant[{ti}]");
-        if !valid_name(&tenant.name) {
-            return Err(ConfigError::new(
-                format!("{at}.name"),
-                "must be 1..=64 bytes of [A-Za-z0-9_-]",
-            ));
-        }
-        if tenants[..ti].iter().any(|t| t.name == tenant.name) {
-            return Err(ConfigError::new(format!("{at}.name"), "used twice"));
-        }
-        if tenant.groups.is_empty() || tenant.groups.len() > 64 {
-            return Err(ConfigError::new(
-                format!("{at}.groups"),
-                "needs 1..=64 groups",
-            ));
-        }
-        for (gi, group) in tenant.groups.iter().enumerate() {
-            if !valid_name(group) || tenant.groups[..gi].contains(group) {
-                return Err(ConfigError::new(
-                    format!("{at}.groups"),
-                    format!("{group:?} is not a valid, unique group name"),
-                ));
-            }
-        }
-        if tenant.agent.len() > 1024 {
-            return Err(ConfigError::new(
-                format!("{at}.agent"),
-                "at most 1024 agents",
-            ));
-        }
-        for (ai, agent) in tenant.agent.iter().enumerate() {
-            let at = format!("{at}.agent[{ai}]");
-            if !valid_name(&agent.name) || tenant.agent[..ai].iter().any(|a| a.name == agent.name) {
-                return Err(ConfigError::new(
-                    format!("{at}.name"),
-                    "must be a unique name of 1..=64 bytes of [A-Za-z0-9_-]",
-                ));
-            }
-            if let Some(group) = agent.groups.iter().find(|g| !tenant.groups.contains(g)) {
-                return Err(ConfigError::new(
-                    format!("{at}.groups"),
-                    format!("{group:?} is not one of the tenant's groups"),
-                ));
-            }
-            if !(1..=64).contains(&agent.capacity) {
-                return Err(ConfigError::new(
-                    format!("{at}.capacity"),
-                    "must be in 1..=64",
-                ));
-            }
-            check_token(
-                &format!("{at}.token"),
-                &agent.token,
-                tenant.demo,
-                &mut tokens,
-            )?;
-        }
-        for (ii, integration) in tenant.integration.iter().enumerate() {
-            let at = format!("{at}.integration[{ii}]");
-            if !valid_name(&integration.name) {
-                return Err(ConfigError::new(format!("{at}.name"), "not a valid name"));
-            }
-            check_token(
-                &format!("{at}.token"),
-                &integration.token,
-                tenant.demo,
-                &mut tokens,
-            )?;
-        }
-    }
-    Ok(())
-}
-
-fn check_token(
-    key: &str,
-    token: &Option<String>,
-    demo: bool,
-    seen: &mut std::collections::HashSet<String>,
-) -> Result<(), ConfigError> {
-    match token {
-        None if demo => Ok(()),
-        None => Err(ConfigError::new(key, "required outside a demo tenant")),
-        Some(t) if t.len() < 16 || t.len() > 256 || !t.bytes().all(|b| b.is_ascii_graphic()) => {
-            Err(ConfigError::new(
-                key,
-                "must be 16..=256 printable ASCII characters",
-            ))
-        }
-        Some(t) if !seen.insert(t.clone()) => Err(ConfigError::new(key, "token used twice")),
-        Some(_) => Ok(()),
-    }
-}
-
-fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 #[cfg(test)]
@@ -753,7 +615,9 @@ mod tests {
             resolve(file, &Flags::default()).unwrap_err().key,
             "limits.buffer_bytes"
         );
-        let text = DEFAULT_CONFIG_TOML.replace("demo = true", "demo = false");
+        let text = format!(
+            "{DEFAULT_CONFIG_TOML}\n[[tenant]]\nname = \"acme\"\ngroups = [\"a\"]\n[[tenant.agent]]\nname = \"x\"\ngroups = [\"a\"]\n"
+        );
         let file = parse_toml(&text, "x").unwrap();
         assert_eq!(
             resolve(file, &Flags::default()).unwrap_err().key,

@@ -1,4 +1,4 @@
-//! Demo credentials and the server secret: generated on first start, kept in the data dir so a restart prints the same tokens and old visitor tokens stay valid.
+//! Demo credentials of any tenant marked `demo = true`: generated on first start, kept in the data dir so a restart prints the same tokens.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -6,13 +6,10 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::config::TenantFile;
+use crate::tenant::{Secret, TenantConfig};
 
 /// File in the data dir holding generated demo tokens, one `KEY=TOKEN` line each.
 pub const DEMO_TOKENS_FILE: &str = "demo-tokens";
-/// File in the data dir holding the HMAC key for visitor tokens.
-pub const SECRET_FILE: &str = "secret";
-
 /// `bytes` random bytes from the kernel.
 pub fn random_bytes(bytes: usize) -> anyhow::Result<Vec<u8>> {
     let mut out = vec![0u8; bytes];
@@ -39,30 +36,11 @@ fn write_atomically(path: &Path, text: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The server's 32-byte HMAC key, created on first start.
-pub fn load_or_create_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
-    let path = data_dir.join(SECRET_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) if bytes.len() == 32 => Ok(bytes),
-        Ok(bytes) => anyhow::bail!(
-            "{} holds {} bytes, expected 32: remove it to make a new one (visitor tokens are then void)",
-            path.display(),
-            bytes.len()
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let secret = random_bytes(32)?;
-            write_atomically(&path, &secret)?;
-            Ok(secret)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
 /// Fills in the tokens of demo tenants: reused from the data dir, generated where missing
 /// (and then saved). Returns the lines to print before the ready line.
 pub fn fill_demo_tokens(
     data_dir: &Path,
-    tenants: &mut [TenantFile],
+    tenants: &mut [TenantConfig],
 ) -> anyhow::Result<Vec<String>> {
     if !tenants.iter().any(|t| t.demo) {
         return Ok(Vec::new());
@@ -87,14 +65,14 @@ pub fn fill_demo_tokens(
         for agent in &mut tenant.agent {
             let key = format!("{}/agent/{}", tenant.name, agent.name);
             let token = match &agent.token {
-                Some(t) => t.clone(),
+                Some(t) => t.expose().to_owned(),
                 None => match saved.get(&key) {
                     Some(t) => t.clone(),
                     None => random_token()?,
                 },
             };
             saved.insert(key, token.clone());
-            agent.token = Some(token.clone());
+            agent.token = Some(Secret::new(token.clone()));
             lines.push(format!(
                 "kefu demo agent={} groups={} token={token}",
                 agent.name,
@@ -104,14 +82,14 @@ pub fn fill_demo_tokens(
         for integration in &mut tenant.integration {
             let key = format!("{}/integration/{}", tenant.name, integration.name);
             let token = match &integration.token {
-                Some(t) => t.clone(),
+                Some(t) => t.expose().to_owned(),
                 None => match saved.get(&key) {
                     Some(t) => t.clone(),
                     None => random_token()?,
                 },
             };
             saved.insert(key, token.clone());
-            integration.token = Some(token.clone());
+            integration.token = Some(Secret::new(token.clone()));
             lines.push(format!("kefu demo integration token={token}"));
         }
     }
@@ -145,7 +123,5 @@ mod tests {
         let mut again = load(&Flags::default()).unwrap().tenants;
         let second = fill_demo_tokens(dir.path(), &mut again).unwrap();
         assert_eq!(first, second);
-        let secret = load_or_create_secret(dir.path()).unwrap();
-        assert_eq!(secret, load_or_create_secret(dir.path()).unwrap());
     }
 }

@@ -18,7 +18,7 @@
 //! agent's capacity applies per shard, so with N shards an agent may hold up to N times its
 //! configured capacity.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -30,8 +30,9 @@ use kefu_protocol::model::{
     ModelLimits, Opened, Participant, Role, TransferTarget, apply_event,
 };
 
-use crate::intent::IntentModel;
+use crate::ratelimit::RateLimiter;
 use crate::routing::{AgentId, Effect, GroupId, Placement, RouteError, Router, RouterLimits};
+use crate::tenant::TenantRegistry;
 
 /// What the engine needs from the shard log. The real one is `kefu_storage::Log`; tests use a
 /// vector.
@@ -173,6 +174,9 @@ pub enum EngineError {
     },
     #[error("{0}")]
     BadRequest(String),
+    /// The visitor sends faster than the tenant's rate limit.
+    #[error("rate limit exceeded: retry after {retry_after_s} s")]
+    RateLimited { retry_after_s: u64 },
     /// Limits reached (conversations, queue): the client should retry later.
     #[error("{0}")]
     Overloaded(String),
@@ -188,6 +192,7 @@ impl EngineError {
             Self::Forbidden(_) => 403,
             Self::Conflict { .. } => 409,
             Self::BadRequest(_) => 400,
+            Self::RateLimited { .. } => 429,
             Self::Overloaded(_) | Self::Storage(_) => 503,
         }
     }
@@ -203,19 +208,14 @@ pub struct EngineLimits {
     pub model: ModelLimits,
 }
 
-/// One tenant as a shard sees it.
-pub struct TenantSetup {
-    pub name: String,
-    pub groups: Vec<String>,
-    /// (name, groups, capacity)
-    pub agents: Vec<(String, Vec<String>, u32)>,
-    pub intents: Arc<IntentModel>,
-}
-
+/// One tenant as a shard sees it: its router, rate limiter and agent inboxes. The tenant's
+/// configuration (intents, auto-replies, limits) is read from the shared registry.
 struct Tenant {
     name: Arc<str>,
     router: Router,
-    intents: Arc<IntentModel>,
+    /// Visitor messages per conversation (the owning shard sees all of them: exact).
+    rate: RateLimiter,
+    auto_close_idle_ms: u64,
     /// Groups of each agent, by `AgentId::index`.
     agent_groups: Vec<Vec<GroupId>>,
     /// Agent sockets on any shard that want this tenant's offers and assignments.
@@ -236,6 +236,10 @@ struct Conversation {
     idempotency: HashMap<Box<str>, (u64, u64)>,
     idempotency_order: VecDeque<Box<str>>,
     subscribers: Vec<Arc<Outbox>>,
+    /// System auto-replies sent so far (bounded per conversation by the tenant).
+    auto_replies_sent: u32,
+    /// When a resolved conversation closes for idleness (0: not scheduled).
+    close_at_ms: u64,
 }
 
 /// Answer to a create.
@@ -295,24 +299,30 @@ pub struct Engine {
     appended_end: u64,
     effects: Vec<Effect>,
     scratch: Vec<u8>,
+    fold_scratch: String,
     poisoned: Option<String>,
+    registry: Arc<TenantRegistry>,
+    /// Resolved conversations by the time they close for idleness.
+    auto_close: BTreeSet<(u64, u64)>,
 }
 
 impl Engine {
     pub fn new(
         shard: u16,
         limits: EngineLimits,
-        tenants: Vec<TenantSetup>,
+        registry: Arc<TenantRegistry>,
         router_limits: RouterLimits,
     ) -> Result<Self, String> {
-        let mut out = Vec::with_capacity(tenants.len());
-        for setup in tenants {
+        let mut out = Vec::with_capacity(registry.tenants().len());
+        for tenant in registry.tenants() {
+            let setup = &tenant.config;
             let mut router = Router::new(router_limits).map_err(|e| e.to_string())?;
             for group in &setup.groups {
                 router.add_group(group).map_err(|e| e.to_string())?;
             }
-            let mut agent_groups = Vec::with_capacity(setup.agents.len());
-            for (name, groups, capacity) in &setup.agents {
+            let mut agent_groups = Vec::with_capacity(setup.agent.len());
+            for a in &setup.agent {
+                let (name, groups, capacity) = (&a.name, &a.groups, &a.capacity);
                 let ids: Vec<GroupId> = groups
                     .iter()
                     .map(|g| router.group_id(g).ok_or(format!("unknown group {g}")))
@@ -324,9 +334,10 @@ impl Engine {
                 agent_groups.push(ids);
             }
             out.push(Tenant {
-                name: setup.name.into(),
+                name: setup.name.as_str().into(),
                 router,
-                intents: setup.intents,
+                rate: RateLimiter::new(&setup.visitor_rate_limit),
+                auto_close_idle_ms: setup.auto_close_idle_ms,
                 agent_groups,
                 inboxes: HashMap::new(),
             });
@@ -342,7 +353,10 @@ impl Engine {
             appended_end: 0,
             effects: Vec::new(),
             scratch: Vec::new(),
+            fold_scratch: String::new(),
             poisoned: None,
+            registry,
+            auto_close: BTreeSet::new(),
         })
     }
 
@@ -498,7 +512,9 @@ impl Engine {
         }
         let group_name: String = match group_hint {
             Some(g) => g.to_owned(),
-            None => t.intents.classify(text.unwrap_or("")).group.to_owned(),
+            None => self.registry.tenants()[tenant as usize]
+                .classify_group(text)
+                .to_owned(),
         };
         let group = t.router.group_id(&group_name).ok_or_else(|| {
             EngineError::BadRequest(format!("group {group_name:?} does not exist"))
@@ -534,6 +550,8 @@ impl Engine {
                 idempotency: HashMap::new(),
                 idempotency_order: VecDeque::new(),
                 subscribers: Vec::new(),
+                auto_replies_sent: 0,
+                close_at_ms: 0,
             },
         );
         let position = self.tenants[tenant as usize]
@@ -560,7 +578,10 @@ impl Engine {
         let mut first_message_seq = None;
         if let Some(text) = text {
             let from = Participant::new(Role::Visitor, visitor_id.clone());
-            match self.append_message(log, id, from, text, None, now_us) {
+            match self
+                .append_message(log, id, from, text, None, now_us)
+                .and_then(|sent| self.auto_reply(log, id, text, now_us).map(|()| sent))
+            {
                 Ok(sent) => first_message_seq = Some(sent.seq),
                 Err(e) => {
                     self.effects = effects;
@@ -704,6 +725,7 @@ impl Engine {
         self.write(log, Kind::Event, id, seq, now_us, json)?;
         let conv = self.conversations.get_mut(&id).expect("checked");
         fold_event(conv, &record.event, next_state);
+        self.schedule_close(id, now_us);
         Ok(seq)
     }
 
@@ -778,6 +800,64 @@ impl Engine {
         Ok(offset)
     }
 
+    /// (Re)schedules the idle close of a conversation after its state changed.
+    fn schedule_close(&mut self, id: u64, now_us: u64) {
+        let Some(conv) = self.conversations.get_mut(&id) else {
+            return;
+        };
+        if conv.close_at_ms != 0 {
+            self.auto_close.remove(&(conv.close_at_ms, id));
+            conv.close_at_ms = 0;
+        }
+        let idle_ms = self.tenants[conv.tenant as usize].auto_close_idle_ms;
+        if conv.state == ConversationState::Resolved && idle_ms > 0 {
+            conv.close_at_ms = now_us / 1000 + idle_ms;
+            self.auto_close.insert((conv.close_at_ms, id));
+        }
+    }
+
+    /// Closes resolved conversations whose idle time ran out by `now_ms`.
+    fn close_idle(&mut self, log: &mut dyn RecordLog, now_ms: u64) {
+        while let Some(&(at, id)) = self.auto_close.first() {
+            if at > now_ms || self.poisoned.is_some() {
+                return;
+            }
+            self.auto_close.remove(&(at, id));
+            if let Some(conv) = self.conversations.get_mut(&id) {
+                conv.close_at_ms = 0;
+            }
+            let event = Event::Closed {
+                reason: "idle".into(),
+            };
+            let from = Some(Participant::new(Role::System, "kefu"));
+            // A failure poisons the engine; nothing more to do here.
+            let _ = self.append_event(log, id, from, event, None, now_ms * 1000);
+        }
+    }
+
+    /// The tenant's keyword auto-reply to a visitor message, stored as a system message.
+    fn auto_reply(
+        &mut self,
+        log: &mut dyn RecordLog,
+        id: u64,
+        text: &str,
+        now_us: u64,
+    ) -> Result<(), EngineError> {
+        let conv = self.conv(id)?;
+        let registry = self.registry.clone();
+        let tenant = &registry.tenants()[conv.tenant as usize];
+        let sent = conv.auto_replies_sent;
+        let Some(reply) = tenant.auto_replies.find(text, sent, &mut self.fold_scratch) else {
+            return Ok(());
+        };
+        let from = Participant::new(Role::System, "kefu");
+        self.append_message(log, id, from, reply.text, None, now_us)?;
+        if let Some(conv) = self.conversations.get_mut(&id) {
+            conv.auto_replies_sent += 1;
+        }
+        Ok(())
+    }
+
     /// Stores a message from a participant. A retry with a known `client_msg_id` returns the
     /// original seq and stores nothing.
     #[allow(clippy::too_many_arguments)]
@@ -841,7 +921,21 @@ impl Engine {
             }
             _ => {}
         }
-        self.append_message(log, id, from, text, client_msg_id, now_us)
+        let visitor = from.role == Role::Visitor;
+        if visitor {
+            let tenant = self.conv(id)?.tenant;
+            self.tenants[tenant as usize]
+                .rate
+                .check(id, now_us / 1000)
+                .map_err(|l| EngineError::RateLimited {
+                    retry_after_s: l.retry_after_s(),
+                })?;
+        }
+        let sent = self.append_message(log, id, from, text, client_msg_id, now_us)?;
+        if visitor {
+            self.auto_reply(log, id, text, now_us)?;
+        }
+        Ok(sent)
     }
 
     fn reopen(
@@ -1200,6 +1294,9 @@ impl Engine {
                 check_dense(conv.last_seq, header.seq, id)?;
                 conv.last_seq = header.seq;
                 conv.released_seq = header.seq;
+                if record.from.role == Role::System {
+                    conv.auto_replies_sent += 1;
+                }
                 if let Some(key) = &record.client_msg_id {
                     remember_key(conv, key, header.seq, record.ts, keys_max);
                 }
@@ -1229,6 +1326,8 @@ impl Engine {
                             idempotency: HashMap::new(),
                             idempotency_order: VecDeque::new(),
                             subscribers: Vec::new(),
+                            auto_replies_sent: 0,
+                            close_at_ms: 0,
                         },
                     );
                 }
@@ -1246,6 +1345,7 @@ impl Engine {
                 fold_event(conv, &record.event, next);
                 conv.last_seq = header.seq;
                 conv.released_seq = header.seq;
+                self.schedule_close(id, record.ts);
             }
             other => return Err(format!("unexpected record kind {other:?}")),
         }
@@ -1294,6 +1394,7 @@ impl Engine {
 
     /// Time-driven routing work (agents whose socket grace ran out).
     pub fn tick(&mut self, log: &mut dyn RecordLog, now_ms: u64) {
+        self.close_idle(log, now_ms);
         for tenant in 0..self.tenants.len() {
             let mut effects = std::mem::take(&mut self.effects);
             effects.clear();

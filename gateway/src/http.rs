@@ -35,6 +35,8 @@ pub struct HttpError {
     pub status: u16,
     pub message: String,
     pub state: Option<kefu_protocol::model::ConversationState>,
+    /// `Retry-After` seconds (429 and 503).
+    pub retry_after_s: u32,
 }
 
 impl HttpError {
@@ -43,6 +45,7 @@ impl HttpError {
             status,
             message: message.into(),
             state: None,
+            retry_after_s: 1,
         }
     }
 }
@@ -53,10 +56,15 @@ impl From<EngineError> for HttpError {
             EngineError::Conflict { state, .. } => Some(*state),
             _ => None,
         };
+        let retry_after_s = match &e {
+            EngineError::RateLimited { retry_after_s } => (*retry_after_s).min(3600) as u32,
+            _ => 1,
+        };
         Self {
             status: e.status(),
             message: e.to_string(),
             state,
+            retry_after_s,
         }
     }
 }
@@ -194,8 +202,8 @@ fn write_error(out: &mut Vec<u8>, e: &HttpError, keep_alive: bool) {
     let mut head = ResponseHead::new(e.status)
         .content_type(JSON)
         .keep_alive(keep_alive);
-    if e.status == 503 {
-        head = head.retry_after_secs(1);
+    if e.status == 503 || e.status == 429 {
+        head = head.retry_after_secs(e.retry_after_s);
     }
     match e.state {
         Some(state) => {

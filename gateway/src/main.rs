@@ -48,6 +48,5 @@ fn run(config: &mut config::Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let demo_lines = kefu_gateway::demo::fill_demo_tokens(&config.data_dir, &mut config.tenants)?;
-    let secret = kefu_gateway::demo::load_or_create_secret(&config.data_dir)?;
-    kefu_gateway::server::run(config.clone(), demo_lines, secret)
+    kefu_gateway::server::run(config.clone(), demo_lines)
 }

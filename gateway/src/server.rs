@@ -16,8 +16,7 @@ use kefu_storage::{Log, LogConfig};
 
 use crate::access::Access;
 use crate::config::{Config, Durability};
-use crate::engine::{Engine, EngineLimits, TenantSetup};
-use crate::intent::IntentModel;
+use crate::engine::{Engine, EngineLimits};
 use crate::metrics::{Disconnect, ShardMetrics};
 use crate::routing::RouterLimits;
 use crate::shard::{BufferPool, Inbox, committer, now_ms};
@@ -168,7 +167,7 @@ fn storage_durability(d: Durability) -> kefu_storage::Durability {
 }
 
 /// Runs the gateway until SIGTERM/SIGINT. `demo_lines` are printed before the ready line.
-pub fn run(config: Config, demo_lines: Vec<String>, secret: Vec<u8>) -> anyhow::Result<()> {
+pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
     let signals = block_signals();
     let shards = config.shards;
     std::fs::create_dir_all(&config.data_dir)
@@ -194,7 +193,7 @@ pub fn run(config: Config, demo_lines: Vec<String>, secret: Vec<u8>) -> anyhow::
         Some(t) => Some(crate::tls::server_config(t)?),
         None => None,
     };
-    let access = Access::new(&config, &secret)?;
+    let access = Access::new(&config)?;
     let shared = Arc::new(Shared {
         inboxes: (0..shards)
             .map(|_| Arc::new(Inbox::new(config.limits.shard_inbox_depth)))
@@ -310,28 +309,8 @@ fn shard_thread(
     rt.block_on(shard_main(id, shared, http, tcp, ready, true))
 }
 
-/// Builds the shard's engine from the config.
-fn build_engine(id: u16, config: &Config) -> anyhow::Result<Engine> {
-    let mut tenants = Vec::with_capacity(config.tenants.len());
-    for t in &config.tenants {
-        let text = match &t.intents {
-            Some(path) => std::fs::read_to_string(path)
-                .with_context(|| format!("reading intents {}", path.display()))?,
-            None => include_str!("../intents/demo.toml").to_owned(),
-        };
-        let intents = IntentModel::from_toml_str(&text)
-            .map_err(|e| anyhow::anyhow!("tenant {}: intents: {e}", t.name))?;
-        tenants.push(TenantSetup {
-            name: t.name.clone(),
-            groups: t.groups.clone(),
-            agents: t
-                .agent
-                .iter()
-                .map(|a| (a.name.clone(), a.groups.clone(), a.capacity))
-                .collect(),
-            intents: Arc::new(intents),
-        });
-    }
+/// Builds the shard's engine from the config and the tenant registry.
+fn build_engine(id: u16, config: &Config, access: &Access) -> anyhow::Result<Engine> {
     let l = &config.limits;
     let limits = EngineLimits {
         conversations_max: l.conversations_per_shard_max,
@@ -345,7 +324,8 @@ fn build_engine(id: u16, config: &Config) -> anyhow::Result<Engine> {
         queue_len_max: l.conversations_per_shard_max,
         ..RouterLimits::DEMO
     };
-    Engine::new(id, limits, tenants, router_limits).map_err(|e| anyhow::anyhow!("{e}"))
+    Engine::new(id, limits, access.registry.clone(), router_limits)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 async fn shard_main(
@@ -365,7 +345,7 @@ async fn shard_main(
     if let Some(t) = &report.truncated {
         eprintln!("kefu: shard {id}: log tail cut at recovery: {t:?}");
     }
-    let mut engine = build_engine(id, config)?;
+    let mut engine = build_engine(id, config, &shared.access)?;
     let mut from = log.start_offset();
     let mut failure = None;
     loop {

@@ -36,8 +36,24 @@ impl RecordLog for MemLog {
     }
 }
 
-fn intents() -> Arc<IntentModel> {
-    Arc::new(IntentModel::from_toml_str(include_str!("../../intents/demo.toml")).unwrap())
+/// The embedded demo tenant (alice: sales+support, bob: support, carol: sales) with test
+/// tokens, a generous rate limit and capacity 2.
+fn registry() -> Arc<TenantRegistry> {
+    use crate::tenant::{Secret, Tenant, demo_tenant_config, load_intents};
+    let mut config = demo_tenant_config();
+    for (i, a) in config.agent.iter_mut().enumerate() {
+        a.token = Some(Secret::new(format!("test-agent-token-{i:04}")));
+        a.capacity = 2;
+    }
+    for (i, n) in config.integration.iter_mut().enumerate() {
+        n.token = Some(Secret::new(format!("test-integration-token-{i:04}")));
+    }
+    config.visitor_rate_limit.messages_per_s = 1000;
+    config.visitor_rate_limit.burst = 1000;
+    config.auto_close_idle_ms = 1000;
+    let intents = load_intents(&config, "tenant[0]", std::path::Path::new(".")).unwrap();
+    let key = crate::auth::VisitorKey::from_bytes([7; 32]);
+    Arc::new(TenantRegistry::new(vec![Tenant::new(config, key, intents)], None).unwrap())
 }
 
 fn engine(shard: u16) -> Engine {
@@ -50,15 +66,7 @@ fn engine(shard: u16) -> Engine {
             subscribers_per_conversation_max: 8,
             model: ModelLimits::DEFAULT,
         },
-        vec![TenantSetup {
-            name: "demo".into(),
-            groups: vec!["sales".into(), "support".into()],
-            agents: vec![
-                ("alice".into(), vec!["sales".into(), "support".into()], 2),
-                ("bob".into(), vec!["support".into()], 2),
-            ],
-            intents: intents(),
-        }],
+        registry(),
         RouterLimits::DEMO,
     )
     .unwrap()
@@ -316,4 +324,54 @@ fn recovery_rebuilds_state_seqs_and_keys() {
     assert!(c.conversation_id > b, "ids are not reused after recovery");
     // Alice is in her grace period: she keeps b, is offered nothing new.
     assert!(matches!(r.placement(b), Some(Placement::Assigned { .. })));
+}
+
+#[test]
+fn auto_reply_rate_limit_and_idle_close() {
+    let mut log = MemLog::default();
+    let mut e = engine(0);
+    let c = e
+        .create(&mut log, 0, "Ann", "web", None, Some("support"), 1_000)
+        .unwrap();
+    let id = c.conversation_id;
+    let visitor = Actor::Visitor {
+        tenant: 0,
+        conversation_id: id,
+    };
+    // A keyword of the demo tenant's auto-replies answers with a system message.
+    let sent = e
+        .send(
+            &mut log,
+            id,
+            &visitor,
+            "what are your opening hours?",
+            None,
+            2_000,
+        )
+        .unwrap();
+    let (h, p) = log.frames.last().unwrap();
+    assert_eq!(h.seq, sent.seq + 1);
+    assert!(String::from_utf8_lossy(p).contains("\"role\":\"system\""));
+    // Rate limit: a burst beyond the tenant's bucket answers 429.
+    let mut limited = None;
+    for i in 0..5000u64 {
+        if let Err(err) = e.send(&mut log, id, &visitor, "x", None, 3_000 + i) {
+            limited = Some(err);
+            break;
+        }
+    }
+    assert_eq!(limited.map(|e| e.status()), Some(429));
+    // Resolved and idle for auto_close_idle_ms (1 s in this registry): closed.
+    e.transition(&mut log, id, "bob", 0, &Transition::Accept, 10_000)
+        .unwrap();
+    e.transition(&mut log, id, "bob", 0, &Transition::Resolve, 20_000)
+        .unwrap();
+    e.tick(&mut log, 20 + 500);
+    assert_eq!(e.state(id).unwrap().0, ConversationState::Resolved);
+    e.tick(&mut log, 20 + 1000);
+    assert_eq!(e.state(id).unwrap().0, ConversationState::Closed);
+    let err = e
+        .send(&mut log, id, &visitor, "hello?", None, 2_000_000)
+        .unwrap_err();
+    assert_eq!(err.status(), 409);
 }
