@@ -323,6 +323,7 @@ pub struct Request<'b> {
 }
 
 /// Parses one complete request (head and body) from the start of `buf`.
+#[inline]
 pub fn parse_request<'b>(buf: &'b [u8], limits: &HttpLimits) -> Result<Request<'b>, ParseError> {
     let head = parse_head(buf, limits)?;
     let rest = &buf[head.head_len..];
@@ -400,38 +401,45 @@ pub fn parse_head<'b>(buf: &'b [u8], limits: &HttpLimits) -> Result<RequestHead<
     let mut expect_continue = false;
     let mut host_count = 0u32;
     for h in &headers[..headers_len] {
+        // Dispatch on length first: most headers match none of these names.
         let name = h.name;
-        if name.eq_ignore_ascii_case("content-length") {
-            let n = parse_content_length(h.value)?;
-            if content_length.is_some_and(|prev| prev != n) {
-                return Err(InvalidRequest::ConflictingContentLength.into());
+        let is = |want: &str| name.eq_ignore_ascii_case(want);
+        match name.len() {
+            14 if is("content-length") => {
+                let n = parse_content_length(h.value)?;
+                if content_length.is_some_and(|prev| prev != n) {
+                    return Err(InvalidRequest::ConflictingContentLength.into());
+                }
+                content_length = Some(n);
             }
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            te_seen = true;
-            for coding in tokens(h.value) {
-                if coding.eq_ignore_ascii_case(b"chunked") {
-                    te_chunked_count += 1;
-                    te_last_is_chunked = true;
-                } else {
-                    te_other = true;
-                    te_last_is_chunked = false;
+            17 if is("transfer-encoding") => {
+                te_seen = true;
+                for coding in tokens(h.value) {
+                    if coding.eq_ignore_ascii_case(b"chunked") {
+                        te_chunked_count += 1;
+                        te_last_is_chunked = true;
+                    } else {
+                        te_other = true;
+                        te_last_is_chunked = false;
+                    }
                 }
             }
-        } else if name.eq_ignore_ascii_case("connection") {
-            for t in tokens(h.value) {
-                if t.eq_ignore_ascii_case(b"close") {
-                    conn_close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    conn_keep_alive = true;
-                } else if t.eq_ignore_ascii_case(b"upgrade") {
-                    connection_upgrade = true;
+            10 if is("connection") => {
+                for t in tokens(h.value) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        conn_close = true;
+                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                        conn_keep_alive = true;
+                    } else if t.eq_ignore_ascii_case(b"upgrade") {
+                        connection_upgrade = true;
+                    }
                 }
             }
-        } else if name.eq_ignore_ascii_case("host") {
-            host_count += 1;
-        } else if name.eq_ignore_ascii_case("expect") {
-            expect_continue = trim_ows(h.value).eq_ignore_ascii_case(b"100-continue");
+            4 if is("host") => host_count += 1,
+            6 if is("expect") => {
+                expect_continue = trim_ows(h.value).eq_ignore_ascii_case(b"100-continue");
+            }
+            _ => {}
         }
     }
 
