@@ -168,14 +168,19 @@ impl WsConnection {
         buf: &'b mut [u8],
         out: &mut Vec<u8>,
     ) -> Result<(Option<Step<'b>>, usize), WsError> {
-        let (frame, consumed) =
-            match decode_frame(buf, self.role, self.limits.frame_payload_bytes_max) {
-                Ok(f) => f,
-                Err(FrameError::Incomplete { needed }) => {
-                    return Err(WsError::Incomplete { needed });
-                }
-                Err(FrameError::Invalid(e)) => return Err(e.into()),
-            };
+        // A frame larger than a whole message can never be valid, so refuse it from its
+        // header; this also bounds unfragmented messages by message_bytes_max.
+        let frame_max = self
+            .limits
+            .frame_payload_bytes_max
+            .min(self.limits.message_bytes_max as u64);
+        let (frame, consumed) = match decode_frame(buf, self.role, frame_max) {
+            Ok(f) => f,
+            Err(FrameError::Incomplete { needed }) => {
+                return Err(WsError::Incomplete { needed });
+            }
+            Err(FrameError::Invalid(e)) => return Err(e.into()),
+        };
         let fin = frame.header.fin;
         let payload = frame.payload;
         let event = match frame.header.opcode {

@@ -224,6 +224,23 @@ fn oversized_frames_are_refused_from_the_header_alone() {
 }
 
 #[test]
+fn unfragmented_messages_are_bounded_by_the_message_limit_too() {
+    let mut conn = WsConnection::new(WsLimits {
+        frame_payload_bytes_max: 4096,
+        message_bytes_max: 100,
+    });
+    let mut out = Vec::new();
+    let mut buf = masked(true, OpCode::Text, &[b'a'; 101]);
+    assert_eq!(
+        conn.decode(&mut buf, &mut out).unwrap_err(),
+        WsError::Invalid(WsInvalid::FrameTooLarge)
+    );
+    assert_eq!(out, [0x88, 0x02, 0x03, 0xf1]); // 1009
+    let mut buf = masked(true, OpCode::Text, &[b'a'; 100]);
+    assert!(server().decode(&mut buf, &mut out).is_ok());
+}
+
+#[test]
 fn oversized_fragmented_messages_are_refused() {
     let mut conn = WsConnection::new(WsLimits {
         frame_payload_bytes_max: 1000,
