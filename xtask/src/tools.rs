@@ -125,7 +125,7 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     }
     eprintln!(
         "xtask: installing bpf-linker {BPF_LINKER_VERSION} into {} against rustc's LLVM {major} \
-         (about 1-2 minutes on 2 cores)",
+         (a few minutes: it compiles about 150 crates)",
         tools.display()
     );
     let prefix = tools.join("llvm-prefix");
