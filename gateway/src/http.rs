@@ -83,6 +83,12 @@ pub enum Next {
     WebSocket(crate::ws::Upgraded),
     /// Switch to streaming the log of `shard` from `from`.
     Stream { shard: u16, from: u64, follow: bool },
+    /// Send an attachment's bytes (sendfile on plain connections), then go on.
+    Attachment {
+        id: String,
+        actor: Actor,
+        keep_alive: bool,
+    },
 }
 
 /// Sends a command to the shard owning it and waits for the answer. A full inbox is overload:
@@ -162,6 +168,15 @@ fn body_json<T: serde::de::DeserializeOwned + Validate>(
     ctx: &ShardCtx,
     body: &[u8],
 ) -> Result<T, HttpError> {
+    if body.len() > ctx.shared.json_body_bytes_max {
+        return Err(HttpError::new(
+            413,
+            format!(
+                "body larger than request_body_bytes_max = {}",
+                ctx.shared.json_body_bytes_max
+            ),
+        ));
+    }
     parse_json::<T>(body, &model_limits(ctx)).map_err(|e| HttpError::new(400, e.to_string()))
 }
 
@@ -245,37 +260,41 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
     let mut buf: Option<Vec<u8>> = None;
     let mut out: Vec<u8> = Vec::new();
     let mut continue_sent = false;
+    // Requests already buffered after a response that took over the socket for a while.
+    let mut parse_pending = false;
     loop {
-        if buf.as_ref().is_none_or(|b| b.is_empty()) {
-            if let Some(b) = buf.take() {
-                ctx.pool.give(b);
+        let mut read_at_ns = 0;
+        if !parse_pending {
+            if buf.as_ref().is_none_or(|b| b.is_empty()) {
+                if let Some(b) = buf.take() {
+                    ctx.pool.give(b);
+                }
+                // Idle: no buffer pinned while waiting.
+                if out.capacity() > 0 {
+                    out = Vec::new();
+                }
+                let ready = monoio::select! {
+                    r = conn.readable() => r.is_ok(),
+                    _ = monoio::time::sleep(idle) => return Disconnect::IdleTimeout,
+                    _ = ctx.stopped(conn_id) => return Disconnect::Shutdown,
+                };
+                if !ready {
+                    return Disconnect::IoError;
+                }
             }
-            // Idle: no buffer pinned while waiting.
-            if out.capacity() > 0 {
-                out = Vec::new();
+            let b = buf.take().unwrap_or_else(|| ctx.pool.take());
+            let (res, b) = conn.read_append(b).await;
+            if kefu_trace_common::tracer_attached() {
+                read_at_ns = now_ns();
             }
-            let ready = monoio::select! {
-                r = conn.readable() => r.is_ok(),
-                _ = monoio::time::sleep(idle) => return Disconnect::IdleTimeout,
-                _ = ctx.stopped(conn_id) => return Disconnect::Shutdown,
-            };
-            if !ready {
-                return Disconnect::IoError;
+            buf = Some(b);
+            match res {
+                Ok(0) => return Disconnect::Closed,
+                Ok(_) => {}
+                Err(_) => return Disconnect::IoError,
             }
         }
-        let b = buf.take().unwrap_or_else(|| ctx.pool.take());
-        let (res, b) = conn.read_append(b).await;
-        let read_at_ns = if kefu_trace_common::tracer_attached() {
-            now_ns()
-        } else {
-            0
-        };
-        buf = Some(b);
-        match res {
-            Ok(0) => return Disconnect::Closed,
-            Ok(_) => {}
-            Err(_) => return Disconnect::IoError,
-        }
+        parse_pending = false;
         // Handle every complete request in the buffer (pipelining), then write once.
         let mut next = Next::Continue { keep_alive: true };
         loop {
@@ -382,6 +401,27 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
         match next {
             Next::Continue { keep_alive: true } => {}
             Next::Continue { keep_alive: false } => return Disconnect::Closed,
+            Next::Attachment {
+                id,
+                actor,
+                keep_alive,
+            } => {
+                if let Err(e) = download(&ctx, &mut conn, &id, &actor, keep_alive).await {
+                    let mut out = Vec::new();
+                    write_error(&mut out, &e, keep_alive);
+                    ctx.metrics.response(e.status);
+                    let (res, _) = conn.write_all(out).await;
+                    if res.is_err() {
+                        return Disconnect::IoError;
+                    }
+                } else {
+                    ctx.metrics.response(200);
+                }
+                if !keep_alive {
+                    return Disconnect::Closed;
+                }
+                parse_pending = buf.as_ref().is_some_and(|b| !b.is_empty());
+            }
             Next::WebSocket(up) => {
                 let rest = buf.take().unwrap_or_default();
                 return crate::ws::serve(ctx.clone(), conn, up, rest, conn_id).await;
@@ -626,6 +666,21 @@ async fn route(
             write_json(out, 200, keep_alive, body.as_bytes());
             Ok(done)
         }
+        (Method::Post, ["v1", "conversations", id, "attachments"]) => {
+            let id = conversation_id(ctx, id)?;
+            let actor = authenticate(ctx, head)?;
+            upload(ctx, head, body, id, actor, keep_alive, out).await?;
+            Ok(done)
+        }
+        (Method::Get, ["v1", "attachments", att]) => {
+            let actor = authenticate(ctx, head)?;
+            let att = (*att).to_owned();
+            Ok(Next::Attachment {
+                id: att,
+                actor,
+                keep_alive,
+            })
+        }
         (Method::Get, ["v1", "ws"]) => {
             let up = crate::ws::upgrade(ctx, head, out)?;
             Ok(Next::WebSocket(up))
@@ -661,6 +716,95 @@ async fn route(
 
 fn internal() -> HttpError {
     HttpError::new(500, "unexpected reply from the shard")
+}
+
+/// Checks that `actor` may see conversation `id` (through its owning shard).
+async fn check_participant(ctx: &ShardCtx, id: u64, actor: Actor) -> Result<(), HttpError> {
+    let outcome = call(ctx, (id >> 48) as u16, |reply| Command::View {
+        conv: id,
+        actor,
+        reply,
+    })
+    .await?;
+    match outcome {
+        Outcome::View(v) => v.map(|_| ()).map_err(HttpError::from),
+        _ => Err(internal()),
+    }
+}
+
+fn tenant_of(actor: &Actor) -> u16 {
+    match actor {
+        Actor::Visitor { tenant, .. }
+        | Actor::Agent { tenant, .. }
+        | Actor::Integration { tenant } => *tenant,
+    }
+}
+
+/// `POST /v1/conversations/{id}/attachments`: the raw body, stored by `attachments` (size
+/// limit 413, type allow-list 415, fsync before the 201).
+async fn upload(
+    ctx: &Rc<ShardCtx>,
+    head: &RequestHead<'_>,
+    body: &[u8],
+    id: u64,
+    actor: Actor,
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), HttpError> {
+    let tenant = tenant_of(&actor);
+    check_participant(ctx, id, actor).await?;
+    let content_type = head
+        .header_str("content-type")
+        .ok_or_else(|| HttpError::new(415, "Content-Type is required"))?;
+    let name = ctx.shared.access.tenant_name(tenant);
+    let limits = &ctx.shared.access.registry.tenants()[tenant as usize]
+        .config
+        .attachments;
+    let store = &ctx.shared.attachments;
+    let err =
+        |e: crate::attachments::AttachmentError| HttpError::new(e.http_status(), e.to_string());
+    // A short block of the shard thread: the body is already in memory (bounded by the
+    // tenant's size limit), so this is one write and one fsync.
+    let mut upload = store
+        .begin(name, id, content_type, Some(body.len() as u64), limits)
+        .map_err(err)?;
+    upload.write_chunk(body).map_err(err)?;
+    let meta = upload.finish().map_err(err)?;
+    let json = kefu_protocol::model::AttachmentResponse {
+        attachment_id: meta.id,
+        size: meta.size,
+    };
+    write_json(out, 201, keep_alive, &json.to_json_vec());
+    Ok(())
+}
+
+/// `GET /v1/attachments/{id}`: the bytes with `sendfile` on plain connections.
+async fn download(
+    ctx: &Rc<ShardCtx>,
+    conn: &mut Conn,
+    id: &str,
+    actor: &Actor,
+    keep_alive: bool,
+) -> Result<(), HttpError> {
+    let tenant = tenant_of(actor);
+    let name = ctx.shared.access.tenant_name(tenant);
+    let (meta, file) = ctx
+        .shared
+        .attachments
+        .open_for_download(name, id)
+        .map_err(|e| HttpError::new(e.http_status(), e.to_string()))?;
+    check_participant(ctx, meta.conversation, actor.clone()).await?;
+    let mut out = Vec::with_capacity(256);
+    let head = ResponseHead::new(200)
+        .content_type(&meta.content_type)
+        .keep_alive(keep_alive);
+    kefu_protocol::http::write_response_head(&mut out, &head, meta.size);
+    let (res, _) = conn.write_all(out).await;
+    res.map_err(|e| HttpError::new(500, e.to_string()))?;
+    crate::stream::send_file(conn, &file, 0, meta.size)
+        .await
+        .map_err(|e| HttpError::new(500, e.to_string()))?;
+    Ok(())
 }
 
 /// `{"messages":[...],"last_seq":N}` from pre-rendered entries.

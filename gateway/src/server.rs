@@ -39,6 +39,9 @@ pub struct Shared {
     /// Shards that recovered their log and accept connections.
     pub ready: AtomicUsize,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub attachments: crate::attachments::AttachmentStore,
+    /// Body limit of JSON endpoints; the parser's limit is the larger attachment limit.
+    pub json_body_bytes_max: usize,
 }
 
 impl Shared {
@@ -194,6 +197,22 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
         None => None,
     };
     let access = Access::new(&config)?;
+    let (attachments, cleanup) = crate::attachments::AttachmentStore::open(&config.data_dir)
+        .context("opening the attachment store")?;
+    if cleanup.temp_files_removed + cleanup.orphans_removed > 0 {
+        eprintln!("kefu: attachments: removed leftovers of interrupted uploads: {cleanup:?}");
+    }
+    // Uploads may be larger than JSON bodies: the parser admits the largest attachment limit
+    // and the JSON endpoints check their own.
+    let attachment_bytes_max = config
+        .tenants
+        .iter()
+        .map(|t| t.attachments.size_bytes_max)
+        .max()
+        .unwrap_or(0);
+    let mut http_limits = http_limits;
+    http_limits.body_bytes_max = http_limits.body_bytes_max.max(attachment_bytes_max);
+    let json_body_bytes_max = config.limits.request_body_bytes_max;
     let shared = Arc::new(Shared {
         inboxes: (0..shards)
             .map(|_| Arc::new(Inbox::new(config.limits.shard_inbox_depth)))
@@ -205,6 +224,8 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
         drained: AtomicUsize::new(0),
         ready: AtomicUsize::new(0),
         tls,
+        attachments,
+        json_body_bytes_max,
         config,
     });
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -149,3 +149,63 @@ async fn copy_run(conn: &mut Conn, run: &FileRun) -> std::io::Result<()> {
     let (res, _) = conn.write_all(data).await;
     res
 }
+
+/// Sends `len` bytes of `file` from `position`: `sendfile` on a plain connection (the socket is
+/// non-blocking for the duration, then restored), a read-and-write copy through TLS.
+pub async fn send_file(
+    conn: &mut Conn,
+    file: &std::fs::File,
+    position: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    if conn.is_tls() {
+        use std::os::unix::fs::FileExt;
+        let mut at = position;
+        let end = position + len;
+        while at < end {
+            let mut chunk = vec![0u8; (end - at).min(64 * 1024) as usize];
+            file.read_exact_at(&mut chunk, at)?;
+            at += chunk.len() as u64;
+            let (res, _) = conn.write_all(chunk).await;
+            res?;
+        }
+        return Ok(());
+    }
+    let fd = conn.stream.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    let was_nonblocking = flags & libc::O_NONBLOCK != 0;
+    if !was_nonblocking {
+        // SAFETY: as above.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    }
+    let mut offset = position as libc::off_t;
+    let end = (position + len) as libc::off_t;
+    let mut result = Ok(());
+    while offset < end {
+        // SAFETY: both descriptors are open; `offset` is a valid in/out pointer.
+        let n =
+            unsafe { libc::sendfile(fd, file.as_raw_fd(), &mut offset, (end - offset) as usize) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                if let Err(e) = conn.stream.writable(false).await {
+                    result = Err(e);
+                    break;
+                }
+                continue;
+            }
+            result = Err(e);
+            break;
+        }
+        if n == 0 {
+            result = Err(std::io::ErrorKind::UnexpectedEof.into());
+            break;
+        }
+    }
+    if !was_nonblocking {
+        // SAFETY: as above; the socket goes back to what monoio's driver expects.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
+    }
+    result
+}

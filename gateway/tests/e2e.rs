@@ -692,3 +692,53 @@ fn slow_websocket_consumer_is_closed_with_4008() {
     }
     assert_eq!(closed, Some(4008));
 }
+
+#[test]
+fn attachments_upload_and_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir, "2", "always");
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, Some("see the picture"));
+    let (_, stranger) = create_conversation(&mut http, Some("me too"));
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let upload = |http: &mut Http, token: &str, content_type: &str, body: &[u8]| {
+        let mut req = format!(
+            "POST /v1/conversations/{id}/attachments HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer {token}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        http.send_raw(&req);
+        http.read_response()
+    };
+    let r = upload(&mut http, &visitor, "image/png", &bytes);
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let att = r.json()["attachment_id"].as_str().unwrap().to_owned();
+    assert_eq!(r.json()["size"].as_u64(), Some(bytes.len() as u64));
+    assert_eq!(
+        upload(&mut http, &visitor, "application/x-evil", b"zz").status,
+        415
+    );
+    assert_eq!(upload(&mut http, &stranger, "image/png", b"zz").status, 403);
+    // Download twice on one keep-alive connection (sendfile, then the socket goes on).
+    for _ in 0..2 {
+        let got = http.get(&format!("/v1/attachments/{att}"), Some(&visitor));
+        assert_eq!(got.status, 200);
+        assert_eq!(got.header("content-type"), Some("image/png"));
+        assert!(got.body == bytes, "downloaded bytes differ");
+    }
+    assert_eq!(
+        http.get(&format!("/v1/attachments/{att}"), Some(&stranger))
+            .status,
+        403
+    );
+    assert_eq!(
+        http.get(
+            "/v1/attachments/a00000000000000000000000000000000",
+            Some(&visitor)
+        )
+        .status,
+        404
+    );
+    assert_eq!(http.get("/healthz", None).status, 200);
+}
