@@ -34,7 +34,14 @@ struct Demo {
 
 impl Demo {
     fn start(args: &[&str]) -> (Demo, Vec<String>) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kefu-trace-demo"))
+        Demo::start_binary(
+            std::path::Path::new(env!("CARGO_BIN_EXE_kefu-trace-demo")),
+            args,
+        )
+    }
+
+    fn start_binary(bin: &std::path::Path, args: &[&str]) -> (Demo, Vec<String>) {
+        let mut child = Command::new(bin)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -275,4 +282,41 @@ fn cli_prints_json_lines_and_detaches() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(demo.line(), format!("emitted {N}"));
     assert_eq!(demo.semaphore(), 0);
+}
+
+#[test]
+fn tracer_started_before_the_process_switches_its_markers_on() {
+    if skip() {
+        return;
+    }
+    const N: usize = 100;
+    // A private copy of the demo binary: a system-wide uprobe on the shared one would also raise
+    // the semaphore of the other tests' demo processes.
+    let dir = std::env::temp_dir().join(format!("kefu-trace-before-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("kefu-trace-demo");
+    std::fs::copy(env!("CARGO_BIN_EXE_kefu-trace-demo"), &bin).unwrap();
+    let mut tracer = Tracer::attach(&TraceTarget {
+        binary: Some(bin.clone()),
+        ..Default::default()
+    })
+    .expect("attaching by binary with no process running");
+    assert_eq!(tracer.target_tgid(), None);
+    let (mut demo, words) = Demo::start_binary(&bin, &["markers", &N.to_string()]);
+    let pid: u32 = words[1].parse().unwrap();
+    let mut joiner = Joiner::new(JoinConfig::default());
+    let traces = collect(&mut tracer, &mut joiner, N);
+    assert_eq!(demo.line(), format!("emitted {N}"));
+    assert_eq!(traces.len(), N);
+    assert!(traces.iter().all(|t| t.tgid == pid));
+    tracer.refresh().unwrap();
+    assert_eq!(
+        tracer.target_tgid(),
+        Some(pid),
+        "the tracer found the new process"
+    );
+    drop(tracer);
+    assert_eq!(demo.semaphore(), 0);
+    drop(demo);
+    let _ = std::fs::remove_dir_all(&dir);
 }
