@@ -10,6 +10,7 @@
 //!
 //! ```text
 //! <dir>/LOCK                            flock'ed while a process has the log open
+//! <dir>/CHECKPOINT                      last completed sync's offset (lower bound, unsynced)
 //! <dir>/00000000000000000000.log        sealed segment: records [0, 1234)
 //! <dir>/00000000000000001234.log.zst    sealed segment, zstd-compressed (optional)
 //! <dir>/00000000000000005678.log        active segment: pre-allocated, mapped, appended to
@@ -48,8 +49,12 @@
 //! [`Log::open`] scans every segment, checks every CRC and that offsets are dense. The
 //! active (last) segment is cut at its first torn or corrupt record; the cut bytes are zeroed
 //! so no stale record behind the cut can ever look like a successor, and the cut is reported
-//! as [`Truncation`] (offset, position, bytes). Damage inside a sealed segment is never
-//! skipped silently: it is reported as [`SealedCorruption`] and reading those offsets
+//! as [`Truncation`] (offset, position, bytes). `CHECKPOINT` holds the target of the last
+//! completed sync (written after it, never synced itself, so a lower bound of what was
+//! acknowledged). Damage inside a sealed segment at or above it is a torn unsynced tail (a
+//! power loss after a roll): the log is cut there and later segments are deleted, reported
+//! as a [`Truncation`]. Damage below it, or with no valid checkpoint, is never skipped
+//! silently and never cut: it is reported as [`SealedCorruption`] and reading those offsets
 //! answers [`Error::Corrupt`]. Leftovers of an interrupted compression are removed. Since a
 //! SIGKILL keeps the page cache, everything appended before it is recovered; after a power
 //! loss, everything below the last completed sync is.

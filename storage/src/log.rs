@@ -17,6 +17,51 @@ use crate::segment::{self, EntryKind, SparseIndex, Stop};
 
 /// Name of the lock file that keeps a second process from opening the same log.
 const LOCK_NAME: &str = "LOCK";
+/// Name of the checkpoint file: a lower bound of the durable offset (see [`Checkpoint`]).
+const CHECKPOINT_NAME: &str = "CHECKPOINT";
+const CHECKPOINT_LEN: usize = 16;
+
+/// The durable offset, recorded after each completed sync without a sync of its own, so it
+/// is a lower bound: every record below it was acknowledged. Recovery uses it to tell a torn
+/// unsynced tail (cut it, even inside a sealed segment) from damage to acknowledged records
+/// (report it). Layout: offset u64 LE, crc32c of those 8 bytes u32 LE, 4 zero bytes.
+struct Checkpoint {
+    file: File,
+}
+
+impl Checkpoint {
+    fn open(dir: &Path) -> Result<(Checkpoint, Option<u64>)> {
+        let path = dir.join(CHECKPOINT_NAME);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("open", &path, e))?;
+        let mut buf = [0u8; CHECKPOINT_LEN];
+        let value = match std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0) {
+            Ok(()) => {
+                let offset = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+                let crc = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
+                // A torn or foreign checkpoint counts as none: recovery then only reports.
+                (crc == crc32c::crc32c(&buf[..8])).then_some(offset)
+            }
+            Err(_) => None,
+        };
+        Ok((Checkpoint { file }, value))
+    }
+
+    /// Best effort: a failed or lost write leaves an older, lower value, which only makes
+    /// recovery report instead of cut.
+    fn record(&self, offset: u64) {
+        let mut buf = [0u8; CHECKPOINT_LEN];
+        buf[..8].copy_from_slice(&offset.to_le_bytes());
+        let crc = crc32c::crc32c(&buf[..8]);
+        buf[8..12].copy_from_slice(&crc.to_le_bytes());
+        let _ = std::os::unix::fs::FileExt::write_all_at(&self.file, &buf, 0);
+    }
+}
 
 /// One record of a conversation in the conversation index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +96,18 @@ impl ConvIndex {
         v.push(e);
         self.entries += 1;
         true
+    }
+
+    /// Drops entries of records at or above `end` (cut by recovery).
+    fn truncate_from(&mut self, end: u64) {
+        let mut removed = 0;
+        self.map.retain(|_, v| {
+            let keep = v.partition_point(|e| e.offset < end);
+            removed += v.len() - keep;
+            v.truncate(keep);
+            !v.is_empty()
+        });
+        self.entries -= removed;
     }
 
     /// Drops entries of records below `start` (deleted by retention).
@@ -162,6 +219,10 @@ pub struct RecoveryReport {
     pub sealed_corruption: Vec<SealedCorruption>,
     /// Leftovers of interrupted operations that recovery deleted.
     pub removed_files: Vec<PathBuf>,
+    /// The durable offset the previous run recorded (a lower bound). If `next_offset` ended
+    /// below it, acknowledged records were lost. `None`: no valid checkpoint, so damage in
+    /// sealed segments is only reported, never cut.
+    pub checkpoint: Option<u64>,
     /// Records whose seq did not follow their conversation's last seq; readable by offset,
     /// left out of the conversation index.
     pub unindexed_records: u64,
@@ -295,6 +356,7 @@ pub struct Log {
     cfg: LogConfig,
     dir: Arc<File>,
     _lock: File,
+    checkpoint: Checkpoint,
     segments: BTreeMap<u64, Segment>,
     conv: ConvIndex,
     next_offset: u64,
@@ -314,15 +376,21 @@ impl Log {
     /// Opens (or creates) the log in `cfg.dir`, recovering from whatever a crash left.
     ///
     /// Every segment is scanned and CRC-checked to rebuild the in-memory indexes. The active
-    /// (last) segment is cut at its first torn or corrupt record; damage in a sealed segment
-    /// is reported, and its unreadable records answer [`Error::Corrupt`]. Everything
-    /// recovered is synced before `open` returns, so it all counts as durable.
+    /// (last) segment is cut at its first torn or corrupt record. Damage in a sealed segment
+    /// at or above the checkpoint (the last recorded sync) is an unsynced tail lost to power
+    /// loss: the log is cut there too and later segments are deleted. Damage below it hits
+    /// acknowledged records: it is reported, and those records answer [`Error::Corrupt`].
+    /// Everything recovered is synced before `open` returns, so it all counts as durable.
     pub fn open(cfg: LogConfig) -> Result<(Log, RecoveryReport)> {
         cfg.validate().map_err(Error::Config)?;
         fs::create_dir_all(&cfg.dir).map_err(|e| Error::io("create dir", &cfg.dir, e))?;
         let lock = lock_dir(&cfg.dir)?;
         let dir = Arc::new(File::open(&cfg.dir).map_err(|e| Error::io("open dir", &cfg.dir, e))?);
-        let mut report = RecoveryReport::default();
+        let (checkpoint, checkpoint_offset) = Checkpoint::open(&cfg.dir)?;
+        let mut report = RecoveryReport {
+            checkpoint: checkpoint_offset,
+            ..RecoveryReport::default()
+        };
 
         // Which bases exist, as plain and/or compressed files.
         let mut found: BTreeMap<u64, (bool, bool)> = BTreeMap::new();
@@ -363,6 +431,7 @@ impl Log {
         let mut log = Log {
             dir,
             _lock: lock,
+            checkpoint,
             segments: BTreeMap::new(),
             conv: ConvIndex::default(),
             next_offset: 0,
@@ -386,17 +455,59 @@ impl Log {
                 )));
             }
             let is_last = next_base.is_none();
-            let seg = if is_last && plain {
+            let mut seg = if is_last && plain {
                 log.recover_active(base, &mut report)?
             } else {
                 log.recover_sealed(base, plain, next_base, &mut report)?
             };
+            let unsynced_damage = plain
+                && report.sealed_corruption.last().is_some_and(|c| {
+                    c.segment_base == base && checkpoint_offset.is_some_and(|cp| c.offset >= cp)
+                });
+            let mut cut_here = false;
+            if unsynced_damage {
+                // A sealed segment torn above the last recorded sync: power loss took its
+                // unsynced tail. Nothing from here on was acknowledged, so cut the log here
+                // like a torn active tail: later segments go, this one becomes active.
+                let damage = report.sealed_corruption.pop().expect("checked above");
+                let mut bytes_cut = 0;
+                for &(later, later_plain) in &bases[i + 1..] {
+                    let p = if later_plain {
+                        segment::log_path(&log.cfg.dir, later)
+                    } else {
+                        segment::zst_path(&log.cfg.dir, later)
+                    };
+                    bytes_cut += fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                    fs::remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
+                    report.removed_files.push(p);
+                }
+                log.dir_dirty = true;
+                drop(seg);
+                log.conv.truncate_from(base);
+                seg = log.recover_active(base, &mut report)?;
+                let in_segment = report.truncated.take().map_or(0, |t| t.bytes_cut);
+                report.truncated = Some(Truncation {
+                    segment_base: base,
+                    offset: seg.end,
+                    position: seg.len,
+                    bytes_cut: bytes_cut + in_segment,
+                    reason: damage.reason,
+                });
+                cut_here = true;
+            }
             report.records += seg.end - seg.base;
             report.record_bytes += seg.len;
             log.next_offset = seg.end;
             log.segments.insert(base, seg);
+            if cut_here {
+                break;
+            }
         }
-        let active_is_plain_last = bases.last().is_some_and(|&(_, plain)| plain);
+        let active_is_plain_last = log
+            .segments
+            .values()
+            .next_back()
+            .is_some_and(|s| matches!(s.state, SegState::Active { .. }));
         if !active_is_plain_last {
             // Empty directory, or the newest segment is compressed (sealed): start a new one.
             if log.segments.contains_key(&log.next_offset) {
@@ -425,6 +536,7 @@ impl Log {
             .sync_dir(&log.dir)
             .map_err(|e| Error::io("sync dir", &log.cfg.dir, e))?;
         log.dir_dirty = false;
+        log.checkpoint.record(log.durable_offset);
         Ok((log, report))
     }
 
@@ -909,6 +1021,7 @@ impl Log {
         match result {
             Ok(()) => {
                 self.durable_offset = self.durable_offset.max(job.target_offset);
+                self.checkpoint.record(self.durable_offset);
                 Ok(self.durable_offset)
             }
             Err(e) => {

@@ -302,3 +302,73 @@ fn leftovers_of_interrupted_compression_are_removed() {
     assert!(report.sealed_corruption.is_empty());
     check_records(&mut log, 0, 200);
 }
+
+#[test]
+fn an_unsynced_sealed_tail_is_cut_with_everything_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    let (mut log, _) = Log::open(cfg.clone()).unwrap();
+    let synced = 30;
+    for i in 0..200u64 {
+        if i == synced {
+            log.sync(0).unwrap();
+        }
+        log.append(&header(i % 4, i / 4 + 1, i), &nz_payload(i, PAYLOAD_LEN))
+            .unwrap();
+    }
+    // No sync after the first 30: a power loss after several rolls. The first segment's
+    // pages behind record 40 never reached the disk, later segments' did.
+    drop(log);
+    let segs = segment_files(dir.path());
+    assert!(segs.len() >= 3);
+    let mut first = fs::read(&segs[0]).unwrap();
+    let lost_from = 40usize;
+    first[lost_from * FRAME_LEN..].fill(0);
+    fs::write(&segs[0], &first).unwrap();
+    let later_bytes: u64 = segs[1..]
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum();
+
+    let (mut log, report) = Log::open(cfg.clone()).unwrap();
+    assert_eq!(report.checkpoint, Some(synced));
+    assert!(report.sealed_corruption.is_empty(), "{report:?}");
+    let t = report.truncated.expect("cut reported");
+    assert_eq!((t.segment_base, t.offset), (0, lost_from as u64));
+    assert_eq!(t.bytes_cut, later_bytes);
+    assert_eq!(report.removed_files.len(), segs.len() - 1);
+    assert_eq!(log.next_offset(), lost_from as u64);
+    assert_eq!(log.segment_count(), 1);
+    check_records(&mut log, 0, lost_from as u64);
+    // The conversation index forgot what was cut; the log continues from the cut.
+    assert_eq!(log.conversation_last_seq(3), Some(10));
+    let next = lost_from as u64;
+    assert_eq!(
+        log.append(&header(0, 11, 0), &nz_payload(next, PAYLOAD_LEN))
+            .unwrap(),
+        next
+    );
+    log.sync(0).unwrap();
+    drop(log);
+    let (log, report) = Log::open(cfg).unwrap();
+    assert_eq!(report.truncated, None);
+    assert_eq!(report.checkpoint, Some(next + 1));
+    assert_eq!(log.next_offset(), next + 1);
+}
+
+#[test]
+fn without_a_checkpoint_sealed_damage_is_only_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_log(dir.path(), 200);
+    fs::remove_file(dir.path().join("CHECKPOINT")).unwrap();
+    let segs = segment_files(dir.path());
+    let mut first = fs::read(&segs[0]).unwrap();
+    first[10 * FRAME_LEN..].fill(0);
+    fs::write(&segs[0], &first).unwrap();
+    let (log, report) = Log::open(cfg).unwrap();
+    assert_eq!(report.checkpoint, None);
+    assert_eq!(report.truncated, None);
+    assert_eq!(report.sealed_corruption.len(), 1);
+    assert_eq!(report.sealed_corruption[0].offset, 10);
+    assert_eq!(log.next_offset(), 200, "later segments are kept");
+}

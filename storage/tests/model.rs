@@ -37,7 +37,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(conv, after, limit)| Op::ReadConv { conv, after, limit }),
         1 => (0u64..400, 1u64..3000).prop_map(|(from, max_bytes)| Op::FileRuns { from, max_bytes }),
         1 => Just(Op::Reopen),
-        2 => (any::<u64>(), 0u8..4).prop_map(|(seed, mode)| Op::Crash { seed, mode }),
+        2 => (any::<u64>(), 0u8..5).prop_map(|(seed, mode)| Op::Crash { seed, mode }),
         1 => Just(Op::Retention),
         1 => Just(Op::Compress),
     ]
@@ -78,8 +78,33 @@ fn cfg(dir: &Path) -> LogConfig {
     c
 }
 
+/// Power loss after a roll: the first sealed segment holding unsynced records loses them
+/// (its pages never reached the disk), while later segments survive.
+fn lose_sealed_unsynced_tail(dir: &Path, durable: u64) {
+    let files = segment_files(dir);
+    for f in &files[..files.len().saturating_sub(1)] {
+        if !f.to_str().unwrap().ends_with(".log") {
+            continue;
+        }
+        let mut bytes = fs::read(f).unwrap();
+        let mut pos = 0;
+        while let Ok((fr, used)) = frame::decode(&bytes[pos..], u32::MAX) {
+            if fr.header.log_offset >= durable {
+                bytes[pos..].fill(0);
+                fs::write(f, &bytes).unwrap();
+                return;
+            }
+            pos += used;
+        }
+    }
+}
+
 /// Power loss: damages what lies at or after the durable offset in the active segment.
 fn lose_unsynced_tail(dir: &Path, durable: u64, seed: u64, mode: u8) {
+    if mode == 4 {
+        lose_sealed_unsynced_tail(dir, durable);
+        return;
+    }
     let files = segment_files(dir);
     let last = files.last().unwrap();
     if !last.to_str().unwrap().ends_with(".log") {
