@@ -320,3 +320,28 @@ fn tracer_started_before_the_process_switches_its_markers_on() {
     drop(demo);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sampling_marks_one_request_in_k() {
+    if skip() {
+        return;
+    }
+    const N: usize = 300;
+    const EVERY: u32 = 10;
+    let (mut demo, words) = Demo::start(&["markers", &N.to_string()]);
+    let pid: u32 = words[1].parse().unwrap();
+    let mut tracer = Tracer::attach(&TraceTarget {
+        pid: Some(pid),
+        sample_every: EVERY,
+        ..Default::default()
+    })
+    .expect("attaching with sampling");
+    let want = N / EVERY as usize;
+    let mut joiner = Joiner::new(JoinConfig::default());
+    let traces = collect(&mut tracer, &mut joiner, want);
+    assert_eq!(demo.line(), format!("emitted {want}"));
+    assert_eq!(traces.len(), want);
+    assert_eq!(tracer.counters().unwrap().marker_hits, want as u64);
+    drop(tracer);
+    assert_eq!(demo.semaphore(), 0);
+}
