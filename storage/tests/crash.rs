@@ -152,18 +152,28 @@ fn parent() {
             .spawn()
             .expect("spawn child");
         let stdout = child.stdout.take().expect("piped");
-        // Read acks while the child runs, so a full pipe never stalls it.
+        // Read acks while the child runs, so a full pipe never stalls it; the first one
+        // tells the parent the child is past its open and appending.
+        let (first_ack, first_ack_rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut acked = 0u64;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(n) = line.strip_prefix("ack ") {
                     acked = acked.max(n.parse().expect("ack line"));
+                    let _ = first_ack.send(());
                 }
             }
             acked
         });
-        std::thread::sleep(Duration::from_millis(5 + rng.next() % 60));
+        if runs % 8 == 7 {
+            // Now and then kill it early: during its open (recovery) or first appends.
+            std::thread::sleep(Duration::from_millis(rng.next() % 10));
+        } else {
+            // Bounded so a child that died early cannot hang the test; `wait` reports it.
+            let _ = first_ack_rx.recv_timeout(Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(rng.next() % 30));
+        }
         child.kill().expect("SIGKILL child");
         let status = child.wait().expect("wait child");
         let acked = reader.join().expect("reader thread");
