@@ -375,6 +375,7 @@ pub fn parse_head<'b>(buf: &'b [u8], limits: &HttpLimits) -> Result<RequestHead<
             return Err(InvalidRequest::HeadTooLarge.into());
         }
         Ok(httparse::Status::Partial) => return Err(ParseError::Incomplete { needed: 1 }),
+        Err(httparse::Error::Version) => return Err(version_error(scan).into()),
         Err(e) => return Err(map_httparse_error(e).into()),
     };
     let (Some(method_str), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
@@ -522,6 +523,30 @@ fn check_request_line(scan: &[u8], limits: &HttpLimits) -> Result<(), InvalidReq
         return Err(InvalidRequest::UriTooLong);
     }
     Ok(())
+}
+
+/// 505 only for a well-formed `HTTP/x.y` that is not 1.0 or 1.1; any other bytes where the
+/// version belongs (for instance a space inside the target) are a 400.
+fn version_error(scan: &[u8]) -> InvalidRequest {
+    let start = scan
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(scan.len());
+    let line = &scan[start..];
+    let line = &line[..line
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(line.len())];
+    let mut parts = line.split(|&b| b == b' ');
+    let version = (parts.next(), parts.next(), parts.next(), parts.next());
+    match version {
+        (Some(_), Some(_), Some([b'H', b'T', b'T', b'P', b'/', major, b'.', minor]), None)
+            if major.is_ascii_digit() && minor.is_ascii_digit() =>
+        {
+            InvalidRequest::UnsupportedVersion
+        }
+        _ => InvalidRequest::Syntax("invalid request line or HTTP version"),
+    }
 }
 
 fn map_httparse_error(e: httparse::Error) -> InvalidRequest {

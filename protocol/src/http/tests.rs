@@ -215,6 +215,49 @@ fn smuggling_attempts_are_refused() {
 }
 
 #[test]
+fn obsolete_line_folding_and_control_bytes_are_refused() {
+    for req in [
+        &b"GET / HTTP/1.1\r\nHost: h\r\nX-Long: a\r\n  folded\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: h\r\nX: a\0b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\n Leading: space\r\n\r\n",
+        b"GET /a b HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"G@T / HTTP/1.1\r\nHost: h\r\n\r\n",
+    ] {
+        assert_eq!(
+            invalid(req).status(),
+            400,
+            "{}",
+            String::from_utf8_lossy(req)
+        );
+    }
+}
+
+#[test]
+fn header_token_lists() {
+    let req = parse(
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\nconnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\n",
+    )
+    .unwrap();
+    assert!(req.head.connection_upgrade);
+    assert!(req.head.header_has_token("connection", "upgrade"));
+    assert!(req.head.header_has_token("Upgrade", "websocket"));
+    assert!(!req.head.header_has_token("Upgrade", "h2c"));
+    assert_eq!(req.head.header_str("host"), Some("h"));
+}
+
+#[test]
+fn http10_body_with_content_length() {
+    let req = parse(b"POST /x HTTP/1.0\r\nContent-Length: 3\r\n\r\nabcGET").unwrap();
+    assert_eq!(req.head.version, Version::Http10);
+    assert!(!req.head.keep_alive);
+    assert_eq!(req.body.as_contiguous(), Some(&b"abc"[..]));
+    assert_eq!(
+        req.consumed,
+        b"POST /x HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc".len()
+    );
+}
+
+#[test]
 fn identical_duplicate_content_length_is_accepted() {
     let req =
         parse(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok")
@@ -358,6 +401,8 @@ fn request_targets() {
         InvalidRequest::BadTarget
     );
     assert_eq!(invalid(b"GET / HTTP/2.0\r\nHost: h\r\n\r\n").status(), 505);
+    assert_eq!(invalid(b"GET / HTTP/1.1x\r\nHost: h\r\n\r\n").status(), 400);
+    assert_eq!(invalid(b"GET / FTP/1.1\r\nHost: h\r\n\r\n").status(), 400);
 }
 
 #[test]
