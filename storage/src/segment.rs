@@ -7,6 +7,8 @@ use kefu_protocol::frame::{self, DecodeError, HEADER_LEN, Header};
 
 /// Digits of the zero-padded base offset in a segment's file name (fits any u64).
 pub const NAME_DIGITS: usize = 20;
+/// Largest offset a log uses (2^63 - 1).
+pub const OFFSET_MAX: u64 = i64::MAX as u64;
 /// Suffix of a plain segment.
 pub const LOG_SUFFIX: &str = ".log";
 /// Suffix of a zstd-compressed sealed segment.
@@ -46,6 +48,9 @@ pub fn classify(name: &str) -> EntryKind {
         return EntryKind::Other;
     }
     match stem.parse::<u64>() {
+        // Offsets stay below 2^63 so `end` arithmetic can never overflow; a larger base is
+        // not a file this log wrote.
+        Ok(base) if base > OFFSET_MAX => EntryKind::Other,
         Ok(base) if zst => EntryKind::Zst(base),
         Ok(base) => EntryKind::Log(base),
         Err(_) => EntryKind::Other,
@@ -126,7 +131,7 @@ pub fn scan(
             break Stop::Clean;
         }
         let rest = &data[pos..];
-        let reason = if next >= end_max {
+        let reason = if next >= end_max.min(OFFSET_MAX) {
             format!("records continue past offset {end_max}, the next segment's base")
         } else {
             match frame::decode(rest, payload_len_max) {
@@ -242,6 +247,7 @@ mod tests {
         assert_eq!(classify("42.log"), EntryKind::Other);
         assert_eq!(classify("LOCK"), EntryKind::Other);
         assert_eq!(classify("99999999999999999999.log"), EntryKind::Other);
+        assert_eq!(classify("18446744073709551615.log"), EntryKind::Other);
     }
 
     #[test]

@@ -28,7 +28,9 @@ pub fn header(conversation_id: u64, seq: u64, ts_us: u64) -> Header {
 
 /// Deterministic payload for record `i`, of varying length.
 pub fn payload(i: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|j| (i as usize * 31 + j * 7) as u8).collect()
+    (0..len)
+        .map(|j| (i as usize).wrapping_mul(31).wrapping_add(j * 7) as u8)
+        .collect()
 }
 
 /// Real I/O that fails `sync_data`/`sync_dir`/`allocate` while the matching switch is on.
