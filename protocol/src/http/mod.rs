@@ -517,7 +517,8 @@ fn check_request_line(scan: &[u8], limits: &HttpLimits) -> Result<(), InvalidReq
     let line_len = match window.iter().position(|&b| b == b'\n') {
         Some(i) if i > 0 && window[i - 1] == b'\r' => i - 1,
         Some(i) => i,
-        None => window.len(),
+        // A CR at the end may be the first half of the CRLF: not part of the line.
+        None => window.len() - usize::from(window.last() == Some(&b'\r')),
     };
     if line_len > limits.request_line_bytes_max {
         return Err(InvalidRequest::UriTooLong);

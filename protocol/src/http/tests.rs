@@ -80,6 +80,48 @@ fn every_split_is_incomplete_until_the_last_byte() {
 }
 
 #[test]
+fn every_split_is_incomplete_when_the_request_sits_exactly_at_the_limits() {
+    let line = b"GET /abcdefghijklmnopqrstu HTTP/1.1"; // 35 bytes
+    let mut req = line.to_vec();
+    req.extend_from_slice(b"\r\nHost: h\r\nX: 0123456789\r\n\r\n");
+    let limits = HttpLimits {
+        request_line_bytes_max: line.len(),
+        head_bytes_max: req.len(),
+        headers_count_max: 2,
+        ..HttpLimits::default()
+    };
+    assert_eq!(parse_request(&req, &limits).unwrap().consumed, req.len());
+    for cut in 0..req.len() {
+        assert!(
+            matches!(
+                parse_request(&req[..cut], &limits),
+                Err(ParseError::Incomplete { .. })
+            ),
+            "cut {cut}: {:?}",
+            parse_request(&req[..cut], &limits)
+        );
+    }
+    // One byte over each limit is refused.
+    let tighter = |f: fn(&mut HttpLimits)| {
+        let mut l = limits;
+        f(&mut l);
+        parse_request(&req, &l).unwrap_err()
+    };
+    assert_eq!(
+        tighter(|l| l.request_line_bytes_max -= 1),
+        ParseError::Invalid(InvalidRequest::UriTooLong)
+    );
+    assert_eq!(
+        tighter(|l| l.head_bytes_max -= 1),
+        ParseError::Invalid(InvalidRequest::HeadTooLarge)
+    );
+    assert_eq!(
+        tighter(|l| l.headers_count_max -= 1),
+        ParseError::Invalid(InvalidRequest::TooManyHeaders)
+    );
+}
+
+#[test]
 fn every_split_of_a_chunked_request_is_incomplete_until_the_last_byte() {
     let full: &[u8] = b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n\
 5;name=val\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Trailer: yes\r\n\r\n";
