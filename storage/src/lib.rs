@@ -6,6 +6,34 @@
 //! synchronous code, testable without a runtime. One [`Log`] per shard, owned by that shard's
 //! thread: no lock is shared between shards.
 //!
+//! ```
+//! use kefu_protocol::frame::{Header, Kind};
+//! use kefu_storage::{Durability, Log, LogConfig};
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let mut cfg = LogConfig::new(dir.path());
+//! cfg.durability = "always".parse::<Durability>().unwrap();
+//! let (mut log, report) = Log::open(cfg).unwrap();
+//! assert_eq!(report.truncated, None);
+//!
+//! // Group commit: many appends, then one sync covers them all.
+//! let a = log.append(&Header::new(Kind::Message, 7, 1, 0), br#"{"text":"hi"}"#).unwrap();
+//! let b = log.append(&Header::new(Kind::Message, 7, 2, 0), br#"{"text":"again"}"#).unwrap();
+//! let now_ms = 0;
+//! if log.sync_due(now_ms) {
+//!     let job = log.prepare_sync(now_ms).unwrap().expect("appends wait");
+//!     let result = job.run(); // or io_uring fsync of job.files() / job.dir() elsewhere
+//!     log.complete_sync(job, result).unwrap();
+//! }
+//! assert!(log.durable_offset() > b); // now acknowledge a and b
+//!
+//! let mut seqs = Vec::new();
+//! log.read_conversation(7, 0, 10, |f| seqs.push(f.header.seq)).unwrap();
+//! assert_eq!(seqs, [1, 2]);
+//! let runs = log.file_runs(a, 1 << 20).unwrap(); // (file, position, len) for sendfile
+//! assert_eq!(runs[0].end_offset, b + 1);
+//! ```
+//!
 //! # On-disk layout
 //!
 //! ```text

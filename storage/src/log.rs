@@ -842,6 +842,9 @@ impl Log {
                 max: self.cfg.record_bytes_max,
             });
         }
+        if self.next_offset >= segment::OFFSET_MAX {
+            return Err(Error::LimitExceeded("log offsets exhausted (2^63)".into()));
+        }
         if header.seq != 0 {
             if let Some(last) = self.conv.last_seq(header.conversation_id)
                 && header.seq <= last
