@@ -33,8 +33,19 @@ fn error_frame(out: &mut Vec<u8>, conv: u64, code: u16, client_msg_id: Option<&s
 
 struct Session {
     actor: Option<Actor>,
-    outbox: Arc<Outbox>,
+    /// Created on the first subscription or for an agent's inbox: idle sessions hold none.
+    outbox: Option<Arc<Outbox>>,
+    outbox_depth: usize,
     subscriptions: Vec<u64>,
+}
+
+impl Session {
+    fn outbox(&mut self) -> Arc<Outbox> {
+        let depth = self.outbox_depth;
+        self.outbox
+            .get_or_insert_with(|| Outbox::new(depth))
+            .clone()
+    }
 }
 
 /// What one frame asks of the connection.
@@ -142,7 +153,10 @@ async fn handle(
                     }),
                     out,
                 );
-                register_agent_inbox(ctx, &actor, &s.outbox);
+                if matches!(actor, Actor::Agent { .. }) {
+                    let outbox = s.outbox();
+                    register_agent_inbox(ctx, &actor, &outbox);
+                }
                 s.actor = Some(actor);
                 Verdict::Fine
             }
@@ -210,7 +224,8 @@ async fn handle(
                 return Verdict::Fine;
             }
             loop {
-                match replay_step(ctx, id, &actor, after, &s.outbox).await {
+                let outbox = s.outbox();
+                match replay_step(ctx, id, &actor, after, &outbox).await {
                     Ok((entries, registered)) => {
                         for d in &entries {
                             out.extend_from_slice(&d.frame);
@@ -277,11 +292,14 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
     let idle = Duration::from_millis(limits.idle_timeout_ms);
     let mut s = Session {
         actor: None,
-        outbox: Outbox::new(limits.subscriber_queue_depth),
+        outbox: None,
+        outbox_depth: limits.subscriber_queue_depth,
         subscriptions: Vec::new(),
     };
     let why = session_loop(&ctx, &mut conn, &mut s, &bin_limits, idle, conn_id).await;
-    s.outbox.close();
+    if let Some(o) = &s.outbox {
+        o.close();
+    }
     match why {
         Ok(d) => d,
         Err((shard, from, follow)) => {
@@ -355,11 +373,12 @@ async fn session_loop(
             return Ok(Disconnect::BadRequest);
         }
         let mut delivered = 0;
-        while let Some(d) = s.outbox.pop() {
+        let outbox = s.outbox.clone();
+        while let Some(d) = outbox.as_ref().and_then(|o| o.pop()) {
             out.extend_from_slice(&d.frame);
             delivered += 1;
         }
-        if s.outbox.is_overflowed() {
+        if outbox.as_ref().is_some_and(|o| o.is_overflowed()) {
             error_frame(
                 &mut out,
                 0,
@@ -383,7 +402,7 @@ async fn session_loop(
         {
             ctx.pool.give(b);
         }
-        if !s.outbox.is_empty() {
+        if outbox.as_ref().is_some_and(|o| !o.is_empty()) {
             continue;
         }
         let now = Instant::now();
@@ -399,7 +418,7 @@ async fn session_loop(
         }
         let woke = monoio::select! {
             r = conn.readable() => Woke::Readable(r.is_ok()),
-            _ = s.outbox.ready() => Woke::Outbox,
+            _ = crate::ws::ready(&outbox) => Woke::Outbox,
             _ = monoio::time::sleep(wait) => Woke::Timer,
             _ = ctx.stopped(conn_id) => Woke::Stop,
         };

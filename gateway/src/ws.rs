@@ -149,12 +149,21 @@ enum Verdict {
 struct Session {
     ctx: Rc<ShardCtx>,
     actor: Actor,
-    outbox: Arc<Outbox>,
+    /// Created on the first subscription (or at once for an agent's inbox), so an idle
+    /// socket holds no delivery queue.
+    outbox: Option<Arc<Outbox>>,
     subscriptions: Vec<u64>,
     ws: WsConnection,
 }
 
 impl Session {
+    fn outbox(&mut self) -> Arc<Outbox> {
+        let depth = self.ctx.shared.config.limits.subscriber_queue_depth;
+        self.outbox
+            .get_or_insert_with(|| Outbox::new(depth))
+            .clone()
+    }
+
     fn text(&mut self, out: &mut Vec<u8>, json: &[u8]) {
         // Writing into a Vec cannot fail; `send_text` wants &str and JSON is UTF-8.
         let text = std::str::from_utf8(json).unwrap_or("{}");
@@ -198,7 +207,8 @@ impl Session {
                 }
                 let mut after = after;
                 loop {
-                    match replay_step(&ctx, conv, &self.actor, after, &self.outbox).await {
+                    let outbox = self.outbox();
+                    match replay_step(&ctx, conv, &self.actor, after, &outbox).await {
                         Ok((entries, registered)) => {
                             for d in &entries {
                                 self.text(out, &d.json);
@@ -308,17 +318,25 @@ pub async fn serve(
             return Disconnect::Unauthorized;
         }
     };
-    let outbox = Outbox::new(limits.subscriber_queue_depth);
-    register_agent_inbox(&ctx, &actor, &outbox);
+    let outbox = match actor {
+        Actor::Agent { .. } => {
+            let outbox = Outbox::new(limits.subscriber_queue_depth);
+            register_agent_inbox(&ctx, &actor, &outbox);
+            Some(outbox)
+        }
+        _ => None,
+    };
     let mut session = Session {
         ctx: ctx.clone(),
         actor,
-        outbox: outbox.clone(),
+        outbox,
         subscriptions: Vec::new(),
         ws,
     };
     let why = session_loop(&ctx, &mut conn, &mut session, rest, &mut out, conn_id).await;
-    outbox.close();
+    if let Some(outbox) = &session.outbox {
+        outbox.close();
+    }
     why
 }
 
@@ -401,11 +419,12 @@ async fn session_loop(
         // 3. Deliveries.
         let mut delivered = 0;
         let started = Instant::now();
-        while let Some(d) = session.outbox.pop() {
+        let outbox = session.outbox.clone();
+        while let Some(d) = outbox.as_ref().and_then(|o| o.pop()) {
             session.text(out, &d.json);
             delivered += 1;
         }
-        if session.outbox.is_overflowed() {
+        if outbox.as_ref().is_some_and(|o| o.is_overflowed()) {
             session.ws.send_close(
                 out,
                 close_code::TOO_SLOW,
@@ -434,7 +453,7 @@ async fn session_loop(
         {
             ctx.pool.give(b);
         }
-        if !session.outbox.is_empty() {
+        if outbox.as_ref().is_some_and(|o| !o.is_empty()) {
             continue;
         }
         // 4. Wait for input, deliveries, the ping timer or shutdown.
@@ -463,7 +482,7 @@ async fn session_loop(
         }
         let woke = monoio::select! {
             r = conn.readable() => Woke::Readable(r.is_ok()),
-            _ = session.outbox.ready() => Woke::Outbox,
+            _ = ready(&outbox) => Woke::Outbox,
             _ = monoio::time::sleep(wake_in) => Woke::Timer,
             _ = ctx.stopped(conn_id) => Woke::Stop,
         };
@@ -491,5 +510,13 @@ async fn session_loop(
                 return Disconnect::Shutdown;
             }
         }
+    }
+}
+
+/// Resolves when the outbox has something (never, without an outbox).
+pub async fn ready(outbox: &Option<Arc<Outbox>>) {
+    match outbox {
+        Some(o) => o.ready().await,
+        None => std::future::pending().await,
     }
 }
