@@ -118,6 +118,8 @@ pub struct EngineResult {
 struct Progress {
     ok: AtomicU64,
     errors: AtomicU64,
+    /// Largest latency (us) since the progress line last took it: shows when a stall happened.
+    max_us: AtomicU64,
 }
 
 /// Run the engine to completion on `cfg.threads` threads.
@@ -146,13 +148,19 @@ pub fn run(cfg: &EngineConfig) -> anyhow::Result<EngineResult> {
                 .iter()
                 .map(|p| p.errors.load(Ordering::Relaxed))
                 .sum();
+            let max_us = progress
+                .iter()
+                .map(|p| p.max_us.swap(0, Ordering::Relaxed))
+                .max()
+                .unwrap_or(0);
             let secs = now.duration_since(last_print).as_secs_f64();
             eprintln!(
-                "[{:5.1}s] {:>9.0} ok/s  ok {:>10}  errors {:>6}",
+                "[{:5.1}s] {:>9.0} ok/s  ok {:>10}  errors {:>6}  max {:>8.2} ms",
                 now.saturating_duration_since(start).as_secs_f64(),
                 (ok - last_ok) as f64 / secs,
                 ok,
-                errors
+                errors,
+                max_us as f64 / 1000.0
             );
             last_print = now;
             last_ok = ok;
@@ -206,6 +214,11 @@ impl Local {
         stats::record(&mut self.hist.borrow_mut(), latency);
         self.ok.set(self.ok.get() + 1);
         self.progress.ok.fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        // The load skips the locked instruction on the common path (latency below the max).
+        if us > self.progress.max_us.load(Ordering::Relaxed) {
+            self.progress.max_us.fetch_max(us, Ordering::Relaxed);
+        }
     }
 }
 

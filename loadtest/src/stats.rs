@@ -35,7 +35,9 @@ pub enum ErrorKind {
     Connect,
     /// No complete response within the request timeout.
     Timeout,
-    /// A 4xx status.
+    /// 429: the server's rate limit refused the request.
+    Status429,
+    /// A 4xx status other than 429.
     Status4xx,
     /// A 5xx status.
     Status5xx,
@@ -52,9 +54,10 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 10] = [
         ErrorKind::Connect,
         ErrorKind::Timeout,
+        ErrorKind::Status429,
         ErrorKind::Status4xx,
         ErrorKind::Status5xx,
         ErrorKind::StatusUnexpected,
@@ -68,6 +71,7 @@ impl ErrorKind {
         match self {
             ErrorKind::Connect => "connect",
             ErrorKind::Timeout => "timeout",
+            ErrorKind::Status429 => "status_429",
             ErrorKind::Status4xx => "status_4xx",
             ErrorKind::Status5xx => "status_5xx",
             ErrorKind::StatusUnexpected => "status_unexpected",
@@ -96,6 +100,7 @@ impl ErrorKind {
 
     pub fn from_status(status: u16) -> ErrorKind {
         match status {
+            429 => ErrorKind::Status429,
             400..=499 => ErrorKind::Status4xx,
             500..=599 => ErrorKind::Status5xx,
             _ => ErrorKind::StatusUnexpected,
@@ -279,6 +284,7 @@ mod tests {
         assert_eq!(e.total(), 2);
         assert_eq!(e.to_map().len(), 2);
         assert_eq!(ErrorKind::from_status(404), ErrorKind::Status4xx);
+        assert_eq!(ErrorKind::from_status(429), ErrorKind::Status429);
         for (i, k) in ErrorKind::ALL.iter().enumerate() {
             assert_eq!(k.index(), i);
         }

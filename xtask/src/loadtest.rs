@@ -21,6 +21,7 @@ xtask flags:
   --scenario NAME        (send)
   --shards N             kefu --shards (default: kefu's, one per core)
   --durability MODE      kefu --durability always|interval:MS|never (default: kefu's config)
+  --kefu-config PATH     kefu --config PATH (default: kefu's embedded demo config)
   --ready-timeout-s S    wait for `kefu ready` at most S seconds (30)
   --no-build             use the release binaries as they are
 
@@ -32,6 +33,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut scenario = "send".to_string();
     let mut shards: Option<String> = None;
     let mut durability: Option<String> = None;
+    let mut kefu_config: Option<String> = None;
     let mut ready_timeout = Duration::from_secs(30);
     let mut build = true;
     let mut forward: Vec<String> = Vec::new();
@@ -50,6 +52,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "--scenario" => scenario = value("--scenario")?,
             "--shards" => shards = Some(value("--shards")?),
             "--durability" => durability = Some(value("--durability")?),
+            "--kefu-config" => kefu_config = Some(value("--kefu-config")?),
             "--ready-timeout-s" => {
                 let v = value("--ready-timeout-s")?;
                 let secs: f64 = v
@@ -88,8 +91,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let result = with_kefu(
         &kefu_bin,
         &data_dir,
-        shards.as_deref(),
-        durability.as_deref(),
+        KefuFlags {
+            shards: shards.as_deref(),
+            durability: durability.as_deref(),
+            config: kefu_config.as_deref(),
+        },
         ready_timeout,
         |kefu| {
             let mut cmd = Command::new(&loadtest_bin);
@@ -139,11 +145,17 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Flags passed through to `kefu`.
+struct KefuFlags<'a> {
+    shards: Option<&'a str>,
+    durability: Option<&'a str>,
+    config: Option<&'a str>,
+}
+
 fn with_kefu<T>(
     kefu_bin: &Path,
     data_dir: &Path,
-    shards: Option<&str>,
-    durability: Option<&str>,
+    flags: KefuFlags<'_>,
     ready_timeout: Duration,
     body: impl FnOnce(&RunningKefu) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
@@ -159,11 +171,14 @@ fn with_kefu<T>(
         "--data-dir",
     ])
     .arg(data_dir);
-    if let Some(s) = shards {
+    if let Some(s) = flags.shards {
         cmd.args(["--shards", s]);
     }
-    if let Some(d) = durability {
+    if let Some(d) = flags.durability {
         cmd.args(["--durability", d]);
+    }
+    if let Some(c) = flags.config {
+        cmd.args(["--config", c]);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
