@@ -742,3 +742,118 @@ fn attachments_upload_and_download() {
     );
     assert_eq!(http.get("/healthz", None).status, 200);
 }
+
+/// A TLS client connection to the gateway, trusting exactly `cert`.
+fn tls_connect(
+    addr: std::net::SocketAddr,
+    cert: &rcgen::CertifiedKey,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Reads one Content-Length response from a TLS stream: (status, body).
+fn tls_response(stream: &mut impl std::io::Read) -> (u16, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let status: u16 = head[9..12].parse().unwrap();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "closed mid-body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return (status, buf[end + 4..end + 4 + len].to_vec());
+        }
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn tls_listener_serves_http_and_the_firehose() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
+    let tls = format!(
+        "[tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\nhttp = true\n\n[limits]",
+        dir.path().join("cert.pem").display(),
+        dir.path().join("key.pem").display()
+    );
+    let cfg = config(dir.path(), &[("[limits]", &tls)]);
+    let kefu = Kefu::start(
+        Path::new(BIN),
+        &dir.path().join("data"),
+        &["--config", &cfg, "--shards", "2"],
+    );
+    let mut s = tls_connect(kefu.http, &cert);
+    // Keep-alive over TLS: several requests on one session.
+    for _ in 0..3 {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let (status, body) = tls_response(&mut s);
+        assert_eq!(status, 200);
+        assert_eq!(body, br#"{"status":"ok"}"#);
+    }
+    let body = r#"{"visitor":{"name":"T"},"channel":"web","text":"over tls"}"#;
+    s.write_all(
+        format!(
+            "POST /v1/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let (status, _) = tls_response(&mut s);
+    assert_eq!(status, 201);
+    // The firehose copies through TLS (no sendfile): whole frames.
+    let integration = kefu.integration.clone().unwrap();
+    let mut total = Vec::new();
+    for shard in 0..2 {
+        let mut f = tls_connect(kefu.http, &cert);
+        f.write_all(
+            format!("GET /v1/stream?shard={shard}&from=0 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {integration}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut all = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut f, &mut all);
+        let at = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        total.extend_from_slice(&all[at..]);
+        let mut pos = at;
+        while pos < all.len() {
+            let (_, used) = frame::decode(&all[pos..], u32::MAX).expect("whole frames");
+            pos += used;
+        }
+    }
+    assert!(!total.is_empty(), "the conversation's records came through");
+    // Plain HTTP on the TLS port is refused, and the gateway keeps serving.
+    let mut plain = Http::connect(kefu.http);
+    plain.send_raw(b"GET /healthz HTTP/1.1\r\nHost: k\r\n\r\n");
+    assert!(plain.is_closed());
+    let mut again = tls_connect(kefu.http, &cert);
+    again
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    assert_eq!(tls_response(&mut again).0, 200);
+}
