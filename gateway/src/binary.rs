@@ -303,7 +303,16 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
     match why {
         Ok(d) => d,
         Err((shard, from, follow)) => {
-            crate::stream::serve(ctx.clone(), conn, shard, from, follow, conn_id, false).await
+            Box::pin(crate::stream::serve(
+                ctx.clone(),
+                conn,
+                shard,
+                from,
+                follow,
+                conn_id,
+                false,
+            ))
+            .await
         }
     }
 }
@@ -348,7 +357,7 @@ async fn session_loop(
             b.drain(..used_total);
         }
         for msg in messages {
-            match handle(ctx, s, msg, &mut out, conn_id).await {
+            match Box::pin(handle(ctx, s, msg, &mut out, conn_id)).await {
                 Verdict::Fine => {}
                 Verdict::Close(why) => {
                     let _ = conn.write_all(out).await;

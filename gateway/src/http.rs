@@ -356,7 +356,9 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
                 rec.route = route_id(&req.head);
             }
             let trace_ref = traced.then_some(&trace);
-            next = match route(
+            // Boxed: the handlers' state is large and only lives during a request, so an
+            // idle connection's future stays small (see the idle-memory figures in the README).
+            next = match Box::pin(route(
                 &ctx,
                 &req.head,
                 body,
@@ -365,7 +367,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
                 &mut out,
                 conn_id,
                 trace_ref,
-            )
+            ))
             .await
             {
                 Ok(next) => next,
@@ -406,7 +408,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
                 actor,
                 keep_alive,
             } => {
-                if let Err(e) = download(&ctx, &mut conn, &id, &actor, keep_alive).await {
+                if let Err(e) = Box::pin(download(&ctx, &mut conn, &id, &actor, keep_alive)).await {
                     let mut out = Vec::new();
                     write_error(&mut out, &e, keep_alive);
                     ctx.metrics.response(e.status);
@@ -424,7 +426,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
             }
             Next::WebSocket(up) => {
                 let rest = buf.take().unwrap_or_default();
-                return crate::ws::serve(ctx.clone(), conn, up, rest, conn_id).await;
+                return Box::pin(crate::ws::serve(ctx.clone(), conn, up, rest, conn_id)).await;
             }
             Next::Stream {
                 shard,
@@ -434,8 +436,16 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
                 if let Some(b) = buf.take() {
                     ctx.pool.give(b);
                 }
-                return crate::stream::serve(ctx.clone(), conn, shard, from, follow, conn_id, true)
-                    .await;
+                return Box::pin(crate::stream::serve(
+                    ctx.clone(),
+                    conn,
+                    shard,
+                    from,
+                    follow,
+                    conn_id,
+                    true,
+                ))
+                .await;
             }
         }
     }

@@ -406,7 +406,8 @@ async fn session_loop(
         }
         // 2. Act on complete messages.
         for text in texts.drain(..) {
-            if let Verdict::Close(code, reason) = session.handle(&text, out).await {
+            // Boxed: a subscribe's replay state only lives while it runs.
+            if let Verdict::Close(code, reason) = Box::pin(session.handle(&text, out)).await {
                 session.ws.send_close(out, code, &reason);
                 let _ = conn.write_all(std::mem::take(out)).await;
                 return if code == close_code::UNAUTHORIZED {
