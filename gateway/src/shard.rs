@@ -409,8 +409,14 @@ fn handle(
     let now = now_us();
     // Replies that report writes wait for durability; reads answer at once (release_at 0).
     let mut hold = |reply: Reply, outcome: Outcome, write: bool, engine: &Engine| {
-        let release_at = if write { engine.appended_end() } else { 0 };
-        if write && kefu_trace_common::tracer_attached() {
+        if !write {
+            // Reads only show released (durable) state: answer at once, not behind the
+            // writes that wait for the current sync.
+            reply.put(outcome);
+            return;
+        }
+        let release_at = engine.appended_end();
+        if kefu_trace_common::tracer_attached() {
             reply
                 .appended_ns
                 .store(kefu_trace_common::now_ns(), Ordering::Relaxed);

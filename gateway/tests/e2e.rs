@@ -857,3 +857,91 @@ fn tls_listener_serves_http_and_the_firehose() {
         .unwrap();
     assert_eq!(tls_response(&mut again).0, 200);
 }
+
+#[test]
+fn agent_inbox_and_two_parties_over_websocket_and_long_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir, "2", "always");
+    let carol = kefu.agent("carol").to_owned();
+    let mut agent_ws = Ws::connect(kefu.http, &format!("/v1/ws?token={carol}")).expect("upgrade");
+    let mut http = kefu.http();
+    let online = http.post(
+        "/v1/agents/me/status",
+        Some(&carol),
+        &json!({"status": "online"}).to_string(),
+    );
+    assert_eq!(online.status, 200);
+    // Give the inbox registration (broadcast to every shard) a moment to land.
+    std::thread::sleep(Duration::from_millis(200));
+    let (id, visitor) = create_conversation(&mut http, Some("how much is the pro plan?"));
+    // Carol (sales) gets the offer and the assignment in her inbox.
+    let mut assigned = false;
+    for _ in 0..10 {
+        match agent_ws.recv_stored() {
+            WsMsg::Text(v) if v["event"] == "assigned" => {
+                assert_eq!(v["conversation_id"], id.as_str());
+                assert_eq!(v["agent"], "carol");
+                assigned = true;
+                break;
+            }
+            WsMsg::Text(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(assigned, "carol's inbox shows the assignment");
+    // The visitor follows over WebSocket; carol answers over WebSocket; both see it.
+    let mut visitor_ws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).unwrap();
+    let last = http
+        .get(&format!("/v1/conversations/{id}/messages"), Some(&visitor))
+        .json()["last_seq"]
+        .as_u64()
+        .unwrap();
+    visitor_ws.send_json(&json!({"type": "subscribe", "conversation_id": id, "after": last}));
+    // A subscribe with nothing to replay answers nothing: make sure it is registered by
+    // sending a typing notice the visitor's own socket then receives.
+    visitor_ws.send_json(&json!({"type": "typing", "conversation_id": id}));
+    match visitor_ws.recv() {
+        WsMsg::Text(v) => assert_eq!(v["event"], "typing"),
+        other => panic!("{other:?}"),
+    }
+    agent_ws.send_json(&json!({"type": "subscribe", "conversation_id": id, "after": last}));
+    agent_ws.send_json(&json!({"type": "send", "conversation_id": id, "text": "Hi, Carol here", "client_msg_id": "c-1"}));
+    let got = loop {
+        match visitor_ws.recv_stored() {
+            WsMsg::Text(v) if v["type"] == "message" => break v,
+            WsMsg::Text(_) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(got["text"], "Hi, Carol here");
+    assert_eq!(got["from"]["role"], "agent");
+    assert_eq!(got["seq"].as_u64(), Some(last + 1));
+    // The visitor answers over HTTP; carol's socket and a long-poll both see it.
+    let addr = kefu.http;
+    let (id2, visitor2) = (id.clone(), visitor.clone());
+    let poll = std::thread::spawn(move || {
+        Http::connect(addr).get(
+            &format!(
+                "/v1/conversations/{id2}/poll?after={}&timeout_ms=10000",
+                last + 1
+            ),
+            Some(&visitor2),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let r = http.post(
+        &format!("/v1/conversations/{id}/messages"),
+        Some(&visitor),
+        &json!({"text": "thanks!"}).to_string(),
+    );
+    assert_eq!(r.status, 201);
+    let page = poll.join().unwrap().json();
+    assert_eq!(page["messages"][0]["text"], "thanks!");
+    loop {
+        match agent_ws.recv_stored() {
+            WsMsg::Text(v) if v["text"] == "thanks!" => break,
+            WsMsg::Text(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
