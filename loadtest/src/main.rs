@@ -11,11 +11,11 @@ scenarios:
                [--rate-open R (default: --min-rps)] [--closed-s 5] [--min-rps 8900]
                [--max-p99-ms 11] [--compare wrk] [--rounds 3]
   chat         kefu WebSocket chat: --http ADDR --agent-token T... [--visitors 16]
-               [--messages 20] [--interval-ms 50] [--max-p99-ms 11]
+               [--messages 20] [--interval-ms 250] [--max-p99-ms MS]
   connections  idle kefu WebSockets: --http ADDR [--count 10000] [--processes 2]
                [--sources 4] [--hold-s 10] [--ping-interval-ms 1000] [--gateway-pid PID]
-  reconnect    kefu resume with `after`: --http ADDR [--subscribers 32] [--messages 40]
-               [--drop-every 5]
+  reconnect    kefu resume with `after`: --http ADDR [--subscribers 32] [--messages 30]
+               [--interval-ms 250] [--drop-every 5]
 
 generator flags (scenarios that send HTTP):
   --connections C (64)  --threads T (cores)  --rate R (open loop, total req/s; omit: closed)

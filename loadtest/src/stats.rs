@@ -207,10 +207,15 @@ impl Report {
             Some(r) => format!(", target rate {r:.0}/s"),
             None => String::new(),
         };
+        let mode = match self.mode.as_str() {
+            "closed" => "closed loop",
+            "open" => "open loop",
+            other => other,
+        };
         let _ = writeln!(
             s,
-            "scenario {} ({} loop{rate}) -> {}, {} threads, {} connections, {:.2} s",
-            self.scenario, self.mode, self.target, self.threads, self.connections, self.elapsed_s
+            "scenario {} ({mode}{rate}) -> {}, {} threads, {} connections, {:.2} s",
+            self.scenario, self.target, self.threads, self.connections, self.elapsed_s
         );
         let _ = writeln!(
             s,

@@ -56,7 +56,8 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
     let agent_tokens = args.all("agent-token");
     let visitors: usize = args.get("visitors", 16usize)?;
     let messages: u64 = args.get("messages", 20u64)?;
-    let interval = Duration::from_millis(args.get("interval-ms", 50u64)?);
+    // 4 messages/s per visitor: under kefu's default per-visitor limit (5/s).
+    let interval = Duration::from_millis(args.get("interval-ms", 250u64)?);
     let duration = Duration::from_secs_f64(args.get("duration-s", 30.0f64)?);
     let max_p99_ms: Option<f64> = args.opt("max-p99-ms")?;
     let json: Option<PathBuf> = args.opt("json")?;
@@ -135,7 +136,7 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
     extra.insert("gaps".into(), s.gaps.into());
     let report = Report {
         scenario: "chat".into(),
-        mode: "closed".into(),
+        mode: "websocket".into(),
         target: format!("ws://{addr}/v1/ws"),
         threads: 1,
         connections: visitors + agent_tokens.len(),

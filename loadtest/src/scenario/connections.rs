@@ -203,7 +203,7 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
     }
     let report = Report {
         scenario: "connections".into(),
-        mode: "idle".into(),
+        mode: "idle websockets".into(),
         target: format!("ws://{addr}/v1/ws"),
         threads: processes,
         connections: count,

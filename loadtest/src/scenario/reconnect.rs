@@ -35,6 +35,8 @@ struct Shared {
     /// Per conversation: the last seq its subscriber saw.
     last_seq: Vec<u64>,
     written: u64,
+    /// 429 answers the writer waited out and retried (not errors: the limit is kefu's policy).
+    rate_limited: u64,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<i32> {
@@ -43,9 +45,10 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
         .context("--http ADDR of kefu is required")?;
     crate::target::check_loopback(addr)?;
     let subscribers: usize = args.get("subscribers", 32usize)?;
-    let messages: u64 = args.get("messages", 40u64)?;
+    let messages: u64 = args.get("messages", 30u64)?;
     let drop_every: u64 = args.get("drop-every", 5u64)?;
-    let interval = Duration::from_millis(args.get("interval-ms", 20u64)?);
+    // 4 messages/s per conversation: under kefu's default per-visitor limit (5/s).
+    let interval = Duration::from_millis(args.get("interval-ms", 250u64)?);
     let duration = Duration::from_secs_f64(args.get("duration-s", 30.0f64)?);
     let max_p99_ms: Option<f64> = args.opt("max-p99-ms")?;
     let json: Option<PathBuf> = args.opt("json")?;
@@ -70,6 +73,7 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
         seen: vec![HashSet::new(); subscribers],
         last_seq: vec![0; subscribers],
         written: 0,
+        rate_limited: 0,
     }));
     let began = Instant::now();
     let deadline = began + duration;
@@ -126,11 +130,12 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
     let mut extra = serde_json::Map::new();
     extra.insert("drops".into(), s.drops.into());
     extra.insert("written".into(), s.written.into());
+    extra.insert("rate_limited_retries".into(), s.rate_limited.into());
     extra.insert("duplicates".into(), s.checker.duplicates.into());
     extra.insert("gaps".into(), s.checker.gaps.into());
     let report = Report {
         scenario: "reconnect".into(),
-        mode: "closed".into(),
+        mode: "websocket".into(),
         target: format!("ws://{addr}/v1/ws"),
         threads: 1,
         connections: subscribers * 2,
@@ -172,6 +177,9 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
     Outcome::new(vec![report], targets).finish(json)
 }
 
+/// Wait before retrying a send refused with 429.
+const RETRY_AFTER_429: Duration = Duration::from_millis(250);
+
 /// Posts `messages` stamped messages into the conversation, one per `interval`.
 async fn writer(
     i: usize,
@@ -203,42 +211,47 @@ async fn writer(
                 }
             }
         }
-        let body = serde_json::json!({ "text": wsutil::stamp("w", k) }).to_string();
-        let req = build_request(
-            "POST",
-            &host,
-            &path,
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/json"),
-            ],
-            body.as_bytes(),
-        );
-        let cx = c.as_mut().expect("connected above");
-        match exchange(
-            cx,
-            Rc::new(req),
-            (Instant::now() + Duration::from_secs(5)).min(deadline),
-            16 * 1024,
-        )
-        .await
-        {
-            Ok((201, close)) => {
-                shared.borrow_mut().written += 1;
-                if close {
-                    c = None;
+        // A 429 is waited out and the same message retried, until the deadline.
+        loop {
+            let body = serde_json::json!({ "text": wsutil::stamp("w", k) }).to_string();
+            let req = build_request(
+                "POST",
+                &host,
+                &path,
+                &[
+                    ("Authorization", &auth),
+                    ("Content-Type", "application/json"),
+                ],
+                body.as_bytes(),
+            );
+            let cx = c.as_mut().expect("connected above");
+            let by = (Instant::now() + Duration::from_secs(5)).min(deadline);
+            match exchange(cx, Rc::new(req), by, 16 * 1024).await {
+                Ok((201, close)) => {
+                    shared.borrow_mut().written += 1;
+                    if close {
+                        c = None;
+                    }
+                    break;
                 }
-            }
-            Ok((status, _)) => {
-                shared
-                    .borrow_mut()
-                    .errors
-                    .add(ErrorKind::from_status(status));
-                return;
-            }
-            Err(e) => {
-                shared.borrow_mut().errors.add(e);
-                return;
+                Ok((429, close)) if Instant::now() + RETRY_AFTER_429 < deadline => {
+                    shared.borrow_mut().rate_limited += 1;
+                    if close {
+                        return;
+                    }
+                    conn::sleep_until(Instant::now() + RETRY_AFTER_429).await;
+                }
+                Ok((status, _)) => {
+                    shared
+                        .borrow_mut()
+                        .errors
+                        .add(ErrorKind::from_status(status));
+                    return;
+                }
+                Err(e) => {
+                    shared.borrow_mut().errors.add(e);
+                    return;
+                }
             }
         }
     }
