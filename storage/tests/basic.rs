@@ -381,3 +381,43 @@ fn limits_are_enforced() {
     drop(log);
     assert!(matches!(Log::open(cfg), Err(Error::Config(_))));
 }
+
+#[test]
+fn directory_is_synced_after_segment_create_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = small_cfg(dir.path());
+    cfg.retention_bytes_max = Some(2 * 4096);
+    let (mut log, _) = Log::open(cfg).unwrap();
+    log.append(&header(1, 1, 1), b"first").unwrap();
+    let job = log.prepare_sync(0).unwrap().unwrap();
+    assert!(job.dir().is_none(), "no directory change yet");
+    let r = job.run();
+    log.complete_sync(job, r).unwrap();
+    // Fill past a roll: the next job carries the sealed file, the new one and the directory.
+    let segments = log.segment_count();
+    let mut seq = 2;
+    while log.segment_count() == segments {
+        log.append(&header(1, seq, 1), &payload(seq, 300)).unwrap();
+        seq += 1;
+    }
+    let job = log.prepare_sync(0).unwrap().unwrap();
+    assert!(job.dir().is_some(), "new segment's entry must be synced");
+    assert_eq!(job.files().len(), 2, "sealed and active segment");
+    assert_eq!(job.target_offset(), log.next_offset());
+    let r = job.run();
+    log.complete_sync(job, r).unwrap();
+    while log.segment_count() < 4 {
+        log.append(&header(1, seq, 1), &payload(seq, 300)).unwrap();
+        seq += 1;
+    }
+    log.sync(0).unwrap();
+    assert!(log.enforce_retention(0).unwrap().segments_deleted > 0);
+    let job = log
+        .prepare_sync(0)
+        .unwrap()
+        .expect("deletion waits for a sync");
+    assert!(job.dir().is_some(), "deleted entries must be synced");
+    assert!(job.files().is_empty());
+    let r = job.run();
+    log.complete_sync(job, r).unwrap();
+}
