@@ -61,7 +61,7 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
     let duration = Duration::from_secs_f64(args.get("duration-s", 30.0f64)?);
     let max_p99_ms: Option<f64> = args.opt("max-p99-ms")?;
     let json: Option<PathBuf> = args.opt("json")?;
-    let _ = args.flag("quiet");
+    let progress = !args.flag("quiet");
     args.finish()?;
     if agent_tokens.is_empty() {
         bail!("chat needs at least one --agent-token (kefu prints its demo agents' tokens)");
@@ -87,6 +87,22 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
     let deadline = began + duration;
     let mut rt = conn::runtime(4096).context("building the io_uring runtime")?;
     let setup: anyhow::Result<()> = rt.block_on(async {
+        if progress {
+            let shared = shared.clone();
+            monoio::spawn(async move {
+                loop {
+                    monoio::time::sleep(Duration::from_secs(1)).await;
+                    let s = shared.borrow();
+                    eprintln!(
+                        "[{:5.1}s] delivered {:>8}  visitors done {:>5}  errors {:>5}",
+                        began.elapsed().as_secs_f64(),
+                        s.delivered,
+                        s.visitors_done,
+                        s.errors.total()
+                    );
+                }
+            });
+        }
         // Agents first, so their inboxes are open before conversations are assigned.
         let mut agents = Vec::new();
         for (a, token) in agent_tokens.iter().enumerate() {

@@ -70,7 +70,7 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
     let token: Option<String> = args.opt("token")?;
     let max_ping_p99_ms: Option<f64> = args.opt("max-p99-ms")?;
     let json: Option<PathBuf> = args.opt("json")?;
-    let _ = args.flag("quiet");
+    let progress = !args.flag("quiet");
     args.finish()?;
     if count == 0 || count > 200_000 {
         bail!("--count must be in 1..=200000");
@@ -137,7 +137,13 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
             Ok(x) => x,
             Err(_) => break,
         };
-        if line.starts_with("established ") {
+        if let Some(n) = line.strip_prefix("established ") {
+            if progress {
+                eprintln!(
+                    "[{:5.1}s] child {p}: {n} connections open, holding them",
+                    began.elapsed().as_secs_f64()
+                );
+            }
             established[p] = true;
             if established.iter().all(|e| *e) {
                 rss_after = gateway_pid.map(kefu::vm_rss_kib).transpose()?;

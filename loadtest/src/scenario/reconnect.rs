@@ -52,7 +52,7 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
     let duration = Duration::from_secs_f64(args.get("duration-s", 30.0f64)?);
     let max_p99_ms: Option<f64> = args.opt("max-p99-ms")?;
     let json: Option<PathBuf> = args.opt("json")?;
-    let _ = args.flag("quiet");
+    let progress = !args.flag("quiet");
     args.finish()?;
     if subscribers == 0 || subscribers > 10_000 || messages == 0 || drop_every == 0 {
         bail!("--subscribers must be in 1..=10000, --messages and --drop-every at least 1");
@@ -79,6 +79,23 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
     let deadline = began + duration;
     let mut rt = conn::runtime(4096).context("building the io_uring runtime")?;
     rt.block_on(async {
+        if progress {
+            let shared = shared.clone();
+            monoio::spawn(async move {
+                loop {
+                    monoio::time::sleep(Duration::from_secs(1)).await;
+                    let s = shared.borrow();
+                    eprintln!(
+                        "[{:5.1}s] written {:>7}  delivered {:>7}  drops {:>6}  errors {:>5}",
+                        began.elapsed().as_secs_f64(),
+                        s.written,
+                        s.delivered,
+                        s.drops,
+                        s.errors.total()
+                    );
+                }
+            });
+        }
         let mut tasks = Vec::new();
         for (i, c) in convs.iter().enumerate() {
             let sub = subscriber(
