@@ -31,10 +31,18 @@ fn check(data: &[u8], limits: &HttpLimits) {
         let mut body = Vec::new();
         req.body.copy_into(&mut body);
         assert_eq!(body.len() as u64, req.body.len());
+        // Cuts at the ends of the request, of the head, of the first line (just after its CR,
+        // where a limit check once misfired) and in the middle.
+        let first_lf = buf[..req.consumed]
+            .iter()
+            .position(|&b| b == b'\n')
+            .unwrap_or(0);
         for cut in [
             req.consumed - 1,
             req.head.head_len.saturating_sub(1),
             req.consumed / 2,
+            first_lf,
+            first_lf.saturating_sub(1),
         ] {
             assert!(
                 matches!(
