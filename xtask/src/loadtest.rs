@@ -15,10 +15,10 @@ use anyhow::{Context, bail};
 use crate::{cargo, project_root};
 
 const USAGE: &str = "\
-usage: cargo xtask loadtest [--scenario send|chat|connections|reconnect] [xtask flags] [scenario flags]
+usage: cargo xtask loadtest [--scenario send|chat|connections|reconnect|http] [xtask flags] [scenario flags]
 
 xtask flags:
-  --scenario NAME        (send)
+  --scenario NAME        (send); `http` loads GET /healthz unless --url is given
   --shards N             kefu --shards (default: kefu's, one per core)
   --durability MODE      kefu --durability always|interval:MS|never (default: kefu's config)
   --kefu-config PATH     kefu --config PATH (default: kefu's embedded demo config)
@@ -99,7 +99,19 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ready_timeout,
         |kefu| {
             let mut cmd = Command::new(&loadtest_bin);
-            cmd.arg(&scenario).arg("--http").arg(kefu.http.as_str());
+            cmd.arg(&scenario);
+            if scenario == "http" {
+                // The plain HTTP scenario takes a URL: kefu's health endpoint unless given one.
+                if !forward
+                    .iter()
+                    .any(|a| a == "--url" || a.starts_with("--url="))
+                {
+                    cmd.arg("--url")
+                        .arg(format!("http://{}/healthz", kefu.http));
+                }
+            } else {
+                cmd.arg("--http").arg(kefu.http.as_str());
+            }
             match scenario.as_str() {
                 "chat" => {
                     for t in &kefu.agent_tokens {
