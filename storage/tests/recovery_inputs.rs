@@ -8,7 +8,7 @@ use std::fs;
 
 use common::*;
 use kefu_protocol::frame::{self, Header, Kind};
-use kefu_storage::Log;
+use kefu_storage::{Error, Log};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -98,9 +98,13 @@ proptest! {
         }
         let _ = log.file_runs(start, 1 << 16);
         let _ = log.read_conversation(1, 0, 100, |_| {});
-        // It still takes appends and syncs.
-        let off = log.append(&Header::new(Kind::Event, 1, 0, 0), b"{}").unwrap();
-        prop_assert_eq!(off + 1, log.next_offset());
+        // It still takes appends and syncs, unless the offsets are used up.
+        let appended = log.append(&Header::new(Kind::Event, 1, 0, 0), b"{}");
+        if log.next_offset() >= i64::MAX as u64 {
+            prop_assert!(matches!(appended, Err(Error::LimitExceeded(_))), "{:?}", appended);
+        } else {
+            prop_assert_eq!(appended.unwrap() + 1, log.next_offset());
+        }
         log.sync(0).unwrap();
     }
 }
