@@ -62,14 +62,9 @@ impl Conn {
             // Hand pending plaintext first.
             let tls = self.tls.as_mut().expect("tls");
             let before = buf.len();
-            let mut chunk = [0u8; 4096];
-            match tls.reader().read(&mut chunk) {
-                Ok(n) if n > 0 => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    return (Ok(n), buf);
-                }
-                Ok(_) => return (Ok(0), buf),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            match take_plaintext(tls, &mut buf) {
+                Ok(Some(n)) => return (Ok(n), buf),
+                Ok(None) => {}
                 Err(e) => return (Err(e), buf),
             }
             debug_assert_eq!(before, buf.len());
@@ -104,7 +99,28 @@ impl Conn {
             self.tls_in = raw;
         }
     }
+}
 
+/// Moves decrypted bytes from rustls into `buf`: `Some(0)` when the peer closed, `None` when
+/// rustls has none. A plain function, so its stack chunk is not part of the connection's
+/// future (an idle connection's task stays small).
+fn take_plaintext(
+    tls: &mut rustls::ServerConnection,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<usize>> {
+    let mut chunk = [0u8; 4096];
+    match tls.reader().read(&mut chunk) {
+        Ok(n) if n > 0 => {
+            buf.extend_from_slice(&chunk[..n]);
+            Ok(Some(n))
+        }
+        Ok(_) => Ok(Some(0)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl Conn {
     /// Sends TLS records rustls has queued (handshake, alerts, encrypted data).
     async fn flush_tls(&mut self) -> io::Result<()> {
         loop {

@@ -406,7 +406,7 @@ async fn shard_main(
         next_conn_id: Cell::new(1),
     });
     let inbox = shared.inboxes[id as usize].clone();
-    let committer_task = monoio::spawn(committer(inbox.clone(), engine, log, metrics));
+    let committer_task = monoio::spawn(committer(inbox.clone(), engine, log, metrics, !legacy));
     if legacy {
         http.set_nonblocking(true)?;
         tcp.set_nonblocking(true)?;

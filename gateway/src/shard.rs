@@ -246,7 +246,12 @@ pub async fn committer(
     engine: Rc<RefCell<Engine>>,
     log: Rc<RefCell<Log>>,
     metrics: Rc<ShardMetrics>,
+    uring_sync: bool,
 ) {
+    // With io_uring the syncs are fsync ops on the shard's own ring (the kernel's workers run
+    // them; the completion lands in the ring): no user-space hand-off. The legacy driver
+    // syncs on a flusher thread instead.
+    let uring_done: Rc<RefCell<Option<(SyncJob, std::io::Result<()>)>>> = Rc::default();
     let flusher_slot: Arc<std::sync::OnceLock<Arc<Flusher>>> = Arc::new(std::sync::OnceLock::new());
     let inbox_for_flusher = inbox.clone();
     let slot = flusher_slot.clone();
@@ -299,6 +304,7 @@ pub async fn committer(
         let has_work = || {
             !inbox.queue.is_empty()
                 || !flusher.done.is_empty()
+                || uring_done.borrow().is_some()
                 || inbox.stop.load(Ordering::Acquire)
         };
         if !has_work() {
@@ -317,7 +323,11 @@ pub async fn committer(
         }
 
         let now = now_ms();
-        if let Some((job, result)) = flusher.done.pop() {
+        let finished = flusher
+            .done
+            .pop()
+            .or_else(|| uring_done.borrow_mut().take());
+        if let Some((job, result)) = finished {
             sync_in_flight = false;
             metrics.sync_latency_us(sync_started.elapsed().as_micros() as u64);
             if let Err(e) = log.borrow_mut().complete_sync(job, result) {
@@ -345,8 +355,18 @@ pub async fn committer(
                     Ok(Some(job)) => {
                         sync_in_flight = true;
                         sync_started = std::time::Instant::now();
-                        assert!(flusher.jobs.push(job).is_ok(), "one sync at a time");
-                        flusher.thread.unpark();
+                        if uring_sync {
+                            let done = uring_done.clone();
+                            let inbox = inbox.clone();
+                            monoio::spawn(async move {
+                                let result = run_sync_on_ring(&job).await;
+                                *done.borrow_mut() = Some((job, result));
+                                inbox.wake();
+                            });
+                        } else {
+                            assert!(flusher.jobs.push(job).is_ok(), "one sync at a time");
+                            flusher.thread.unpark();
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => engine.borrow_mut().poison(format!("log sync failed: {e}")),
@@ -397,6 +417,20 @@ pub async fn committer(
     flusher.stop.store(true, Ordering::Release);
     flusher.thread.unpark();
     let _ = flusher_thread.join();
+}
+
+/// Runs a group-commit sync as io_uring fsync ops (fdatasync of the segment files, fsync of
+/// the directory when its entries changed), on duplicated descriptors the ops own.
+async fn run_sync_on_ring(job: &SyncJob) -> std::io::Result<()> {
+    for f in job.files() {
+        let file = monoio::fs::File::from_std(f.try_clone()?)?;
+        file.sync_data().await?;
+    }
+    if let Some(dir) = job.dir() {
+        let dir = monoio::fs::File::from_std(dir.try_clone()?)?;
+        dir.sync_all().await?;
+    }
+    Ok(())
 }
 
 fn handle(

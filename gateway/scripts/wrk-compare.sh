@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Side-by-side wrk run: nginx `return 200`, kefu GET /healthz, kefu durable POST send.
+# Usage: gateway/scripts/wrk-compare.sh [KEFU_BIN] [CONNECTIONS] [SECONDS]
+# Needs wrk, nginx, curl, python3. Starts everything on loopback (free ports), stops it after.
+set -euo pipefail
+BIN=${1:-target/release/kefu}
+CONNS=${2:-64}
+SECS=${3:-5}
+WORK=$(mktemp -d)
+cleanup() {
+  [[ -n "${KEFU_PID:-}" ]] && kill "$KEFU_PID" 2>/dev/null || true
+  [[ -f "$WORK/nginx.pid" ]] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+NGINX_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 2;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log;
+events { worker_connections 4096; }
+http { access_log off; server { listen 127.0.0.1:$NGINX_PORT; location / { return 200 'ok'; } } }
+CONF
+nginx -c "$WORK/nginx.conf" -p "$WORK"
+
+# The embedded demo tenant with a rate limit above what wrk sends.
+python3 - "$WORK/kefu.toml" <<'PY'
+import sys, re, pathlib
+root = pathlib.Path(__file__).resolve().parent if False else pathlib.Path("gateway")
+src = (root / "src/tenant.rs").read_text()
+start = src.index('pub const DEMO_TENANT_TOML: &str = r#"') + len('pub const DEMO_TENANT_TOML: &str = r#"')
+tenant = src[start:src.index('"#;', start)]
+tenant = tenant.replace("\n[[", "\n[[tenant.").replace('name = "demo"', 'name = "demo"\nvisitor_rate_limit = { messages_per_s = 10000, burst = 10000 }', 1)
+open(sys.argv[1], "w").write((root / "kefu.default.toml").read_text() + "\n[[tenant]]" + tenant)
+PY
+"$BIN" --config "$WORK/kefu.toml" ${KEFU_FLAGS:-} --http 127.0.0.1:0 --tcp 127.0.0.1:0 --data-dir "$WORK/data" > "$WORK/kefu.out" 2> "$WORK/kefu.err" &
+KEFU_PID=$!
+for _ in $(seq 100); do grep -q '^kefu ready' "$WORK/kefu.out" && break; sleep 0.1; done
+PORT=$(grep -o 'http=127.0.0.1:[0-9]*' "$WORK/kefu.out" | cut -d: -f2)
+
+for _ in $(seq 64); do
+  curl -s -X POST "127.0.0.1:$PORT/v1/conversations" -d '{"visitor":{"name":"P"},"channel":"web"}'; echo
+done > "$WORK/convs.json"
+python3 - "$WORK/convs.json" "$WORK/post.lua" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+lua = ["convs = {"] + ['  {"/v1/conversations/%s/messages", "Bearer %s"},' % (r["conversation_id"], r["visitor_token"]) for r in rows] + ["}"]
+lua.append('''counter = 0
+request = function()
+  counter = counter + 1
+  local c = convs[(counter % #convs) + 1]
+  return wrk.format("POST", c[1], {["Authorization"] = c[2], ["Content-Type"] = "application/json"}, '{"text":"hello from wrk"}')
+end''')
+open(sys.argv[2], "w").write("\n".join(lua))
+PY
+
+run() { echo "== $1"; shift; wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$@" | grep -E 'Requests/sec|  50%|  99%|Non-2xx|Socket errors'; }
+run "nginx return 200" "http://127.0.0.1:$NGINX_PORT/"
+run "kefu GET /healthz" "http://127.0.0.1:$PORT/healthz"
+run "kefu POST message (durable, default durability)" -s "$WORK/post.lua" "http://127.0.0.1:$PORT"
+curl -s "127.0.0.1:$PORT/metrics" | grep -E 'stage="(log_sync|command)",quantile="0.(5|99)"'
