@@ -12,6 +12,9 @@ use super::frame::{
     decode_frame, encode_frame, is_valid_close_code,
 };
 
+/// Reassembly capacity kept between fragmented messages; more is freed after delivery.
+const MESSAGE_CAPACITY_KEPT_MAX: usize = 4 * 1024;
+
 /// Size limits of a connection; chosen from config at startup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WsLimits {
@@ -129,6 +132,10 @@ impl WsConnection {
         out: &mut Vec<u8>,
     ) -> Result<(Option<WsEvent<'a>>, usize), WsError> {
         if self.message_delivered {
+            if self.message.capacity() > MESSAGE_CAPACITY_KEPT_MAX {
+                // Fragmented messages are rare; an idle socket should not keep a large buffer.
+                self.message = Vec::new();
+            }
             self.message.clear();
             self.utf8_valid_len = 0;
             self.message_delivered = false;
