@@ -224,6 +224,9 @@ struct Flusher {
     thread: std::thread::Thread,
 }
 
+/// A sync job and how it ended.
+type FinishedSync = (SyncJob, std::io::Result<()>);
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     now_us() / 1000
@@ -251,7 +254,7 @@ pub async fn committer(
     // With io_uring the syncs are fsync ops on the shard's own ring (the kernel's workers run
     // them; the completion lands in the ring): no user-space hand-off. The legacy driver
     // syncs on a flusher thread instead.
-    let uring_done: Rc<RefCell<Option<(SyncJob, std::io::Result<()>)>>> = Rc::default();
+    let uring_done: Rc<RefCell<Option<FinishedSync>>> = Rc::default();
     let flusher_slot: Arc<std::sync::OnceLock<Arc<Flusher>>> = Arc::new(std::sync::OnceLock::new());
     let inbox_for_flusher = inbox.clone();
     let slot = flusher_slot.clone();
