@@ -7,9 +7,15 @@
 //! kefu gives them no meaning.
 //!
 //! Each call re-validates from the first chunk, so a body arriving in `k` reads costs
-//! `O(k * chunk_count)` size-line scans; the data itself is skipped, not scanned.
+//! `O(k * chunk_count)` size-line scans (the data itself is skipped, not scanned). That is why
+//! the chunk count has a hard bound, [`CHUNKS_COUNT_MAX`]: a peer sending tiny chunks a byte at
+//! a time cannot make the work per read grow with the body.
 
 use super::{HttpLimits, InvalidRequest, ParseError};
+
+/// Most data chunks one request body may have (413 above it). Real clients send few, large
+/// chunks (curl: one per 64 KiB read); this bounds the re-validation work per read.
+pub const CHUNKS_COUNT_MAX: u32 = 4096;
 
 /// A validated chunked body borrowed from the request buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +103,10 @@ pub(super) fn parse<'b>(
         if size == 0 {
             break;
         }
-        chunk_count = chunk_count.saturating_add(1);
+        chunk_count += 1;
+        if chunk_count > CHUNKS_COUNT_MAX {
+            return Err(InvalidRequest::TooManyChunks.into());
+        }
         // size <= body_bytes_max, which fits in memory, so usize arithmetic below cannot wrap.
         let size = usize::try_from(size).map_err(|_| InvalidRequest::BodyTooLarge)?;
         let available = buf.len() - pos;

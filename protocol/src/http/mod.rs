@@ -22,7 +22,7 @@ mod chunked;
 pub mod query;
 pub mod response;
 
-pub use chunked::{ChunkedBody, Chunks};
+pub use chunked::{CHUNKS_COUNT_MAX, ChunkedBody, Chunks};
 pub use query::{PercentDecodeError, percent_decode, query_get, query_pairs};
 pub use response::{
     ResponseHead, reason_phrase, write_chunk, write_chunked_head, write_continue, write_json_error,
@@ -132,6 +132,8 @@ pub enum InvalidRequest {
     UnsupportedTransferEncoding,
     #[error("chunked body not accepted; send Content-Length")]
     LengthRequired,
+    #[error("chunked body with more chunks than the limit")]
+    TooManyChunks,
     #[error("malformed chunked body: {0}")]
     BadChunk(&'static str),
 }
@@ -143,7 +145,7 @@ impl InvalidRequest {
             Self::UnsupportedVersion => 505,
             Self::UriTooLong => 414,
             Self::TooManyHeaders | Self::HeadTooLarge => 431,
-            Self::BodyTooLarge => 413,
+            Self::BodyTooLarge | Self::TooManyChunks => 413,
             Self::UnsupportedTransferEncoding => 501,
             Self::LengthRequired => 411,
             Self::Syntax(_)

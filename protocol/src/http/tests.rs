@@ -349,6 +349,26 @@ fn malformed_chunked_bodies_are_refused() {
 }
 
 #[test]
+fn chunk_count_is_bounded() {
+    let head = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let body = |chunks: u32| {
+        let mut req = head.to_vec();
+        for _ in 0..chunks {
+            write_chunk(&mut req, b"x");
+        }
+        write_last_chunk(&mut req);
+        req
+    };
+    let ok = body(CHUNKS_COUNT_MAX);
+    assert_eq!(parse(&ok).unwrap().body.len(), u64::from(CHUNKS_COUNT_MAX));
+    assert_eq!(
+        invalid(&body(CHUNKS_COUNT_MAX + 1)),
+        InvalidRequest::TooManyChunks
+    );
+    assert_eq!(InvalidRequest::TooManyChunks.status(), 413);
+}
+
+#[test]
 fn chunked_body_limit_is_413() {
     let limits = HttpLimits {
         body_bytes_max: 8,
