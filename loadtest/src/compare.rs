@@ -1,5 +1,6 @@
 //! Side-by-side ceiling check: run `wrk -t1` against the same target, interleaved round by round
-//! with our generator, so both see the same machine load, and report the throughput ratio.
+//! with our generator (alternating which goes first), so both see the same machine load, and
+//! report the throughput ratio.
 
 use std::path::Path;
 use std::process::Command;
@@ -84,19 +85,29 @@ pub fn compare_wrk(
     let mut gen_cpu = Vec::with_capacity(rounds);
     let mut wrk_cpu = Vec::with_capacity(rounds);
     for round in 0..rounds {
-        let cpu0 = cpu_seconds(libc::RUSAGE_SELF);
-        let (g, g_ok) = generator().with_context(|| format!("generator, round {}", round + 1))?;
-        gen_cpu.push((cpu_seconds(libc::RUSAGE_SELF) - cpu0) * 1e6 / g_ok.max(1) as f64);
-        let cpu0 = cpu_seconds(libc::RUSAGE_CHILDREN);
-        let (w, w_ok) = run_wrk(url, connections, duration, lua_script)
-            .with_context(|| format!("wrk, round {}", round + 1))?;
-        wrk_cpu.push((cpu_seconds(libc::RUSAGE_CHILDREN) - cpu0) * 1e6 / w_ok.max(1) as f64);
+        // Alternate who goes first, so a drift in machine load does not favour one side.
+        let mut g = (0.0, 0);
+        let mut w = (0.0, 0);
+        for side in [round % 2, 1 - round % 2] {
+            if side == 0 {
+                let cpu0 = cpu_seconds(libc::RUSAGE_SELF);
+                g = generator().with_context(|| format!("generator, round {}", round + 1))?;
+                gen_cpu.push((cpu_seconds(libc::RUSAGE_SELF) - cpu0) * 1e6 / g.1.max(1) as f64);
+            } else {
+                let cpu0 = cpu_seconds(libc::RUSAGE_CHILDREN);
+                w = run_wrk(url, connections, duration, lua_script)
+                    .with_context(|| format!("wrk, round {}", round + 1))?;
+                wrk_cpu.push((cpu_seconds(libc::RUSAGE_CHILDREN) - cpu0) * 1e6 / w.1.max(1) as f64);
+            }
+        }
         eprintln!(
-            "compare round {}: generator {g:.0} req/s, wrk -t1 {w:.0} req/s",
-            round + 1
+            "compare round {}: generator {:.0} req/s, wrk -t1 {:.0} req/s",
+            round + 1,
+            g.0,
+            w.0
         );
-        gen_rps.push(g);
-        wrk_rps.push(w);
+        gen_rps.push(g.0);
+        wrk_rps.push(w.0);
     }
     let gm = median(&gen_rps);
     let wm = median(&wrk_rps);
