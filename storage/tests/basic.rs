@@ -421,3 +421,26 @@ fn directory_is_synced_after_segment_create_and_delete() {
     let r = job.run();
     log.complete_sync(job, r).unwrap();
 }
+
+#[test]
+fn a_sync_failure_reported_by_the_caller_poisons_too() {
+    // The gateway may run the job itself (io_uring fsync); its error poisons the same way.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(small_cfg(dir.path())).unwrap();
+    log.append(&header(1, 1, 1), b"x").unwrap();
+    let job = log.prepare_sync(0).unwrap().unwrap();
+    let err = log
+        .complete_sync(job, Err(std::io::Error::from_raw_os_error(libc_eio())))
+        .unwrap_err();
+    assert!(matches!(err, Error::Poisoned(_)));
+    assert_eq!(log.durable_offset(), 0);
+    assert!(!log.sync_due(0), "a poisoned log asks for no more syncs");
+    assert!(matches!(
+        log.append(&header(1, 2, 1), b"y"),
+        Err(Error::Poisoned(_))
+    ));
+    assert!(matches!(
+        log.compress_sealed_once(),
+        Ok(None) | Err(Error::Poisoned(_))
+    ));
+}
