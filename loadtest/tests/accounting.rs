@@ -322,6 +322,21 @@ fn open_loop_counts_every_slot_of_a_silent_server() {
 }
 
 #[test]
+fn threads_split_the_budget_and_merge_their_counts() {
+    let server = TestServer::start(Behavior::Normal);
+    let mut cfg = config(server.addr, 5, Mode::Closed, Duration::from_secs(20));
+    cfg.threads = 2;
+    cfg.requests_max = 1001;
+    let r = engine::run(&cfg).unwrap();
+    assert_eq!(
+        (r.ok, r.hist.len(), r.errors.total()),
+        (1001, 1001, 0),
+        "{:?}",
+        r.errors
+    );
+}
+
+#[test]
 fn non_loopback_targets_are_refused() {
     let cfg = config(
         "192.0.2.1:80".parse().unwrap(),
