@@ -9,7 +9,7 @@
 //! |   0 |    2 | magic | `b"KF"` |
 //! |   2 |    1 | version | `1` |
 //! |   3 |    1 | kind | [`Kind`] as `u8` |
-//! |   4 |    4 | crc32c | CRC32C (Castagnoli) over header bytes `8..48` followed by the payload |
+//! |   4 |    4 | crc32c | CRC32C (Castagnoli) over header bytes `0..4`, then `8..48`, then the payload |
 //! |   8 |    4 | payload_len | `u32`, bytes after the header |
 //! |  12 |    2 | flags | `u16`; bit 0 = payload is zstd-compressed ([`FLAG_ZSTD`]); other bits must be 0 |
 //! |  14 |    2 | reserved | `u16`, must be 0 |
@@ -19,10 +19,9 @@
 //! |  40 |    8 | timestamp_us | `u64`, unix microseconds |
 //! |  48 |    n | payload | `payload_len` bytes |
 //!
-//! The CRC starts at byte 8 so that it covers every field except magic, version, kind and
-//! itself; magic, version and kind are checked by value instead. Known gap of this
-//! contract: a corruption that turns one valid kind into another (e.g. a single bit flip
-//! from Message = 1 to Control = 3) passes every check. Storage patches `log_offset` in
+//! The CRC covers every header byte except its own four (bytes `0..4`, then `8..48`) and
+//! the payload, so a corruption that turns one valid kind into another (a single bit flip
+//! from Message = 1 to Control = 3) is caught like any other. Storage patches `log_offset` in
 //! place and re-computes the CRC ([`patch_log_offset`]).
 //!
 //! Decoding never panics and never allocates: [`decode`] answers a borrowed [`FrameRef`],
@@ -56,7 +55,8 @@ const OFF_CONVERSATION: usize = 16;
 const OFF_SEQ: usize = 24;
 const OFF_LOG_OFFSET: usize = 32;
 const OFF_TIMESTAMP: usize = 40;
-/// The CRC covers the header from here on, then the payload.
+/// The CRC covers the header before its own field (magic, version, kind), then the header
+/// from here on, then the payload.
 const CRC_START: usize = OFF_PAYLOAD_LEN;
 
 const _: () = assert!(OFF_TIMESTAMP + 8 == HEADER_LEN);
@@ -255,9 +255,10 @@ fn write_header(h: &Header, payload_len: u32, out: &mut [u8; HEADER_LEN]) {
     out[OFF_TIMESTAMP..OFF_TIMESTAMP + 8].copy_from_slice(&h.timestamp_us.to_le_bytes());
 }
 
-/// The CRC of a frame: header bytes `8..48`, then the payload.
+/// The CRC of a frame: header bytes `0..4`, then `8..48`, then the payload.
 fn compute_crc(header: &[u8], payload: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(&header[CRC_START..HEADER_LEN]);
+    let crc = crc32c::crc32c(&header[OFF_MAGIC..OFF_CRC]);
+    let crc = crc32c::crc32c_append(crc, &header[CRC_START..HEADER_LEN]);
     crc32c::crc32c_append(crc, payload)
 }
 
@@ -455,7 +456,8 @@ mod tests {
         assert_eq!(&f[24..32], &3u64.to_le_bytes());
         assert_eq!(&f[32..40], &99u64.to_le_bytes());
         assert_eq!(&f[40..48], &1_700_000_000_000_000u64.to_le_bytes());
-        let mut crc_input = f[8..48].to_vec();
+        let mut crc_input = f[0..4].to_vec();
+        crc_input.extend_from_slice(&f[8..48]);
         crc_input.extend_from_slice(&payload);
         assert_eq!(&f[4..8], &crc32c::crc32c(&crc_input).to_le_bytes());
         assert_eq!(h.shard(), 7);
@@ -625,9 +627,8 @@ mod tests {
             let bit = bit % (f.len() * 8);
             f[bit / 8] ^= 1 << (bit % 8);
             // A flip either breaks a checked field, the CRC, or grows payload_len (Incomplete);
-            // except a kind flipped into another valid kind, which the CRC does not cover.
-            let kind_still_valid = bit / 8 == 3 && Kind::try_from(f[3]).is_ok();
-            prop_assert_eq!(decode(&f, MAX).is_ok(), kind_still_valid);
+            // the CRC covers the kind byte too, so no flip ever decodes.
+            prop_assert!(decode(&f, MAX).is_err());
         }
 
         #[test]

@@ -43,7 +43,7 @@ fn golden_send() {
         hex(&b),
         concat!(
             "4b460111",
-            "b99aeb05", // crc32c, checked with an independent bitwise implementation
+            "064346d3", // crc32c over bytes 0..4, 8..48, payload; checked with an independent bitwise implementation
             "0a000000",
             "0000",
             "0000",
