@@ -199,14 +199,15 @@ impl WsConnection {
             }
             OpCode::Pong => WsEvent::Pong(payload),
             OpCode::Close => self.on_close(payload, out)?,
+            // RFC 6455 §5.5.1: after our close, data frames may still arrive; discard them
+            // (fragmented or not) until the peer's close.
+            _ if self.state == State::CloseSent => return Ok((None, consumed)),
             OpCode::Text | OpCode::Binary if self.fragmented.is_some() => {
                 return Err(WsInvalid::ExpectedContinuation.into());
             }
             OpCode::Continuation if self.fragmented.is_none() => {
                 return Err(WsInvalid::UnexpectedContinuation.into());
             }
-            // RFC 6455 §5.5.1: after our close, data frames may still arrive; discard them.
-            _ if self.state == State::CloseSent => return Ok((None, consumed)),
             OpCode::Text if fin => {
                 WsEvent::Text(std::str::from_utf8(payload).map_err(|_| WsInvalid::InvalidUtf8)?)
             }

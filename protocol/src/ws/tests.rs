@@ -360,8 +360,11 @@ fn close_handshake_initiated_by_us() {
     assert_eq!(&out[4..], b"queue overflowed");
     assert!(!conn.send_close(&mut out, 1000, ""));
     out.clear();
-    // Data still in flight is discarded; pings are not answered; the peer's close ends it.
-    let mut bytes = masked(true, OpCode::Text, b"in flight");
+    // Data still in flight is discarded (fragmented too); pings are not answered; the peer's
+    // close ends it.
+    let mut bytes = masked(false, OpCode::Text, b"in ");
+    bytes.extend(masked(true, OpCode::Continuation, b"flight"));
+    bytes.extend(masked(true, OpCode::Binary, b"more"));
     bytes.extend(masked(true, OpCode::Ping, b""));
     bytes.extend(masked(true, OpCode::Close, &4008u16.to_be_bytes()));
     let events = feed(&mut conn, &bytes, &mut out).unwrap();
