@@ -108,15 +108,23 @@ fn take_plaintext(
     tls: &mut rustls::ServerConnection,
     buf: &mut Vec<u8>,
 ) -> io::Result<Option<usize>> {
+    // Drain everything rustls has decrypted: the caller then waits for socket readability,
+    // which would never come for plaintext left behind in rustls.
     let mut chunk = [0u8; 4096];
-    match tls.reader().read(&mut chunk) {
-        Ok(n) if n > 0 => {
-            buf.extend_from_slice(&chunk[..n]);
-            Ok(Some(n))
+    let mut total = 0;
+    loop {
+        match tls.reader().read(&mut chunk) {
+            Ok(n) if n > 0 => {
+                buf.extend_from_slice(&chunk[..n]);
+                total += n;
+            }
+            Ok(_) if total == 0 => return Ok(Some(0)),
+            Ok(_) => return Ok(Some(total)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(if total == 0 { None } else { Some(total) });
+            }
+            Err(e) => return Err(e),
         }
-        Ok(_) => Ok(Some(0)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-        Err(e) => Err(e),
     }
 }
 

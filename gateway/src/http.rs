@@ -240,6 +240,33 @@ fn write_json(out: &mut Vec<u8>, status: u16, keep_alive: bool, body: &[u8]) {
 }
 
 /// Serves one HTTP connection until it closes; returns why it ended.
+/// What a burst of activity on a connection ended with.
+enum After {
+    /// Back to waiting (idle, no buffer pinned).
+    Wait,
+    End(Disconnect),
+    WebSocket(crate::ws::Upgraded),
+    Stream {
+        shard: u16,
+        from: u64,
+        follow: bool,
+    },
+}
+
+/// One HTTP connection's state between bursts: small, so an idle connection costs little.
+struct HttpConn {
+    conn: Conn,
+    buf: Option<Vec<u8>>,
+    out: Vec<u8>,
+    continue_sent: bool,
+    /// Requests already buffered after a response that took over the socket for a while.
+    parse_pending: bool,
+    local_port: u16,
+    peer_port: u16,
+    peer_loopback: bool,
+    conn_id: u64,
+}
+
 pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Disconnect {
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let peer_port = stream.peer_addr().map(|a| a.port()).unwrap_or(0);
@@ -247,7 +274,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
         .peer_addr()
         .map(|a| a.ip().is_loopback())
         .unwrap_or(false);
-    let mut conn = match &ctx.shared.tls {
+    let conn = match &ctx.shared.tls {
         Some(cfg) if ctx.shared.config.tls.as_ref().is_some_and(|t| t.http) => {
             match Conn::tls(stream, cfg.clone()) {
                 Ok(c) => c,
@@ -257,188 +284,58 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
         _ => Conn::plain(stream),
     };
     let idle = Duration::from_millis(ctx.shared.config.limits.idle_timeout_ms);
-    let mut buf: Option<Vec<u8>> = None;
-    let mut out: Vec<u8> = Vec::new();
-    let mut continue_sent = false;
-    // Requests already buffered after a response that took over the socket for a while.
-    let mut parse_pending = false;
+    let mut c = HttpConn {
+        conn,
+        buf: None,
+        out: Vec::new(),
+        continue_sent: false,
+        parse_pending: false,
+        local_port,
+        peer_port,
+        peer_loopback,
+        conn_id,
+    };
     loop {
-        let mut read_at_ns = 0;
-        if !parse_pending {
-            if buf.as_ref().is_none_or(|b| b.is_empty()) {
-                if let Some(b) = buf.take() {
-                    ctx.pool.give(b);
-                }
-                // Idle: no buffer pinned while waiting.
-                if out.capacity() > 0 {
-                    out = Vec::new();
-                }
-                let ready = monoio::select! {
-                    r = conn.readable() => r.is_ok(),
-                    _ = monoio::time::sleep(idle) => return Disconnect::IdleTimeout,
-                    _ = ctx.stopped(conn_id) => return Disconnect::Shutdown,
-                };
-                if !ready {
-                    return Disconnect::IoError;
-                }
-            }
-            let b = buf.take().unwrap_or_else(|| ctx.pool.take());
-            let (res, b) = conn.read_append(b).await;
-            if kefu_trace_common::tracer_attached() {
-                read_at_ns = now_ns();
-            }
-            buf = Some(b);
-            match res {
-                Ok(0) => return Disconnect::Closed,
-                Ok(_) => {}
-                Err(_) => return Disconnect::IoError,
-            }
-        }
-        parse_pending = false;
-        // Handle every complete request in the buffer (pipelining), then write once.
-        let mut next = Next::Continue { keep_alive: true };
-        loop {
-            let b = buf.as_mut().expect("buffer taken above");
-            if b.is_empty() {
-                break;
-            }
-            let started = Instant::now();
-            // The eBPF request marker: one relaxed load when no tracer is attached.
-            let traced = kefu_trace_common::trace_enabled();
-            let trace = RefCell::new(RequestRecord::default());
-            if traced {
-                let mut rec = trace.borrow_mut();
-                let n = ctx.next_conn_id();
-                rec.request_id = (u64::from(ctx.id) << 48) | n;
-                rec.connection_id = conn_id;
-                rec.shard = ctx.id;
-                rec.fd = conn.stream.as_raw_fd();
-                rec.local_port = local_port;
-                rec.peer_port = peer_port;
-                rec.set(TraceStage::Accepted, read_at_ns);
-            }
-            let parsed = parse_request(b, &ctx.shared.http_limits);
-            let req = match parsed {
-                Ok(req) => req,
-                Err(ParseError::Incomplete { .. }) => {
-                    if !continue_sent
-                        && let Ok(head) = parse_head(b, &ctx.shared.http_limits)
-                        && head.expect_continue
-                    {
-                        write_continue(&mut out);
-                        continue_sent = true;
-                    }
-                    break;
-                }
-                Err(ParseError::Invalid(e)) => {
-                    let err = HttpError::new(e.status(), e.to_string());
-                    write_error(&mut out, &err, false);
-                    ctx.metrics.response(err.status);
-                    let (_, _) = conn.write_all(std::mem::take(&mut out)).await;
-                    return Disconnect::BadRequest;
-                }
-            };
-            continue_sent = false;
-            let consumed = req.consumed;
-            let keep_alive = req.head.keep_alive && !ctx.stopping.get();
-            let mut body_copy = Vec::new();
-            let body: &[u8] = match req.body.as_contiguous() {
-                Some(body) => body,
-                None => {
-                    req.body.copy_into(&mut body_copy);
-                    &body_copy
-                }
-            };
-            let status_before = out.len();
-            if traced {
-                let mut rec = trace.borrow_mut();
-                rec.set(TraceStage::Parsed, now_ns());
-                rec.route = route_id(&req.head);
-            }
-            let trace_ref = traced.then_some(&trace);
-            // Boxed: the handlers' state is large and only lives during a request, so an
-            // idle connection's future stays small (see the idle-memory figures in the README).
-            next = match Box::pin(route(
-                &ctx,
-                &req.head,
-                body,
-                keep_alive,
-                peer_loopback,
-                &mut out,
-                conn_id,
-                trace_ref,
-            ))
-            .await
+        if !c.parse_pending {
+            if c.buf.as_ref().is_some_and(|b| b.is_empty())
+                && let Some(b) = c.buf.take()
             {
-                Ok(next) => next,
-                Err(e) => {
-                    write_error(&mut out, &e, keep_alive);
-                    Next::Continue { keep_alive }
-                }
+                ctx.pool.give(b);
+            }
+            // Idle: no buffer pinned while waiting (unless a partial request is buffered:
+            // then the idle timeout also bounds how long a slow sender holds it).
+            if c.out.capacity() > 0 {
+                c.out = Vec::new();
+            }
+            let ready = monoio::select! {
+                r = c.conn.readable() => r.is_ok(),
+                _ = monoio::time::sleep(idle) => return Disconnect::IdleTimeout,
+                _ = ctx.stopped(conn_id) => return Disconnect::Shutdown,
             };
-            let status = status_of(&out[status_before..]);
-            ctx.metrics.response(status);
-            if traced {
-                let mut rec = trace.borrow_mut();
-                rec.status = status;
-                // Answered: the response is complete in the write buffer, written right after.
-                rec.set(TraceStage::Answered, now_ns());
-                emit(&rec);
-            }
-            ctx.metrics
-                .latency(Stage::Request, started.elapsed().as_micros() as u64);
-            let b = buf.as_mut().expect("buffer");
-            b.drain(..consumed);
-            if !matches!(next, Next::Continue { keep_alive: true }) {
-                break;
-            }
-        }
-        if !out.is_empty() {
-            let (res, o) = conn.write_all(std::mem::take(&mut out)).await;
-            out = o;
-            if res.is_err() {
+            if !ready {
                 return Disconnect::IoError;
             }
         }
-        match next {
-            Next::Continue { keep_alive: true } => {}
-            Next::Continue { keep_alive: false } => return Disconnect::Closed,
-            Next::Attachment {
-                id,
-                actor,
-                keep_alive,
-            } => {
-                if let Err(e) = Box::pin(download(&ctx, &mut conn, &id, &actor, keep_alive)).await {
-                    let mut out = Vec::new();
-                    write_error(&mut out, &e, keep_alive);
-                    ctx.metrics.response(e.status);
-                    let (res, _) = conn.write_all(out).await;
-                    if res.is_err() {
-                        return Disconnect::IoError;
-                    }
-                } else {
-                    ctx.metrics.response(200);
-                }
-                if !keep_alive {
-                    return Disconnect::Closed;
-                }
-                parse_pending = buf.as_ref().is_some_and(|b| !b.is_empty());
+        // Boxed: parsing, handlers and writes only live while there is traffic, so the
+        // future an idle connection parks in stays small.
+        match Box::pin(burst(&ctx, &mut c)).await {
+            After::Wait => {}
+            After::End(why) => return why,
+            After::WebSocket(up) => {
+                let rest = c.buf.take().unwrap_or_default();
+                return Box::pin(crate::ws::serve(ctx.clone(), c.conn, up, rest, conn_id)).await;
             }
-            Next::WebSocket(up) => {
-                let rest = buf.take().unwrap_or_default();
-                return Box::pin(crate::ws::serve(ctx.clone(), conn, up, rest, conn_id)).await;
-            }
-            Next::Stream {
+            After::Stream {
                 shard,
                 from,
                 follow,
             } => {
-                if let Some(b) = buf.take() {
+                if let Some(b) = c.buf.take() {
                     ctx.pool.give(b);
                 }
                 return Box::pin(crate::stream::serve(
                     ctx.clone(),
-                    conn,
+                    c.conn,
                     shard,
                     from,
                     follow,
@@ -448,6 +345,179 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
                 .await;
             }
         }
+    }
+}
+
+/// Reads what arrived, answers every complete request in the buffer (pipelining), writes once.
+async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
+    let HttpConn {
+        conn,
+        buf,
+        out,
+        continue_sent,
+        parse_pending,
+        local_port,
+        peer_port,
+        peer_loopback,
+        conn_id,
+    } = c;
+    let (local_port, peer_port, peer_loopback, conn_id) =
+        (*local_port, *peer_port, *peer_loopback, *conn_id);
+    let mut read_at_ns = 0;
+    if !*parse_pending {
+        let b = buf.take().unwrap_or_else(|| ctx.pool.take());
+        let (res, b) = conn.read_append(b).await;
+        if kefu_trace_common::tracer_attached() {
+            read_at_ns = now_ns();
+        }
+        *buf = Some(b);
+        match res {
+            Ok(0) => return After::End(Disconnect::Closed),
+            Ok(_) => {}
+            Err(_) => return After::End(Disconnect::IoError),
+        }
+    }
+    *parse_pending = false;
+    // Handle every complete request in the buffer (pipelining), then write once.
+    let mut next = Next::Continue { keep_alive: true };
+    loop {
+        let b = buf.as_mut().expect("buffer taken above");
+        if b.is_empty() {
+            break;
+        }
+        let started = Instant::now();
+        // The eBPF request marker: one relaxed load when no tracer is attached.
+        let traced = kefu_trace_common::trace_enabled();
+        let trace = RefCell::new(RequestRecord::default());
+        if traced {
+            let mut rec = trace.borrow_mut();
+            let n = ctx.next_conn_id();
+            rec.request_id = (u64::from(ctx.id) << 48) | n;
+            rec.connection_id = conn_id;
+            rec.shard = ctx.id;
+            rec.fd = conn.stream.as_raw_fd();
+            rec.local_port = local_port;
+            rec.peer_port = peer_port;
+            rec.set(TraceStage::Accepted, read_at_ns);
+        }
+        let parsed = parse_request(b, &ctx.shared.http_limits);
+        let req = match parsed {
+            Ok(req) => req,
+            Err(ParseError::Incomplete { .. }) => {
+                if !*continue_sent
+                    && let Ok(head) = parse_head(b, &ctx.shared.http_limits)
+                    && head.expect_continue
+                {
+                    write_continue(out);
+                    *continue_sent = true;
+                }
+                break;
+            }
+            Err(ParseError::Invalid(e)) => {
+                let err = HttpError::new(e.status(), e.to_string());
+                write_error(out, &err, false);
+                ctx.metrics.response(err.status);
+                let (_, _) = conn.write_all(std::mem::take(out)).await;
+                return After::End(Disconnect::BadRequest);
+            }
+        };
+        *continue_sent = false;
+        let consumed = req.consumed;
+        let keep_alive = req.head.keep_alive && !ctx.stopping.get();
+        let mut body_copy = Vec::new();
+        let body: &[u8] = match req.body.as_contiguous() {
+            Some(body) => body,
+            None => {
+                req.body.copy_into(&mut body_copy);
+                &body_copy
+            }
+        };
+        let status_before = out.len();
+        if traced {
+            let mut rec = trace.borrow_mut();
+            rec.set(TraceStage::Parsed, now_ns());
+            rec.route = route_id(&req.head);
+        }
+        let trace_ref = traced.then_some(&trace);
+        // Boxed: the handlers' state is large and only lives during a request, so an
+        // idle connection's future stays small (see the idle-memory figures in the README).
+        next = match Box::pin(route(
+            ctx,
+            &req.head,
+            body,
+            keep_alive,
+            peer_loopback,
+            out,
+            conn_id,
+            trace_ref,
+        ))
+        .await
+        {
+            Ok(next) => next,
+            Err(e) => {
+                write_error(out, &e, keep_alive);
+                Next::Continue { keep_alive }
+            }
+        };
+        let status = status_of(&out[status_before..]);
+        ctx.metrics.response(status);
+        if traced {
+            let mut rec = trace.borrow_mut();
+            rec.status = status;
+            // Answered: the response is complete in the write buffer, written right after.
+            rec.set(TraceStage::Answered, now_ns());
+            emit(&rec);
+        }
+        ctx.metrics
+            .latency(Stage::Request, started.elapsed().as_micros() as u64);
+        let b = buf.as_mut().expect("buffer");
+        b.drain(..consumed);
+        if !matches!(next, Next::Continue { keep_alive: true }) {
+            break;
+        }
+    }
+    if !out.is_empty() {
+        let (res, o) = conn.write_all(std::mem::take(out)).await;
+        *out = o;
+        if res.is_err() {
+            return After::End(Disconnect::IoError);
+        }
+    }
+    match next {
+        Next::Continue { keep_alive: true } => After::Wait,
+        Next::Continue { keep_alive: false } => After::End(Disconnect::Closed),
+        Next::Attachment {
+            id,
+            actor,
+            keep_alive,
+        } => {
+            if let Err(e) = Box::pin(download(ctx, conn, &id, &actor, keep_alive)).await {
+                let mut out = Vec::new();
+                write_error(&mut out, &e, keep_alive);
+                ctx.metrics.response(e.status);
+                let (res, _) = conn.write_all(out).await;
+                if res.is_err() {
+                    return After::End(Disconnect::IoError);
+                }
+            } else {
+                ctx.metrics.response(200);
+            }
+            if !keep_alive {
+                return After::End(Disconnect::Closed);
+            }
+            *parse_pending = buf.as_ref().is_some_and(|b| !b.is_empty());
+            After::Wait
+        }
+        Next::WebSocket(up) => After::WebSocket(up),
+        Next::Stream {
+            shard,
+            from,
+            follow,
+        } => After::Stream {
+            shard,
+            from,
+            follow,
+        },
     }
 }
 
