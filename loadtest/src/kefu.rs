@@ -54,8 +54,7 @@ pub fn call(
             Err(ParseError::Incomplete) => {}
             Err(e) => bail!("{method} {path}: {e}"),
         }
-        let n = s
-            .read(&mut chunk)
+        let n = read_retrying(&mut s, &mut chunk)
             .with_context(|| format!("{method} {path}: reading"))?;
         if n == 0 {
             bail!("{method} {path}: connection closed before the response head");
@@ -73,8 +72,7 @@ pub fn call(
         if reader.is_done() || out.len() > SETUP_RESPONSE_BYTES_MAX {
             break;
         }
-        let n = s
-            .read(&mut chunk)
+        let n = read_retrying(&mut s, &mut chunk)
             .with_context(|| format!("{method} {path}: reading body"))?;
         if n == 0 {
             if reader == BodyReader::UntilClose {
@@ -85,6 +83,18 @@ pub fn call(
         pending.extend_from_slice(&chunk[..n]);
     }
     Ok((head.status, out))
+}
+
+/// `read`, retried on EINTR: called from a thread that also runs an io_uring runtime (chat
+/// creates conversations inside it), the kernel's task-work notification interrupts blocking
+/// reads.
+fn read_retrying(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
 }
 
 /// A call that must answer one of `ok` statuses with a JSON body.
