@@ -343,8 +343,9 @@ pub mod config {
 pub const PORTS_MAX: u32 = 64;
 /// Maximum io_uring operations in flight tracked between submit and completion.
 pub const INFLIGHT_MAX: u32 = 65_536;
-/// Ring buffer size in bytes (a power of two, as the kernel requires).
-pub const RINGBUF_BYTES: u32 = 4 << 20;
+/// Ring buffer size in bytes (a power of two, as the kernel requires): about half a second of
+/// events at 50,000 fully traced requests per second, so a busy tracer can fall behind briefly.
+pub const RINGBUF_BYTES: u32 = 16 << 20;
 
 #[cfg(feature = "user")]
 mod pod {

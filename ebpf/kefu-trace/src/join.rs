@@ -110,18 +110,15 @@ pub struct Joiner {
     syncs: VecDeque<IoUringEvent>,
     tcp_by_ports: HashMap<(u16, u16), VecDeque<TcpEvent>>,
     kernel_events: usize,
-    /// Kernel events in arrival order, for eviction: (key kind, key) of each buffered event.
-    arrival: VecDeque<Key>,
+    /// Newest kernel event time seen, the reference for eviction under pressure.
+    newest_ns: u64,
+    last_expire_ns: u64,
     pending: VecDeque<RequestEvent>,
     drops: JoinDrops,
 }
 
-#[derive(Clone, Copy)]
-enum Key {
-    Io(u32, i32),
-    Sync,
-    Tcp(u16, u16),
-}
+/// How often buffered kernel events are checked for age.
+const EXPIRE_INTERVAL_NS: u64 = 100_000_000;
 
 /// `IORING_OP_*` numbers the joiner treats specially.
 pub mod opcode {
@@ -213,7 +210,8 @@ impl Joiner {
             syncs: VecDeque::new(),
             tcp_by_ports: HashMap::new(),
             kernel_events: 0,
-            arrival: VecDeque::new(),
+            newest_ns: 0,
+            last_expire_ns: 0,
             pending: VecDeque::new(),
             drops: JoinDrops::default(),
         }
@@ -228,65 +226,71 @@ impl Joiner {
         self.pending.len()
     }
 
+    /// Kernel events buffered for joining.
+    pub fn kernel_events(&self) -> usize {
+        self.kernel_events
+    }
+
     pub fn push(&mut self, event: Event) {
         match event {
             Event::Request(r) => {
                 self.pending.push_back(r);
+                return;
             }
             Event::IoUring(io) => {
-                let key = if matches!(io.opcode, opcode::FSYNC | opcode::SYNC_FILE_RANGE) {
+                self.newest_ns = self.newest_ns.max(io.header.ktime_ns);
+                if matches!(io.opcode, opcode::FSYNC | opcode::SYNC_FILE_RANGE) {
                     self.syncs.push_back(io);
-                    Key::Sync
                 } else {
                     let key = (io.header.tgid, io.fd);
                     self.io_by_fd.entry(key).or_default().push_back(io);
-                    Key::Io(key.0, key.1)
-                };
-                self.note_kernel_event(key);
+                }
             }
             Event::Tcp(t) => {
+                self.newest_ns = self.newest_ns.max(t.header.ktime_ns);
                 let key = (t.local_port, t.remote_port);
                 self.tcp_by_ports.entry(key).or_default().push_back(t);
-                self.note_kernel_event(Key::Tcp(key.0, key.1));
             }
         }
-    }
-
-    fn note_kernel_event(&mut self, key: Key) {
-        self.arrival.push_back(key);
         self.kernel_events += 1;
-        while self.kernel_events > self.cfg.kernel_events_max {
-            self.evict_oldest();
-            self.drops.kernel_events_evicted += 1;
+        if self.kernel_events > self.cfg.kernel_events_max {
+            // Under pressure, forget the older half of the kept window; what goes before its
+            // time is counted.
+            let mut keep_ns = self.cfg.keep_ns / 2;
+            while self.kernel_events > self.cfg.kernel_events_max * 3 / 4 && keep_ns > 0 {
+                let evicted = self.expire_before(self.newest_ns.saturating_sub(keep_ns));
+                self.drops.kernel_events_evicted += evicted as u64;
+                keep_ns /= 2;
+            }
+            if self.kernel_events > self.cfg.kernel_events_max {
+                let evicted = self.expire_before(u64::MAX);
+                self.drops.kernel_events_evicted += evicted as u64;
+            }
         }
     }
 
-    fn evict_oldest(&mut self) {
-        let Some(key) = self.arrival.pop_front() else {
-            return;
-        };
-        self.kernel_events -= 1;
-        match key {
-            Key::Io(tgid, fd) => {
-                if let Some(q) = self.io_by_fd.get_mut(&(tgid, fd)) {
-                    q.pop_front();
-                    if q.is_empty() {
-                        self.io_by_fd.remove(&(tgid, fd));
-                    }
-                }
+    /// Drop kernel events older than `horizon_ns` (events queue in about time order, so each
+    /// queue is trimmed from the front). Returns how many went.
+    fn expire_before(&mut self, horizon_ns: u64) -> usize {
+        fn trim<T>(q: &mut VecDeque<T>, horizon_ns: u64, at: impl Fn(&T) -> u64) -> usize {
+            let before = q.len();
+            while q.front().is_some_and(|e| at(e) < horizon_ns) {
+                q.pop_front();
             }
-            Key::Sync => {
-                self.syncs.pop_front();
-            }
-            Key::Tcp(l, r) => {
-                if let Some(q) = self.tcp_by_ports.get_mut(&(l, r)) {
-                    q.pop_front();
-                    if q.is_empty() {
-                        self.tcp_by_ports.remove(&(l, r));
-                    }
-                }
-            }
+            before - q.len()
         }
+        let mut gone = 0;
+        self.io_by_fd.retain(|_, q| {
+            gone += trim(q, horizon_ns, |e| e.header.ktime_ns);
+            !q.is_empty()
+        });
+        gone += trim(&mut self.syncs, horizon_ns, |e| e.header.ktime_ns);
+        self.tcp_by_ports.retain(|_, q| {
+            gone += trim(q, horizon_ns, |e| e.header.ktime_ns);
+            !q.is_empty()
+        });
+        self.kernel_events -= gone;
+        gone
     }
 
     /// Finish the requests whose grace period is over at `now_ns` (kernel clock), appending
@@ -306,42 +310,42 @@ impl Joiner {
                 break;
             };
             out.push(self.assemble(&req));
+            self.prune_connection(&req);
         }
-        self.expire(now_ns);
+        if now_ns.saturating_sub(self.last_expire_ns) >= EXPIRE_INTERVAL_NS {
+            self.last_expire_ns = now_ns;
+            self.expire_before(now_ns.saturating_sub(self.cfg.keep_ns));
+        }
     }
 
     /// Finish every waiting request now (on shutdown).
     pub fn flush(&mut self, out: &mut Vec<Trace>) {
         while let Some(req) = self.pending.pop_front() {
             out.push(self.assemble(&req));
+            self.prune_connection(&req);
         }
     }
 
-    fn expire(&mut self, now_ns: u64) {
-        let horizon = now_ns.saturating_sub(self.cfg.keep_ns);
-        // Arrival order is close to time order; evict from the front while it is old.
-        loop {
-            let old = match self.arrival.front() {
-                Some(Key::Io(tgid, fd)) => self
-                    .io_by_fd
-                    .get(&(*tgid, *fd))
-                    .and_then(|q| q.front())
-                    .is_none_or(|e| e.header.ktime_ns < horizon),
-                Some(Key::Sync) => self
-                    .syncs
-                    .front()
-                    .is_none_or(|e| e.header.ktime_ns < horizon),
-                Some(Key::Tcp(l, r)) => self
-                    .tcp_by_ports
-                    .get(&(*l, *r))
-                    .and_then(|q| q.front())
-                    .is_none_or(|e| e.header.ktime_ns < horizon),
-                None => false,
-            };
-            if !old {
-                break;
+    /// A connection's requests are finished in order, so its io_uring events from before this
+    /// request's window can belong to no later request: drop them, which keeps each join
+    /// proportional to one request's operations instead of the connection's whole history.
+    fn prune_connection(&mut self, req: &RequestEvent) {
+        let rec = &req.record;
+        if rec.fd < 0 {
+            return;
+        }
+        let key = (req.header.tgid, rec.fd);
+        let (start, _) = span(rec, req.header.ktime_ns);
+        let horizon = start.saturating_sub(self.cfg.io_before_ns);
+        if let Some(q) = self.io_by_fd.get_mut(&key) {
+            let before = q.len();
+            while q.front().is_some_and(|e| e.header.ktime_ns < horizon) {
+                q.pop_front();
             }
-            self.evict_oldest();
+            self.kernel_events -= before - q.len();
+            if q.is_empty() {
+                self.io_by_fd.remove(&key);
+            }
         }
     }
 
@@ -533,7 +537,11 @@ mod tests {
         for i in 0..25 {
             j.push(io(5, 26, i, i + 1));
         }
-        assert_eq!(j.drops().kernel_events_evicted, 15);
+        assert!(j.kernel_events() <= 10);
+        assert_eq!(
+            j.drops().kernel_events_evicted as usize,
+            25 - j.kernel_events()
+        );
         for i in 0..5 {
             j.push(request(5, [i + 1; STAGE_COUNT]));
         }
@@ -543,6 +551,23 @@ mod tests {
         assert_eq!(j.drops().requests_rushed, 3);
         j.flush(&mut out);
         assert_eq!(out.len(), 5);
+    }
+
+    #[test]
+    fn finished_requests_prune_their_connection_history() {
+        let mut j = Joiner::new(JoinConfig::default());
+        let base = 10_000 * MS;
+        for i in 0..100 {
+            j.push(io(5, 26, base + i * MS, base + i * MS + 1));
+        }
+        let at = base + 90 * MS;
+        j.push(request(5, [at; STAGE_COUNT]));
+        let mut out = Vec::new();
+        j.ready(at + 100 * MS, &mut out);
+        assert_eq!(out.len(), 1);
+        // Events completing before `accepted - io_before_ns` are gone; later ones stay.
+        assert_eq!(j.kernel_events(), 12);
+        assert_eq!(j.drops().kernel_events_evicted, 0);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use kefu_trace::output::{
     ChromeTrace, Filter, LiveView, drops_json, parse_conversation, parse_route, trace_json,
 };
 use kefu_trace::probes::{Event, TraceTarget, Tracer};
+use kefu_trace::procfs;
 use kefu_trace_common::now_ns;
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -31,7 +32,6 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// Limits of one run.
 const CHROME_TRACES_MAX: usize = 200_000;
-const LIVE_SAMPLES_MAX: usize = 1_000_000;
 const POLL_EVENTS_MAX: usize = 65_536;
 /// The probes submit without wakeups, so the ring buffer is polled on this period.
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
@@ -159,7 +159,7 @@ fn run(args: &Args, tracer: &mut Tracer) -> anyhow::Result<()> {
         .chrome_trace
         .as_ref()
         .map(|_| ChromeTrace::new(CHROME_TRACES_MAX));
-    let mut live = LiveView::new(args.window_s * 1_000_000_000, LIVE_SAMPLES_MAX, args.top);
+    let mut live = LiveView::new(args.window_s, args.top);
     let live_enabled = !args.json;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -168,7 +168,12 @@ fn run(args: &Args, tracer: &mut Tracer) -> anyhow::Result<()> {
     let mut shown: u64 = 0;
     let mut last_tick = Instant::now();
     loop {
+        let target_gone = args.target.pid.is_some_and(|pid| !procfs::alive(pid));
+        if target_gone {
+            eprintln!("kefu-trace: the traced process exited");
+        }
         let stop = STOP.load(Ordering::Relaxed)
+            || target_gone
             || args.duration.is_some_and(|d| started.elapsed() >= d)
             || args.max_requests.is_some_and(|m| shown >= m);
         events.clear();

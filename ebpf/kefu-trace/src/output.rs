@@ -263,37 +263,47 @@ pub fn drops_json(c: &Counters, j: &JoinDrops, chrome_skipped: u64) -> Value {
     })
 }
 
-struct Sample {
-    at_ns: u64,
-    total_ns: u64,
-    stages: [Option<u64>; STAGE_COUNT],
+/// Rows of the live view: every stage after `accepted`, then the total.
+const ROWS: usize = STAGE_COUNT;
+/// Latencies above this (ns) are clamped: a minute is far beyond any request.
+const LATENCY_NS_MAX: u64 = 60_000_000_000;
+
+/// One second of the live view's window: a histogram per row and the count of requests.
+struct Slot {
+    second: u64,
+    rows: Vec<hdrhistogram::Histogram<u64>>,
 }
 
-/// The live terminal view: per-stage p50/p99/max over the last `window_ns`, the slowest
-/// requests with their breakdown, and the drop counters.
+impl Slot {
+    fn new(second: u64) -> Slot {
+        let rows = (0..ROWS)
+            .map(|_| {
+                hdrhistogram::Histogram::new_with_bounds(1, LATENCY_NS_MAX, 2)
+                    .expect("constant histogram bounds are valid")
+            })
+            .collect();
+        Slot { second, rows }
+    }
+}
+
+/// The live terminal view: per-stage p50/p99/max over the last `window_s` seconds (one HDR
+/// histogram per stage per second, so each request costs a few counter increments and the
+/// screen a merge of `window_s` histograms), the slowest requests with their breakdown, and the
+/// drop counters.
 pub struct LiveView {
-    window_ns: u64,
-    samples_max: usize,
-    samples: VecDeque<Sample>,
+    window_s: u64,
+    slots: VecDeque<Slot>,
     slowest: Vec<Trace>,
     top: usize,
     seen: u64,
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
 impl LiveView {
-    pub fn new(window_ns: u64, samples_max: usize, top: usize) -> Self {
+    pub fn new(window_s: u64, top: usize) -> Self {
+        assert!(window_s > 0);
         Self {
-            window_ns,
-            samples_max,
-            samples: VecDeque::new(),
+            window_s,
+            slots: VecDeque::new(),
             slowest: Vec::new(),
             top,
             seen: 0,
@@ -302,26 +312,42 @@ impl LiveView {
 
     pub fn add(&mut self, t: &Trace) {
         self.seen += 1;
-        if self.samples.len() >= self.samples_max {
-            self.samples.pop_front();
+        let second = t.marker_ns / 1_000_000_000;
+        if self.slots.back().is_none_or(|s| s.second < second) {
+            self.slots.push_back(Slot::new(second));
+            while self.slots.len() as u64 > self.window_s {
+                self.slots.pop_front();
+            }
         }
-        self.samples.push_back(Sample {
-            at_ns: t.marker_ns,
-            total_ns: t.total_ns(),
-            stages: t.stage_durations(),
-        });
-        self.slowest.push(t.clone());
-        self.slowest
-            .sort_by_key(|t| std::cmp::Reverse(t.total_ns()));
-        self.slowest.truncate(self.top);
+        // Marker times from several CPUs can be slightly out of order: a late one goes into the
+        // newest slot, which is at most a second off.
+        let slot = self.slots.back_mut().expect("pushed above");
+        let d = t.stage_durations();
+        for (row, stage) in Stage::ALL.iter().skip(1).enumerate() {
+            if let Some(ns) = d[*stage as usize] {
+                let _ = slot.rows[row].record(ns.clamp(1, LATENCY_NS_MAX));
+            }
+        }
+        let _ = slot.rows[ROWS - 1].record(t.total_ns().clamp(1, LATENCY_NS_MAX));
+        let total = t.total_ns();
+        let slower_than_shown = self.slowest.len() < self.top
+            || self.slowest.last().is_some_and(|s| s.total_ns() < total);
+        if slower_than_shown {
+            self.slowest.push(t.clone());
+            self.slowest
+                .sort_by_key(|t| std::cmp::Reverse(t.total_ns()));
+            self.slowest.truncate(self.top);
+        }
     }
 
     fn expire(&mut self, now_ns: u64) {
-        let horizon = now_ns.saturating_sub(self.window_ns);
-        while self.samples.front().is_some_and(|s| s.at_ns < horizon) {
-            self.samples.pop_front();
+        let now_s = now_ns / 1_000_000_000;
+        let horizon_s = now_s.saturating_sub(self.window_s - 1);
+        while self.slots.front().is_some_and(|s| s.second < horizon_s) {
+            self.slots.pop_front();
         }
-        self.slowest.retain(|t| t.marker_ns >= horizon);
+        let horizon_ns = horizon_s * 1_000_000_000;
+        self.slowest.retain(|t| t.marker_ns >= horizon_ns);
     }
 
     /// The screen as text (the caller clears the terminal and prints it).
@@ -334,45 +360,45 @@ impl LiveView {
     ) -> String {
         use std::fmt::Write as _;
         self.expire(now_ns);
+        let mut merged: Vec<hdrhistogram::Histogram<u64>> = Slot::new(0).rows;
+        for slot in &self.slots {
+            for (m, h) in merged.iter_mut().zip(&slot.rows) {
+                let _ = m.add(h);
+            }
+        }
         let mut s = String::new();
         let _ = writeln!(
             s,
             "kefu-trace  pid {}  requests in window {} (total seen {})  window {} s",
             target.map_or("-".to_string(), |p| p.to_string()),
-            self.samples.len(),
+            merged[ROWS - 1].len(),
             self.seen,
-            self.window_ns / 1_000_000_000
+            self.window_s
         );
         let _ = writeln!(
             s,
             "\n{:<16} {:>10} {:>10} {:>10} {:>8}",
             "stage (µs)", "p50", "p99", "max", "count"
         );
-        let mut rows: Vec<(&str, Vec<u64>)> = Stage::ALL
+        let names = Stage::ALL
             .iter()
             .skip(1)
-            .map(|st| {
-                let mut v: Vec<u64> = self
-                    .samples
-                    .iter()
-                    .filter_map(|x| x.stages[*st as usize])
-                    .collect();
-                v.sort_unstable();
-                (st.name(), v)
-            })
-            .collect();
-        let mut total: Vec<u64> = self.samples.iter().map(|x| x.total_ns).collect();
-        total.sort_unstable();
-        rows.push(("total", total));
-        for (name, v) in &rows {
+            .map(|st| st.name())
+            .chain(["total"]);
+        for (name, h) in names.zip(&merged) {
+            let (p50, p99, max) = if h.is_empty() {
+                (0, 0, 0)
+            } else {
+                (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max())
+            };
             let _ = writeln!(
                 s,
                 "{:<16} {:>10.1} {:>10.1} {:>10.1} {:>8}",
                 name,
-                us(percentile(v, 50.0)),
-                us(percentile(v, 99.0)),
-                us(v.last().copied().unwrap_or(0)),
-                v.len()
+                us(p50),
+                us(p99),
+                us(max),
+                h.len()
             );
         }
         let _ = writeln!(s, "\nslowest requests (µs from previous stage):");
@@ -503,7 +529,7 @@ mod tests {
 
     #[test]
     fn live_view_shows_percentiles_slowest_and_drops() {
-        let mut v = LiveView::new(10_000_000_000, 1000, 2);
+        let mut v = LiveView::new(10, 2);
         for i in 0..10 {
             v.add(&trace(i, 10 + i * 10));
         }
