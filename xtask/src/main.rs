@@ -14,6 +14,9 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let Some(task) = args.next() else {
