@@ -340,6 +340,118 @@ pub async fn serve(
     why
 }
 
+/// One round of work on a WebSocket session: decode what arrived, act on it, write what is
+/// due. `Ok(true)`: deliveries are still queued. Boxed by the caller so an idle session's
+/// future holds none of this state.
+#[allow(clippy::too_many_arguments)]
+async fn step(
+    ctx: &Rc<ShardCtx>,
+    conn: &mut Conn,
+    session: &mut Session,
+    buf: &mut Option<Vec<u8>>,
+    texts: &mut Vec<String>,
+    fresh_input: &mut bool,
+    out: &mut Vec<u8>,
+) -> Result<bool, Disconnect> {
+    // 1. Decode what arrived.
+    let mut closing: Option<Disconnect> = None;
+    if *fresh_input && let Some(b) = buf.as_mut() {
+        let mut used_total = 0;
+        loop {
+            let slice = &mut b[used_total..];
+            if slice.is_empty() {
+                break;
+            }
+            match session.ws.decode(slice, out) {
+                Ok((None, used)) => used_total += used,
+                Ok((Some(ev), used)) => {
+                    used_total += used;
+                    match ev {
+                        WsEvent::Text(t) => texts.push(t.to_owned()),
+                        WsEvent::Binary(_) => {
+                            let msg = error_json("binary messages are not accepted", None, None);
+                            session
+                                .ws
+                                .send_text(out, std::str::from_utf8(&msg).unwrap_or("{}"));
+                        }
+                        WsEvent::Ping(_) | WsEvent::Pong(_) => {}
+                        WsEvent::Close { .. } => {
+                            closing = Some(Disconnect::Closed);
+                            break;
+                        }
+                    }
+                }
+                Err(WsError::Incomplete { .. }) => break,
+                Err(WsError::Invalid(_)) => {
+                    closing = Some(Disconnect::BadRequest);
+                    break;
+                }
+                Err(WsError::Closed) => {
+                    closing = Some(Disconnect::Closed);
+                    break;
+                }
+            }
+        }
+        b.drain(..used_total);
+    }
+    *fresh_input = false;
+    if let Some(why) = closing {
+        let _ = conn.write_all(std::mem::take(out)).await;
+        return Err(why);
+    }
+    // 2. Act on complete messages.
+    for text in texts.drain(..) {
+        // Boxed: a subscribe's replay state only lives while it runs.
+        if let Verdict::Close(code, reason) = Box::pin(session.handle(&text, out)).await {
+            session.ws.send_close(out, code, &reason);
+            let _ = conn.write_all(std::mem::take(out)).await;
+            return Err(if code == close_code::UNAUTHORIZED {
+                Disconnect::Unauthorized
+            } else {
+                Disconnect::BadRequest
+            });
+        }
+    }
+    // 3. Deliveries.
+    let mut delivered = 0;
+    let started = Instant::now();
+    let outbox = session.outbox.clone();
+    while let Some(d) = outbox.as_ref().and_then(|o| o.pop()) {
+        session.text(out, &d.json);
+        delivered += 1;
+    }
+    if outbox.as_ref().is_some_and(|o| o.is_overflowed()) {
+        session.ws.send_close(
+            out,
+            close_code::TOO_SLOW,
+            "too slow: resubscribe with after",
+        );
+        let _ = conn.write_all(std::mem::take(out)).await;
+        return Err(Disconnect::SlowConsumer);
+    }
+    if !out.is_empty() {
+        let (res, o) = conn.write_all(std::mem::take(out)).await;
+        *out = o;
+        if res.is_err() {
+            return Err(Disconnect::IoError);
+        }
+        if delivered > 0 {
+            ctx.metrics.delivered(delivered);
+            ctx.metrics
+                .latency(Stage::Deliver, started.elapsed().as_micros() as u64);
+        }
+    }
+    if out.capacity() > 4096 {
+        *out = Vec::new();
+    }
+    if buf.as_ref().is_some_and(|b| b.is_empty())
+        && let Some(b) = buf.take()
+    {
+        ctx.pool.give(b);
+    }
+    Ok(outbox.as_ref().is_some_and(|o| !o.is_empty()))
+}
+
 async fn session_loop(
     ctx: &Rc<ShardCtx>,
     conn: &mut Conn,
@@ -357,105 +469,20 @@ async fn session_loop(
     let mut texts: Vec<String> = Vec::new();
     let mut fresh_input = buf.is_some();
     loop {
-        // 1. Decode what arrived.
-        let mut closing: Option<Disconnect> = None;
-        if fresh_input && let Some(b) = buf.as_mut() {
-            let mut used_total = 0;
-            loop {
-                let slice = &mut b[used_total..];
-                if slice.is_empty() {
-                    break;
-                }
-                match session.ws.decode(slice, out) {
-                    Ok((None, used)) => used_total += used,
-                    Ok((Some(ev), used)) => {
-                        used_total += used;
-                        match ev {
-                            WsEvent::Text(t) => texts.push(t.to_owned()),
-                            WsEvent::Binary(_) => {
-                                let msg =
-                                    error_json("binary messages are not accepted", None, None);
-                                session
-                                    .ws
-                                    .send_text(out, std::str::from_utf8(&msg).unwrap_or("{}"));
-                            }
-                            WsEvent::Ping(_) | WsEvent::Pong(_) => {}
-                            WsEvent::Close { .. } => {
-                                closing = Some(Disconnect::Closed);
-                                break;
-                            }
-                        }
-                    }
-                    Err(WsError::Incomplete { .. }) => break,
-                    Err(WsError::Invalid(_)) => {
-                        closing = Some(Disconnect::BadRequest);
-                        break;
-                    }
-                    Err(WsError::Closed) => {
-                        closing = Some(Disconnect::Closed);
-                        break;
-                    }
-                }
-            }
-            b.drain(..used_total);
-        }
-        fresh_input = false;
-        if let Some(why) = closing {
-            let _ = conn.write_all(std::mem::take(out)).await;
-            return why;
-        }
-        // 2. Act on complete messages.
-        for text in texts.drain(..) {
-            // Boxed: a subscribe's replay state only lives while it runs.
-            if let Verdict::Close(code, reason) = Box::pin(session.handle(&text, out)).await {
-                session.ws.send_close(out, code, &reason);
-                let _ = conn.write_all(std::mem::take(out)).await;
-                return if code == close_code::UNAUTHORIZED {
-                    Disconnect::Unauthorized
-                } else {
-                    Disconnect::BadRequest
-                };
-            }
-        }
-        // 3. Deliveries.
-        let mut delivered = 0;
-        let started = Instant::now();
-        let outbox = session.outbox.clone();
-        while let Some(d) = outbox.as_ref().and_then(|o| o.pop()) {
-            session.text(out, &d.json);
-            delivered += 1;
-        }
-        if outbox.as_ref().is_some_and(|o| o.is_overflowed()) {
-            session.ws.send_close(
-                out,
-                close_code::TOO_SLOW,
-                "too slow: resubscribe with after",
-            );
-            let _ = conn.write_all(std::mem::take(out)).await;
-            return Disconnect::SlowConsumer;
-        }
-        if !out.is_empty() {
-            let (res, o) = conn.write_all(std::mem::take(out)).await;
-            *out = o;
-            if res.is_err() {
-                return Disconnect::IoError;
-            }
-            if delivered > 0 {
-                ctx.metrics.delivered(delivered);
-                ctx.metrics
-                    .latency(Stage::Deliver, started.elapsed().as_micros() as u64);
-            }
-        }
-        if out.capacity() > 4096 {
-            *out = Vec::new();
-        }
-        if buf.as_ref().is_some_and(|b| b.is_empty())
-            && let Some(b) = buf.take()
+        match Box::pin(step(
+            ctx,
+            conn,
+            session,
+            &mut buf,
+            &mut texts,
+            &mut fresh_input,
+            out,
+        ))
+        .await
         {
-            ctx.pool.give(b);
-        }
-        if outbox.as_ref().is_some_and(|o| !o.is_empty()) {
-            continue;
+            Err(why) => return why,
+            Ok(true) => continue,
+            Ok(false) => {}
         }
         // 4. Wait for input, deliveries, the ping timer or shutdown.
         let now = Instant::now();
@@ -483,7 +510,7 @@ async fn session_loop(
         }
         let woke = monoio::select! {
             r = conn.readable() => Woke::Readable(r.is_ok()),
-            _ = ready(&outbox) => Woke::Outbox,
+            _ = ready(&session.outbox) => Woke::Outbox,
             _ = monoio::time::sleep(wake_in) => Woke::Timer,
             _ = ctx.stopped(conn_id) => Woke::Stop,
         };
