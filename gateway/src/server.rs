@@ -481,15 +481,25 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
         let _ = stream.set_nodelay(true);
         ctx.metrics.connection_opened();
         let ctx = ctx.clone();
-        monoio::spawn(async move {
-            let conn = ctx.next_conn_id();
-            let why = match proto {
-                Proto::Http => crate::http::serve(ctx.clone(), stream, conn).await,
-                Proto::Binary => crate::binary::serve(ctx.clone(), stream, conn).await,
-            };
-            ctx.forget_conn(conn);
-            ctx.metrics.connection_closed(why);
-        });
+        // One spawn per protocol, so each connection's task is sized for its own protocol's
+        // future (an idle HTTP connection does not pay for the binary session's state).
+        let conn = ctx.next_conn_id();
+        match proto {
+            Proto::Http => {
+                monoio::spawn(async move {
+                    let why = crate::http::serve(ctx.clone(), stream, conn).await;
+                    ctx.forget_conn(conn);
+                    ctx.metrics.connection_closed(why);
+                });
+            }
+            Proto::Binary => {
+                monoio::spawn(async move {
+                    let why = crate::binary::serve(ctx.clone(), stream, conn).await;
+                    ctx.forget_conn(conn);
+                    ctx.metrics.connection_closed(why);
+                });
+            }
+        }
     }
     ctx.forget_conn(me);
 }
