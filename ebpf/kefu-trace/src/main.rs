@@ -3,7 +3,7 @@
 //! ```text
 //! kefu-trace --pid PID [--binary PATH] [--duration-s N] [--json] [--chrome-trace FILE]
 //!            [--conversation ID] [--route NAME|ID] [--min-latency-us N] [--sample RATE]
-//!            [--window-s N] [--top N] [--max-requests N]
+//!            [--markers-only] [--window-s N] [--top N] [--max-requests N]
 //! kefu-trace --binary PATH ...   # every process of that binary, also ones started later
 //! ```
 //! Without `--json` it shows the live view on stderr once a second. Ctrl-C, SIGTERM,
@@ -51,7 +51,8 @@ struct Args {
 const USAGE: &str =
     "usage: kefu-trace (--pid PID [--binary PATH] | --binary PATH) [--duration-s N] [--json]
        [--chrome-trace FILE] [--conversation ID] [--route NAME|ID] [--min-latency-us N]
-       [--sample RATE (0 < RATE <= 1, e.g. 0.1)] [--window-s N] [--top N] [--max-requests N]";
+       [--sample RATE (0 < RATE <= 1, e.g. 0.1)] [--markers-only (no io_uring events: cheaper)]
+       [--window-s N] [--top N] [--max-requests N]";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
@@ -76,6 +77,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 ))
             }
             "--json" => args.json = true,
+            "--markers-only" => args.target.markers_only = true,
             "--chrome-trace" => args.chrome_trace = Some(PathBuf::from(value("--chrome-trace")?)),
             "--conversation" => {
                 let v = value("--conversation")?;

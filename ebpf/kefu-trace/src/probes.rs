@@ -91,6 +91,10 @@ pub struct TraceTarget {
     pub binary: Option<PathBuf>,
     /// Trace one request in this many (written into the gateway's sampling knob); 0/1 = all.
     pub sample_every: u32,
+    /// Record only the request markers (and TCP events), not the gateway's io_uring operations:
+    /// those tracepoints fire on every operation of the process, sampled or not, and are most of
+    /// the tracing cost under load.
+    pub markers_only: bool,
 }
 
 /// Attached probes. Drop to detach.
@@ -165,6 +169,9 @@ impl Tracer {
             ("inet_sock_set_state", "sock", "inet_sock_set_state"),
             ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
         ] {
+            if target.markers_only && category == "io_uring" {
+                continue;
+            }
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name}"))?
