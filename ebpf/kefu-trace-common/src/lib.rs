@@ -271,8 +271,8 @@ pub struct RequestEvent {
     pub record: RequestRecord,
 }
 
-/// One io_uring operation of the traced process, from submit (`io_uring:io_uring_submit_req`)
-/// to completion (`io_uring:io_uring_complete`). Multishot operations produce one event per
+/// One io_uring operation of the traced process, from submit (raw tracepoint
+/// `io_uring_submit_req`) to completion (raw tracepoint `io_uring_complete`). Multishot operations produce one event per
 /// completion, all with the same `submit_ns`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -336,7 +336,10 @@ pub mod config {
     /// Byte offset of the file descriptor inside `struct io_kiocb`, from the kernel's BTF
     /// (`u64::MAX` = unknown; events then carry fd -1).
     pub const IO_KIOCB_FD_OFFSET: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Byte offset of the opcode inside `struct io_kiocb`, from the kernel's BTF
+    /// (`u64::MAX` = unknown; events then carry opcode 255).
+    pub const IO_KIOCB_OPCODE_OFFSET: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Maximum number of local ports whose TCP events are recorded (`PORTS` map).

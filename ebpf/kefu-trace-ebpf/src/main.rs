@@ -16,9 +16,9 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::bpf_probe_read_user,
     },
-    macros::{map, tracepoint, uprobe},
+    macros::{map, raw_tracepoint, tracepoint, uprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{ProbeContext, TracePointContext},
+    programs::{ProbeContext, RawTracePointContext, TracePointContext},
 };
 use kefu_trace_common::{
     EventHeader, INFLIGHT_MAX, IoUringEvent, PORTS_MAX, RINGBUF_BYTES, RequestEvent, RequestRecord,
@@ -57,21 +57,10 @@ struct Inflight {
 /// `IORING_CQE_F_MORE`: a multishot request stays in flight after this completion.
 const IORING_CQE_F_MORE: u32 = 1 << 1;
 
-// Tracepoint field offsets, from /sys/kernel/tracing/events/<group>/<name>/format. These are
-// ABI of the tracepoints (stable across the kernels this runs on); the tracer's test checks them
-// against the running kernel's format files.
+// Tracepoint field offsets of the TCP tracepoints, from
+// /sys/kernel/tracing/events/<group>/<name>/format; the tracer's test checks them against the
+// running kernel's format files. The io_uring probes are raw tracepoints instead (see below).
 mod tp {
-    pub mod submit_req {
-        pub const REQ: usize = 16;
-        pub const OPCODE: usize = 32;
-    }
-    pub mod complete {
-        pub const CTX: usize = 8;
-        pub const REQ: usize = 16;
-        pub const USER_DATA: usize = 24;
-        pub const RES: usize = 32;
-        pub const CFLAGS: usize = 36;
-    }
     pub mod set_state {
         pub const SKADDR: usize = 8;
         pub const OLDSTATE: usize = 16;
@@ -154,38 +143,49 @@ pub fn kefu_request(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// `io_uring:io_uring_submit_req`: remember submissions of the traced process.
-#[tracepoint]
-pub fn io_uring_submit_req(ctx: TracePointContext) -> u32 {
+/// `struct io_uring_cqe` (UAPI, stable): what `io_uring_complete` hands its raw tracepoint.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Cqe {
+    user_data: u64,
+    res: i32,
+    flags: u32,
+}
+
+/// Read a field of `struct io_kiocb` at an offset the tracer took from the kernel's BTF
+/// (`u64::MAX` = unknown).
+#[inline(always)]
+fn kiocb_field<T: Copy>(req: u64, offset: u64) -> Option<T> {
+    if offset == u64::MAX || offset > 4096 {
+        return None;
+    }
+    // SAFETY: `req` is a live `struct io_kiocb *` while its tracepoint runs; the read is checked
+    // by the helper and fails instead of faulting.
+    unsafe { bpf_probe_read_kernel((req + offset) as *const T) }.ok()
+}
+
+/// Raw tracepoint `io_uring_submit_req(struct io_kiocb *req)`: remember submissions of the traced
+/// process. Raw tracepoints get the `TP_PROTO` arguments directly, which costs much less per
+/// operation than a classic tracepoint (no trace record is formatted), and the gateway's every
+/// io_uring operation passes here.
+#[raw_tracepoint(tracepoint = "io_uring_submit_req")]
+pub fn io_uring_submit_req(ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let target = config_value(config::TARGET_TGID);
     if target == 0 || (pid_tgid >> 32) != target {
         return 0;
     }
-    // SAFETY: offsets are the tracepoint's documented format; reads are checked by the helper.
-    let (req, opcode) = unsafe {
-        (
-            ctx.read_at::<u64>(tp::submit_req::REQ).unwrap_or(0),
-            ctx.read_at::<u8>(tp::submit_req::OPCODE).unwrap_or(0xff),
-        )
-    };
+    let req: u64 = ctx.arg(0);
     if req == 0 {
         return 0;
     }
-    let fd_offset = config_value(config::IO_KIOCB_FD_OFFSET);
-    let fd = if fd_offset == u64::MAX || fd_offset > 4096 {
-        -1
-    } else {
-        // SAFETY: `req` is a live `struct io_kiocb *` during its submit tracepoint; the offset
-        // comes from the running kernel's BTF and the read is checked by the helper.
-        unsafe { bpf_probe_read_kernel((req + fd_offset) as *const i32) }.unwrap_or(-1)
-    };
     let inflight = Inflight {
         // SAFETY: no preconditions.
         submit_ns: unsafe { bpf_ktime_get_ns() },
         tid: pid_tgid as u32,
-        fd,
-        opcode,
+        fd: kiocb_field::<i32>(req, config_value(config::IO_KIOCB_FD_OFFSET)).unwrap_or(-1),
+        opcode: kiocb_field::<u8>(req, config_value(config::IO_KIOCB_OPCODE_OFFSET))
+            .unwrap_or(0xff),
         _pad: [0; 7],
     };
     if INFLIGHT.insert(req, inflight, 0).is_err() {
@@ -194,13 +194,13 @@ pub fn io_uring_submit_req(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// `io_uring:io_uring_complete`: pair with the submission and emit one event per completion.
-/// Not filtered by pid: completions may run in another context; the in-flight map already holds
-/// only the traced process's requests.
-#[tracepoint]
-pub fn io_uring_complete(ctx: TracePointContext) -> u32 {
-    // SAFETY: documented tracepoint offsets, checked reads.
-    let req = unsafe { ctx.read_at::<u64>(tp::complete::REQ) }.unwrap_or(0);
+/// Raw tracepoint `io_uring_complete(struct io_ring_ctx *ctx, void *req, struct io_uring_cqe
+/// *cqe)`: pair with the submission and emit one event per completion. Not filtered by pid:
+/// completions may run in another context; the in-flight map already holds only the traced
+/// process's requests.
+#[raw_tracepoint(tracepoint = "io_uring_complete")]
+pub fn io_uring_complete(ctx: RawTracePointContext) -> i32 {
+    let req: u64 = ctx.arg(1);
     if req == 0 {
         return 0;
     }
@@ -208,16 +208,15 @@ pub fn io_uring_complete(ctx: TracePointContext) -> u32 {
     let Some(inflight) = (unsafe { INFLIGHT.get(req) }).copied() else {
         return 0;
     };
-    // SAFETY: as above.
-    let (ring, user_data, res, cflags) = unsafe {
-        (
-            ctx.read_at::<u64>(tp::complete::CTX).unwrap_or(0),
-            ctx.read_at::<u64>(tp::complete::USER_DATA).unwrap_or(0),
-            ctx.read_at::<i32>(tp::complete::RES).unwrap_or(0),
-            ctx.read_at::<u32>(tp::complete::CFLAGS).unwrap_or(0),
-        )
-    };
-    if cflags & IORING_CQE_F_MORE == 0 {
+    let ring: u64 = ctx.arg(0);
+    let cqe_ptr: u64 = ctx.arg(2);
+    // SAFETY: the tracepoint's cqe argument points at a live CQE; checked read.
+    let cqe = unsafe { bpf_probe_read_kernel(cqe_ptr as *const Cqe) }.unwrap_or(Cqe {
+        user_data: 0,
+        res: 0,
+        flags: 0,
+    });
+    if cqe.flags & IORING_CQE_F_MORE == 0 {
         let _ = INFLIGHT.remove(req);
     }
     let Some(mut entry) = EVENTS.reserve::<IoUringEvent>(0) else {
@@ -230,10 +229,10 @@ pub fn io_uring_complete(ctx: TracePointContext) -> u32 {
         header: head,
         submit_ns: inflight.submit_ns,
         ring,
-        user_data,
+        user_data: cqe.user_data,
         fd: inflight.fd,
-        res,
-        cflags,
+        res: cqe.res,
+        cflags: cqe.flags,
         opcode: inflight.opcode,
         _pad: [0; 3],
     });

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{TracePoint, UProbe};
+use aya::programs::{RawTracePoint, TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 use kefu_trace_common::{
     EventHeader, IoUringEvent, PORTS_MAX, RequestEvent, TcpEvent, config, counter, event_kind,
@@ -155,23 +155,36 @@ impl Tracer {
             Array::try_from(ebpf.take_map("CONFIG").context("CONFIG map")?)?;
         let ports = BpfHashMap::try_from(ebpf.take_map("PORTS").context("PORTS map")?)?;
 
-        let fd_offset = crate::btf::Btf::from_kernel()
-            .and_then(|btf| Ok(crate::btf::io_kiocb_fd_offset(&btf)?))
+        // The io_uring probes read `struct io_kiocb` fields at offsets from the kernel's BTF.
+        let (fd_offset, opcode_offset) = crate::btf::Btf::from_kernel()
+            .and_then(|btf| {
+                Ok((
+                    crate::btf::io_kiocb_fd_offset(&btf)?,
+                    btf.member_offset("io_kiocb", "opcode")?,
+                ))
+            })
             .unwrap_or_else(|e| {
-                eprintln!("kefu-trace: warning: io_uring events will carry no fd: {e:#}");
-                u64::MAX
+                eprintln!("kefu-trace: warning: io_uring events will carry no fd or opcode: {e:#}");
+                (u64::MAX, u64::MAX)
             });
         config.set(config::IO_KIOCB_FD_OFFSET, fd_offset, 0)?;
+        config.set(config::IO_KIOCB_OPCODE_OFFSET, opcode_offset, 0)?;
 
+        if !target.markers_only {
+            for name in ["io_uring_submit_req", "io_uring_complete"] {
+                let prog: &mut RawTracePoint = ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("program {name}"))?
+                    .try_into()?;
+                prog.load().with_context(|| format!("loading {name}"))?;
+                prog.attach(name)
+                    .with_context(|| format!("attaching raw tracepoint {name}"))?;
+            }
+        }
         for (name, category, event) in [
-            ("io_uring_submit_req", "io_uring", "io_uring_submit_req"),
-            ("io_uring_complete", "io_uring", "io_uring_complete"),
             ("inet_sock_set_state", "sock", "inet_sock_set_state"),
             ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
         ] {
-            if target.markers_only && category == "io_uring" {
-                continue;
-            }
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name}"))?

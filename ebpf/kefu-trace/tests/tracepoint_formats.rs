@@ -1,18 +1,12 @@
-//! The eBPF probes read tracepoint fields at fixed offsets (`ebpf/kefu-trace-ebpf/src/main.rs`,
-//! module `tp`). This checks those offsets against the running kernel's format files, so a
+//! The eBPF probes read the TCP tracepoints' fields at fixed offsets
+//! (`ebpf/kefu-trace-ebpf/src/main.rs`, module `tp`; the io_uring probes are raw tracepoints
+//! whose `struct io_kiocb` offsets come from BTF at attach time). This checks those offsets against the running kernel's format files, so a
 //! kernel whose layout differs fails here instead of producing wrong data.
 
 use kefu_trace::procfs::ensure_tracefs;
 
 /// (group, event, field, offset, size) as the probes use them; keep in sync with `tp` there.
 const FIELDS: &[(&str, &str, &str, usize, usize)] = &[
-    ("io_uring", "io_uring_submit_req", "req", 16, 8),
-    ("io_uring", "io_uring_submit_req", "opcode", 32, 1),
-    ("io_uring", "io_uring_complete", "ctx", 8, 8),
-    ("io_uring", "io_uring_complete", "req", 16, 8),
-    ("io_uring", "io_uring_complete", "user_data", 24, 8),
-    ("io_uring", "io_uring_complete", "res", 32, 4),
-    ("io_uring", "io_uring_complete", "cflags", 36, 4),
     ("sock", "inet_sock_set_state", "skaddr", 8, 8),
     ("sock", "inet_sock_set_state", "oldstate", 16, 4),
     ("sock", "inet_sock_set_state", "newstate", 20, 4),
