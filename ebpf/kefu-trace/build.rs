@@ -51,6 +51,13 @@ fn main() {
             "cargo:warning=kefu-trace: eBPF probes not built: {reason}; the tracer will report this at runtime"
         );
         std::fs::write(&object, b"").expect("writing the empty probe object");
+        // A path that never exists makes cargo rerun this script on every build while the
+        // probes are missing, so they get built as soon as bpf-linker appears (even if its
+        // file is older than this script's last run, e.g. restored from a cache).
+        println!(
+            "cargo:rerun-if-changed={}",
+            out_dir.join("rerun-until-probes-are-built").display()
+        );
         return;
     }
     let linker_dir = linker
