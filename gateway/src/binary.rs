@@ -15,7 +15,7 @@ use crate::conn::Conn;
 use crate::engine::{Actor, Outbox};
 use crate::http::{HttpError, conversation_id};
 use crate::metrics::Disconnect;
-use crate::server::ShardCtx;
+use crate::server::{ShardCtx, Woken};
 use crate::ws::{ephemeral, register_agent_inbox, replay_step, send_message};
 
 fn error_frame(out: &mut Vec<u8>, conv: u64, code: u16, client_msg_id: Option<&str>, reason: &str) {
@@ -418,7 +418,7 @@ async fn session_loop(
         if now.duration_since(last_rx) >= idle {
             return Ok(Disconnect::IdleTimeout);
         }
-        let wait = (last_rx + idle).saturating_duration_since(now);
+        let wake_at = last_rx + idle;
         enum Woke {
             Readable(bool),
             Outbox,
@@ -428,8 +428,10 @@ async fn session_loop(
         let woke = monoio::select! {
             r = conn.readable() => Woke::Readable(r.is_ok()),
             _ = crate::ws::ready(&outbox) => Woke::Outbox,
-            _ = monoio::time::sleep(wait) => Woke::Timer,
-            _ = ctx.stopped(conn_id) => Woke::Stop,
+            w = ctx.deadline_or_stop(conn_id, wake_at) => match w {
+                Woken::Deadline => Woke::Timer,
+                Woken::Stop => Woke::Stop,
+            },
         };
         match woke {
             Woke::Readable(false) => return Ok(Disconnect::IoError),

@@ -25,7 +25,7 @@ use monoio::net::TcpStream;
 use crate::conn::Conn;
 use crate::engine::{Actor, EngineError, Outbox, Transition};
 use crate::metrics::{Disconnect, Stage};
-use crate::server::ShardCtx;
+use crate::server::{ShardCtx, Woken};
 use crate::shard::{Command, Outcome, ReplySlot};
 
 const JSON: &str = "application/json";
@@ -307,10 +307,13 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
             if c.out.capacity() > 0 {
                 c.out = Vec::new();
             }
+            let deadline = Instant::now() + idle;
             let ready = monoio::select! {
                 r = c.conn.readable() => r.is_ok(),
-                _ = monoio::time::sleep(idle) => return Disconnect::IdleTimeout,
-                _ = ctx.stopped(conn_id) => return Disconnect::Shutdown,
+                w = ctx.deadline_or_stop(conn_id, deadline) => return match w {
+                    Woken::Deadline => Disconnect::IdleTimeout,
+                    Woken::Stop => Disconnect::Shutdown,
+                },
             };
             if !ready {
                 return Disconnect::IoError;
@@ -318,11 +321,24 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
         }
         // Boxed: parsing, handlers and writes only live while there is traffic, so the
         // future an idle connection parks in stays small.
-        match Box::pin(burst(&ctx, &mut c)).await {
+        // Bound first: a temporary in the `match` head would keep the burst's box alive for
+        // the whole WebSocket or stream session below.
+        let after = Box::pin(burst(&ctx, &mut c)).await;
+        match after {
             After::Wait => {}
             After::End(why) => return why,
             After::WebSocket(up) => {
-                let rest = c.buf.take().unwrap_or_default();
+                // Bytes after the upgrade request go to the WebSocket session; an empty buffer
+                // goes back to the pool (an idle socket holds none).
+                let rest = match c.buf.take() {
+                    Some(b) if !b.is_empty() => b,
+                    Some(b) => {
+                        ctx.pool.give(b);
+                        Vec::new()
+                    }
+                    None => Vec::new(),
+                };
+                c.out = Vec::new();
                 return Box::pin(crate::ws::serve(ctx.clone(), c.conn, up, rest, conn_id)).await;
             }
             After::Stream {

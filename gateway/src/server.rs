@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::Waker;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use atomic_waker::AtomicWaker;
@@ -64,7 +64,10 @@ pub struct ShardCtx {
     pub log: Rc<RefCell<Log>>,
     /// Local stop flag and the wakers of connections waiting on it, by connection id.
     pub stopping: Cell<bool>,
-    stop_waiters: RefCell<HashMap<u64, Waker>>,
+    /// Waiting connections: their wake-up deadline (`None`: only shutdown) and waker. One
+    /// sweeper per shard wakes those whose deadline passed, so an idle connection holds no
+    /// timer of its own (a monoio `Sleep` is 640 bytes).
+    stop_waiters: RefCell<HashMap<u64, (Option<Instant>, Waker)>>,
     next_conn_id: Cell<u64>,
 }
 
@@ -84,10 +87,29 @@ impl ShardCtx {
             }
             self.stop_waiters
                 .borrow_mut()
-                .insert(conn, cx.waker().clone());
+                .insert(conn, (None, cx.waker().clone()));
             std::task::Poll::Pending
         })
         .await
+    }
+
+    /// Resolves at `deadline` (to within `SWEEP_MS`) or when the shard starts shutting down.
+    pub fn deadline_or_stop(&self, conn: u64, deadline: Instant) -> DeadlineOrStop<'_> {
+        DeadlineOrStop {
+            ctx: self,
+            conn,
+            deadline,
+        }
+    }
+
+    /// Wakes the connections whose deadline passed.
+    fn sweep(&self) {
+        let now = Instant::now();
+        for (deadline, waker) in self.stop_waiters.borrow().values() {
+            if deadline.is_some_and(|d| d <= now) {
+                waker.wake_by_ref();
+            }
+        }
     }
 
     pub fn forget_conn(&self, conn: u64) {
@@ -96,11 +118,56 @@ impl ShardCtx {
 
     fn stop_all(&self) {
         self.stopping.set(true);
-        for (_, w) in self.stop_waiters.borrow_mut().drain() {
+        for (_, (_, w)) in self.stop_waiters.borrow_mut().drain() {
             w.wake();
         }
     }
 }
+
+/// What ended a [`ShardCtx::deadline_or_stop`] wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woken {
+    Deadline,
+    Stop,
+}
+
+/// The future of [`ShardCtx::deadline_or_stop`]; leaving (done or dropped) removes its entry,
+/// so the sweeper never wakes a connection that is busy with something else.
+pub struct DeadlineOrStop<'a> {
+    ctx: &'a ShardCtx,
+    conn: u64,
+    deadline: Instant,
+}
+
+impl std::future::Future for DeadlineOrStop<'_> {
+    type Output = Woken;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Woken> {
+        let ctx = self.ctx;
+        if ctx.stopping.get() {
+            return std::task::Poll::Ready(Woken::Stop);
+        }
+        if Instant::now() >= self.deadline {
+            return std::task::Poll::Ready(Woken::Deadline);
+        }
+        ctx.stop_waiters
+            .borrow_mut()
+            .insert(self.conn, (Some(self.deadline), cx.waker().clone()));
+        std::task::Poll::Pending
+    }
+}
+
+impl Drop for DeadlineOrStop<'_> {
+    fn drop(&mut self) {
+        self.ctx.stop_waiters.borrow_mut().remove(&self.conn);
+    }
+}
+
+/// Granularity of connection deadlines (idle timeouts, WebSocket pings).
+pub const SWEEP_MS: u64 = 100;
 
 /// Binds `count` listeners on `addr` with SO_REUSEPORT; with port 0 the first picks the port
 /// and the rest bind to it.
@@ -413,6 +480,13 @@ async fn shard_main(
     }
     let http = monoio::net::TcpListener::from_std(http).context("registering the http listener")?;
     let tcp = monoio::net::TcpListener::from_std(tcp).context("registering the tcp listener")?;
+    let sweeper = ctx.clone();
+    monoio::spawn(async move {
+        while !sweeper.stopping.get() {
+            monoio::time::sleep(Duration::from_millis(SWEEP_MS)).await;
+            sweeper.sweep();
+        }
+    });
     let http_task = monoio::spawn(accept_loop(ctx.clone(), http, Proto::Http));
     let tcp_task = monoio::spawn(accept_loop(ctx.clone(), tcp, Proto::Binary));
     shared.ready.fetch_add(1, Ordering::AcqRel);

@@ -19,7 +19,7 @@ use crate::conn::Conn;
 use crate::engine::{Actor, Delivery, Outbox, Sent};
 use crate::http::{HttpError, call, conversation_id, token};
 use crate::metrics::{Disconnect, Stage};
-use crate::server::ShardCtx;
+use crate::server::{ShardCtx, Woken};
 use crate::shard::{Command, Outcome};
 
 /// An accepted upgrade: the 101 answer is written; the token was checked (or not).
@@ -498,10 +498,7 @@ async fn session_loop(
             last_ping = now;
             continue;
         }
-        let wake_in = (last_ping + ping_every)
-            .min(last_rx + idle)
-            .saturating_duration_since(now)
-            .max(Duration::from_millis(1));
+        let wake_at = (last_ping + ping_every).min(last_rx + idle);
         enum Woke {
             Readable(bool),
             Outbox,
@@ -511,8 +508,10 @@ async fn session_loop(
         let woke = monoio::select! {
             r = conn.readable() => Woke::Readable(r.is_ok()),
             _ = ready(&session.outbox) => Woke::Outbox,
-            _ = monoio::time::sleep(wake_in) => Woke::Timer,
-            _ = ctx.stopped(conn_id) => Woke::Stop,
+            w = ctx.deadline_or_stop(conn_id, wake_at) => match w {
+                Woken::Deadline => Woke::Timer,
+                Woken::Stop => Woke::Stop,
+            },
         };
         match woke {
             Woke::Readable(false) => return Disconnect::IoError,

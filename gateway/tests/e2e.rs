@@ -945,3 +945,28 @@ fn agent_inbox_and_two_parties_over_websocket_and_long_poll() {
         }
     }
 }
+
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &[
+            ("idle_timeout_ms = 60000", "idle_timeout_ms = 600"),
+            ("ws_ping_interval_ms = 20000", "ws_ping_interval_ms = 200"),
+        ],
+    );
+    let kefu = Kefu::start(
+        Path::new(BIN),
+        &dir.path().join("data"),
+        &["--config", &cfg, "--shards", "2"],
+    );
+    let mut http = kefu.http();
+    assert_eq!(http.get("/healthz", None).status, 200);
+    let (_, visitor) = create_conversation(&mut http, None);
+    let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).expect("upgrade");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(http.is_closed(), "an idle HTTP connection is closed");
+    // The WebSocket was pinged but never answered (this client did not read): going away.
+    assert_eq!(ws.recv(), WsMsg::Close(Some(1001)));
+}
