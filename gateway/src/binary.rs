@@ -155,7 +155,7 @@ async fn handle(
                 );
                 if matches!(actor, Actor::Agent { .. }) {
                     let outbox = s.outbox();
-                    register_agent_inbox(ctx, &actor, &outbox);
+                    register_agent_inbox(ctx, &actor, &outbox).await;
                 }
                 s.actor = Some(actor);
                 Verdict::Fine

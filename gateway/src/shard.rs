@@ -150,6 +150,7 @@ pub enum Command {
         tenant: u16,
         agent: Arc<str>,
         outbox: Arc<Outbox>,
+        reply: Reply,
     },
     Ephemeral {
         conv: u64,
@@ -546,7 +547,11 @@ fn handle(
             tenant,
             agent,
             outbox,
-        } => engine.agent_inbox(tenant, &agent, outbox),
+            reply,
+        } => {
+            engine.agent_inbox(tenant, &agent, outbox);
+            reply.put(Outcome::Done(Ok(())));
+        }
         Command::Ephemeral {
             conv,
             actor,

@@ -117,16 +117,20 @@ pub async fn ephemeral(
     }
 }
 
-/// Registers an agent socket's inbox on every shard.
-pub fn register_agent_inbox(ctx: &ShardCtx, actor: &Actor, outbox: &Arc<Outbox>) {
+/// Registers an agent socket's inbox on every shard and waits until all have it, so the
+/// session handles the client's first message only once offers and assignments reach it.
+pub async fn register_agent_inbox(ctx: &ShardCtx, actor: &Actor, outbox: &Arc<Outbox>) {
     if let Actor::Agent { tenant, name } = actor {
-        for inbox in &ctx.shared.inboxes {
-            // A full inbox only costs this socket its offers; it still gets what it follows.
-            let _ = inbox.push(Command::AgentInbox {
+        for shard in 0..ctx.shared.shards() {
+            // A refused registration (overload) only costs this socket its offers; it still
+            // gets what it subscribes to.
+            let _ = call(ctx, shard as u16, |reply| Command::AgentInbox {
                 tenant: *tenant,
                 agent: name.clone(),
                 outbox: outbox.clone(),
-            });
+                reply,
+            })
+            .await;
         }
     }
 }
@@ -321,7 +325,7 @@ pub async fn serve(
     let outbox = match actor {
         Actor::Agent { .. } => {
             let outbox = Outbox::new(limits.subscriber_queue_depth);
-            register_agent_inbox(&ctx, &actor, &outbox);
+            register_agent_inbox(&ctx, &actor, &outbox).await;
             Some(outbox)
         }
         _ => None,

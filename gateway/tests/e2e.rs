@@ -871,8 +871,13 @@ fn agent_inbox_and_two_parties_over_websocket_and_long_poll() {
         &json!({"status": "online"}).to_string(),
     );
     assert_eq!(online.status, 200);
-    // Give the inbox registration (broadcast to every shard) a moment to land.
-    std::thread::sleep(Duration::from_millis(200));
+    // The session answers its first message only after its inbox is registered on every
+    // shard: an error reply to a bad message proves the registration landed.
+    agent_ws.send_json(&json!({"type": "hello"}));
+    match agent_ws.recv() {
+        WsMsg::Text(v) => assert_eq!(v["type"], "error"),
+        other => panic!("{other:?}"),
+    }
     let (id, visitor) = create_conversation(&mut http, Some("how much is the pro plan?"));
     // Carol (sales) gets the offer and the assignment in her inbox.
     let mut assigned = false;
