@@ -99,13 +99,14 @@ pub struct TraceTarget {
 
 /// Attached probes. Drop to detach.
 pub struct Tracer {
-    // Field order is drop order: the uprobe goes first so the semaphore drops before the maps.
+    // Field order is drop order: the uprobe goes first so the semaphore drops before the maps
+    // and programs (owned by `ebpf_owner`) go.
     uprobe: Option<UprobeEvent>,
     ring: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, u64>,
     ports: BpfHashMap<MapData, u16, u8>,
-    _ebpf: Ebpf,
+    ebpf_owner: Ebpf,
     binary: PathBuf,
     hooks: Hooks,
     target_tgid: Option<u32>,
@@ -200,7 +201,7 @@ impl Tracer {
             counters,
             config,
             ports,
-            _ebpf: ebpf,
+            ebpf_owner: ebpf,
             binary,
             hooks,
             target_tgid: None,
@@ -215,13 +216,13 @@ impl Tracer {
             None => tracer.refresh()?,
         }
         let prog: &mut UProbe = tracer
-            ._ebpf
+            .ebpf_owner
             .program_mut("kefu_request")
             .context("program kefu_request")?
             .try_into()?;
         prog.load().context("loading the request uprobe")?;
         let prog_raw_fd = prog.fd()?.as_fd().as_raw_fd();
-        // SAFETY: the program fd is owned by `tracer._ebpf`, which outlives the uprobe event
+        // SAFETY: the program fd is owned by `tracer.ebpf_owner`, which outlives the uprobe event
         // (the event is dropped first, see the field order).
         let prog_fd = unsafe { BorrowedFd::borrow_raw(prog_raw_fd) };
         let scope = match target.pid {
@@ -247,9 +248,13 @@ impl Tracer {
     fn set_target(&mut self, pid: u32) -> anyhow::Result<()> {
         self.config.set(config::TARGET_TGID, u64::from(pid), 0)?;
         self.target_tgid = Some(pid);
-        if self.sample_every > 1
-            && let Some(offset) = self.hooks.sample_every_offset
-        {
+        if self.sample_every > 1 {
+            let Some(offset) = self.hooks.sample_every_offset else {
+                bail!(
+                    "this gateway binary has no `{}`: it cannot sample",
+                    kefu_trace_common::SAMPLE_EVERY_SYMBOL
+                );
+            };
             procfs::write_mem(pid, offset, &self.sample_every.to_le_bytes())
                 .context("setting the gateway's sampling rate")?;
             self.sampled_pids.push(pid);
