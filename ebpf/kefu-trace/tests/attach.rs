@@ -345,3 +345,33 @@ fn sampling_marks_one_request_in_k() {
     drop(tracer);
     assert_eq!(demo.semaphore(), 0);
 }
+
+#[test]
+fn markers_go_off_even_when_the_tracer_is_killed() {
+    if skip() {
+        return;
+    }
+    const N: usize = 5;
+    let (mut demo, words) = Demo::start(&["markers", &N.to_string()]);
+    let pid = &words[1];
+    let mut tracer = Command::new(env!("CARGO_BIN_EXE_kefu-trace"))
+        .args(["--pid", pid, "--json", "--duration-s", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting kefu-trace");
+    // The demo emits once the tracer has switched its markers on.
+    assert_eq!(demo.line(), format!("emitted {N}"));
+    assert_eq!(demo.semaphore(), 1);
+    tracer.kill().unwrap();
+    tracer.wait().unwrap();
+    // The kernel drops the uprobe (and its semaphore count) when the perf event's last fd goes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while demo.semaphore() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "semaphore still set after SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
