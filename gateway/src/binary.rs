@@ -192,7 +192,7 @@ async fn handle(
                 Ok(id) => id,
                 Err(e) => return refuse(out, e, conv.0, client_msg_id.as_deref()),
             };
-            match send_message(ctx, id, &actor, text, client_msg_id.clone()).await {
+            match send_message(ctx, id, &actor, text, client_msg_id.clone(), None).await {
                 Ok(sent) => {
                     let _ = encode_server(
                         &ServerMsg::Ack {

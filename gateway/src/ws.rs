@@ -4,6 +4,8 @@
 //! whichever shard owns the conversation). When it overflows the socket is closed with 4008: the
 //! client reconnects and resubscribes with `after`, and loses nothing.
 
+use std::cell::RefCell;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,10 +16,11 @@ use kefu_protocol::model::{
 };
 use kefu_protocol::ws::frame::close_code;
 use kefu_protocol::ws::{WsConnection, WsError, WsEvent, WsLimits, check_upgrade, write_accept};
+use kefu_trace_common::{RequestRecord, Stage as TraceStage, emit, now_ns, route as trace_route};
 
 use crate::conn::Conn;
 use crate::engine::{Actor, Delivery, Outbox, Sent};
-use crate::http::{HttpError, call, conversation_id, token};
+use crate::http::{HttpError, call, call_traced, conversation_id, token};
 use crate::metrics::{Disconnect, Stage};
 use crate::server::{ShardCtx, Woken};
 use crate::shard::{Command, Outcome};
@@ -82,8 +85,9 @@ pub async fn send_message(
     actor: &Actor,
     text: String,
     client_msg_id: Option<String>,
+    trace: Option<&RefCell<RequestRecord>>,
 ) -> Result<Sent, HttpError> {
-    let outcome = call(ctx, (conv >> 48) as u16, |reply| Command::Send {
+    let outcome = call_traced(ctx, (conv >> 48) as u16, trace, |reply| Command::Send {
         conv,
         actor: actor.clone(),
         text,
@@ -174,7 +178,12 @@ impl Session {
         self.ws.send_text(out, text);
     }
 
-    async fn handle(&mut self, text: &str, out: &mut Vec<u8>) -> Verdict {
+    async fn handle(
+        &mut self,
+        text: &str,
+        out: &mut Vec<u8>,
+        trace: Option<&RefCell<RequestRecord>>,
+    ) -> Verdict {
         let limits = crate::access::model_limits(&self.ctx.shared.config.limits);
         let msg: ClientMessage = match parse_json(text.as_bytes(), &limits) {
             Ok(m) => m,
@@ -242,7 +251,12 @@ impl Session {
                     Ok(c) => c,
                     Err(e) => return self.refuse(out, e, Some(conversation_id.0), client_msg_id),
                 };
-                match send_message(&ctx, conv, &self.actor, text, client_msg_id.clone()).await {
+                if let Some(rec) = trace {
+                    rec.borrow_mut().conversation_id = conv;
+                }
+                match send_message(&ctx, conv, &self.actor, text, client_msg_id.clone(), trace)
+                    .await
+                {
                     Ok(sent) => {
                         let ack = ServerMessage::Ack(Ack {
                             client_msg_id,
@@ -356,6 +370,7 @@ async fn step(
     texts: &mut Vec<String>,
     fresh_input: &mut bool,
     out: &mut Vec<u8>,
+    conn_id: u64,
 ) -> Result<bool, Disconnect> {
     // 1. Decode what arrived.
     let mut closing: Option<Disconnect> = None;
@@ -406,7 +421,32 @@ async fn step(
     // 2. Act on complete messages.
     for text in texts.drain(..) {
         // Boxed: a subscribe's replay state only lives while it runs.
-        if let Verdict::Close(code, reason) = Box::pin(session.handle(&text, out)).await {
+        // The eBPF request marker, one per client message (route WS_FRAME).
+        let traced = kefu_trace_common::trace_enabled();
+        let trace = RefCell::new(RequestRecord::default());
+        if traced {
+            let mut rec = trace.borrow_mut();
+            rec.request_id = (u64::from(ctx.id) << 48) | ctx.next_conn_id();
+            rec.connection_id = conn_id;
+            rec.shard = ctx.id;
+            rec.fd = conn.stream.as_raw_fd();
+            rec.route = trace_route::WS_FRAME;
+            let now = now_ns();
+            rec.set(TraceStage::Accepted, now);
+            rec.set(TraceStage::Parsed, now);
+        }
+        let verdict = Box::pin(session.handle(&text, out, traced.then_some(&trace))).await;
+        if traced {
+            let mut rec = trace.borrow_mut();
+            rec.status = if matches!(verdict, Verdict::Fine) {
+                200
+            } else {
+                400
+            };
+            rec.set(TraceStage::Answered, now_ns());
+            emit(&rec);
+        }
+        if let Verdict::Close(code, reason) = verdict {
             session.ws.send_close(out, code, &reason);
             let _ = conn.write_all(std::mem::take(out)).await;
             return Err(if code == close_code::UNAUTHORIZED {
@@ -481,6 +521,7 @@ async fn session_loop(
             &mut texts,
             &mut fresh_input,
             out,
+            conn_id,
         ))
         .await
         {
