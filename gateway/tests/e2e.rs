@@ -94,9 +94,17 @@ fn ready_line_demo_tokens_health_and_graceful_stop() {
     );
     assert!(text.contains("kefu_latency_us{shard=\"0\",stage=\"log_sync\""));
     let tokens = kefu.agents.clone();
+    // An open WebSocket is told the server is going away (1001) when it drains.
+    let alice = kefu.agent("alice").to_owned();
+    let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={alice}")).expect("upgrade");
+    ws.send_json(&json!({"type": "hello"}));
+    assert!(matches!(ws.recv(), WsMsg::Text(_)));
     drop(http);
+    let pid = kefu.pid();
+    let closer = std::thread::spawn(move || ws.recv());
     let status = kefu.signal_and_wait(SIGTERM);
-    assert!(status.success(), "SIGTERM exit: {status:?}");
+    assert!(status.success(), "SIGTERM exit of {pid}: {status:?}");
+    assert_eq!(closer.join().unwrap(), WsMsg::Close(Some(1001)));
     // Same tokens after a restart: they live in the data dir.
     let kefu = Kefu::start(Path::new(BIN), &data, &["--shards", "1"]);
     assert_eq!(kefu.agents, tokens);
