@@ -983,3 +983,60 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
     // The WebSocket was pinged but never answered (this client did not read): going away.
     assert_eq!(ws.recv(), WsMsg::Close(Some(1001)));
 }
+
+#[test]
+fn overload_answers_503_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    // Shed load as soon as one command waits for a shard.
+    let cfg = config(
+        dir.path(),
+        &[(
+            "overload_inflight_per_shard_max = 4096",
+            "overload_inflight_per_shard_max = 1",
+        )],
+    );
+    let kefu = Kefu::start(
+        Path::new(BIN),
+        &dir.path().join("data"),
+        &["--config", &cfg, "--shards", "1", "--durability", "always"],
+    );
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, None);
+    let seen = Arc::new(Mutex::new(None::<kefu_tests::Response>));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let workers: Vec<_> = (0..32)
+        .map(|w| {
+            let (id, visitor, seen, addr) = (id.clone(), visitor.clone(), seen.clone(), kefu.http);
+            std::thread::spawn(move || {
+                let mut http = Http::connect(addr);
+                let mut i = 0;
+                while seen.lock().unwrap().is_none() && std::time::Instant::now() < deadline {
+                    i += 1;
+                    let body = json!({"text": format!("{w}-{i}")}).to_string();
+                    let r = http.post(
+                        &format!("/v1/conversations/{id}/messages"),
+                        Some(&visitor),
+                        &body,
+                    );
+                    match r.status {
+                        201 => {}
+                        503 => *seen.lock().unwrap() = Some(r),
+                        other => panic!("unexpected status {other}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let r = seen
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("some send was shed with 503");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(r.json()["error"].is_string());
+    // And the gateway serves again once the burst is over.
+    assert_eq!(http.get("/healthz", None).status, 200);
+}
