@@ -432,11 +432,12 @@ impl Ws {
         }
     }
 
-    /// The next message that is not a typing/read notice.
+    /// The next message that is not a typing/read notice (ephemeral: not stored, no seq of
+    /// their own).
     pub fn recv_stored(&mut self) -> WsMsg {
         loop {
             match self.recv() {
-                WsMsg::Text(v) if v["seq"].as_u64() == Some(0) => continue,
+                WsMsg::Text(v) if v["event"] == "typing" || v["event"] == "read" => continue,
                 other => return other,
             }
         }
