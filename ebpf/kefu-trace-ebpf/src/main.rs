@@ -17,7 +17,7 @@ use aya_ebpf::{
         generated::bpf_probe_read_user,
     },
     macros::{map, raw_tracepoint, tracepoint, uprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RawTracePointContext, TracePointContext},
 };
 use kefu_trace_common::{
@@ -39,10 +39,13 @@ static CONFIG: Array<u64> = Array::with_max_entries(config::COUNT, 0);
 #[map]
 static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(PORTS_MAX, 0);
 
-/// io_uring requests between submit and completion, keyed by `struct io_kiocb *`. LRU so that
-/// requests cancelled without a completion event cannot fill it up forever.
+/// io_uring requests between submit and completion, keyed by `struct io_kiocb *`. A plain
+/// preallocated hash, not LRU: it is on every io_uring operation of the gateway, and an LRU
+/// update costs noticeably more. An entry whose completion is never seen (e.g. a
+/// `IOSQE_CQE_SKIP_SUCCESS` request) is overwritten when the kernel reuses that `io_kiocb` from
+/// its request cache, and a full map is counted (`INFLIGHT_FULL`), never silent.
 #[map]
-static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(INFLIGHT_MAX, 0);
+static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(INFLIGHT_MAX, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
