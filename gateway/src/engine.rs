@@ -304,6 +304,8 @@ pub struct Engine {
     registry: Arc<TenantRegistry>,
     /// Resolved conversations by the time they close for idleness.
     auto_close: BTreeSet<(u64, u64)>,
+    /// The agent accepting a conversation, so its `assigned` event names who did it (audit).
+    accepted_by: Option<(u64, Participant)>,
 }
 
 impl Engine {
@@ -316,7 +318,11 @@ impl Engine {
         let mut out = Vec::with_capacity(registry.tenants().len());
         for tenant in registry.tenants() {
             let setup = &tenant.config;
-            let mut router = Router::new(router_limits).map_err(|e| e.to_string())?;
+            let limits = RouterLimits {
+                socket_grace_ms: setup.agent_socket_grace_ms,
+                ..router_limits
+            };
+            let mut router = Router::new(limits).map_err(|e| e.to_string())?;
             for group in &setup.groups {
                 router.add_group(group).map_err(|e| e.to_string())?;
             }
@@ -357,6 +363,7 @@ impl Engine {
             poisoned: None,
             registry,
             auto_close: BTreeSet::new(),
+            accepted_by: None,
         })
     }
 
@@ -640,15 +647,69 @@ impl Engine {
                         agent: router.agent_name(agent).unwrap_or("").to_owned(),
                         group: router.group_name(group).unwrap_or("").to_owned(),
                     };
-                    self.append_event(log, conv, None, event, None, now_us)?;
+                    let by = match self.accepted_by.take() {
+                        Some((c, who)) if c == conv => Some(who),
+                        other => {
+                            self.accepted_by = other;
+                            None
+                        }
+                    };
+                    self.append_event(log, conv, by, event, None, now_us)?;
                     self.notify_agent(tenant, agent, conv);
                 }
-                Effect::Unassigned { .. }
-                | Effect::QueuePositionChanged { .. }
-                | Effect::AgentOffline { .. } => {}
+                Effect::QueuePositionChanged { conv, position } => {
+                    // A conversation that (re)entered the queue in this batch announced its
+                    // position in its stored `queued` event already.
+                    let entered = effects
+                        .iter()
+                        .any(|e| matches!(e, Effect::Queued { conv: c, .. } if *c == conv));
+                    if !entered {
+                        self.announce_position(conv, position, now_us);
+                    }
+                }
+                Effect::Unassigned { .. } | Effect::AgentOffline { .. } => {}
             }
         }
         Ok(())
+    }
+
+    /// Tells the conversation's subscribers its new queue position: a `queued` event with
+    /// `seq` 0 and reason `position`, delivered live like typing and never stored (a queue of n
+    /// moves n-1 positions per assignment; the view and the stored `queued` event give the
+    /// position to anyone who was not listening).
+    fn announce_position(&mut self, id: u64, position: u32, now_us: u64) {
+        let Some(conv) = self.conversations.get(&id) else {
+            return;
+        };
+        if conv.subscribers.is_empty() || conv.state != ConversationState::Queued {
+            return;
+        }
+        let message = kefu_protocol::model::EventMessage {
+            conversation_id: ConversationId(id),
+            seq: 0,
+            ts: now_us,
+            from: Some(Participant::new(Role::System, "kefu")),
+            event: Event::Queued {
+                group: conv.group.to_string(),
+                queue_position: position,
+                reason: Some("position".to_owned()),
+            },
+        };
+        let Ok(json) = serde_json::to_vec(&kefu_protocol::model::ServerMessage::Event(message))
+        else {
+            return;
+        };
+        let header = Header::new(Kind::Event, id, 0, now_us);
+        let frame = frame::encode(&header, &json);
+        self.pending.push_back((
+            self.appended_end,
+            Arc::new(Delivery {
+                conversation_id: id,
+                seq: 0,
+                frame: frame.into_boxed_slice(),
+                json: json.into_boxed_slice(),
+            }),
+        ));
     }
 
     /// Sends the conversation's latest record to the agents of `group` (an offer).
@@ -931,6 +992,18 @@ impl Engine {
                     retry_after_s: l.retry_after_s(),
                 })?;
         }
+        // An agent's `/name` is the tenant's canned reply `name`.
+        let registry = self.registry.clone();
+        let text = match from.role {
+            Role::Agent => {
+                let tenant = self.conv(id)?.tenant;
+                registry.tenants()[tenant as usize]
+                    .canned_replies
+                    .expand(text)
+                    .unwrap_or(text)
+            }
+            _ => text,
+        };
         let sent = self.append_message(log, id, from, text, client_msg_id, now_us)?;
         if visitor {
             self.auto_reply(log, id, text, now_us)?;
@@ -1016,7 +1089,10 @@ impl Engine {
                     router
                         .accept(agent, id, &mut effects)
                         .map_err(route_error(state))?;
-                    self.apply_effects(log, tenant, &effects, now_us)
+                    self.accepted_by = Some((id, me));
+                    let applied = self.apply_effects(log, tenant, &effects, now_us);
+                    self.accepted_by = None;
+                    applied
                 }
                 Transition::Resolve => {
                     if state != ConversationState::Assigned {
@@ -1150,6 +1226,8 @@ impl Engine {
             let list = t.inboxes.entry(agent).or_default();
             list.retain(|s| !s.is_closed());
             list.push(outbox);
+            // Back within the grace period: it keeps its conversations.
+            let _ = t.router.agent_socket_restored(agent);
         }
     }
 
@@ -1395,6 +1473,7 @@ impl Engine {
     /// Time-driven routing work (agents whose socket grace ran out).
     pub fn tick(&mut self, log: &mut dyn RecordLog, now_ms: u64) {
         self.close_idle(log, now_ms);
+        self.notice_lost_sockets(now_ms);
         for tenant in 0..self.tenants.len() {
             let mut effects = std::mem::take(&mut self.effects);
             effects.clear();
@@ -1413,6 +1492,22 @@ impl Engine {
                 }
             }
             self.effects = effects;
+        }
+    }
+
+    /// Agents whose last socket closed start their grace period: the router takes them offline
+    /// (re-queueing their conversations) in `tick` unless a socket comes back in time.
+    fn notice_lost_sockets(&mut self, now_ms: u64) {
+        for t in &mut self.tenants {
+            let router = &mut t.router;
+            t.inboxes.retain(|&agent, list| {
+                list.retain(|s| !s.is_closed());
+                if list.is_empty() {
+                    let _ = router.agent_socket_lost(agent, now_ms);
+                    return false;
+                }
+                true
+            });
         }
     }
 

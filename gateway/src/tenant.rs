@@ -11,6 +11,7 @@
 //! intents = "intents/acme.toml"       # optional, relative to the config file's directory
 //! intents_confidence_threshold = 0.6  # optional: overrides the intents file's threshold
 //! auto_close_idle_ms = 1800000        # resolved and idle this long: closed (0 = never)
+//! agent_socket_grace_ms = 30000       # an agent's last socket dropped this long: re-queue its conversations
 //! auto_replies_per_conversation_max = 3
 //! visitor_rate_limit = { messages_per_s = 5, burst = 20, visitors_tracked_max = 65536 }
 //! attachments = { size_bytes_max = 10485760, content_types = ["image/*", "application/pdf"] }
@@ -76,6 +77,8 @@ pub const KEYWORDS_PER_AUTO_REPLY_MAX: usize = 32;
 pub const KEYWORD_BYTES_MAX: usize = 128;
 pub const CANNED_REPLIES_MAX: usize = 1024;
 pub const REPLY_TEXT_BYTES_MAX: usize = 4096;
+/// Longest grace period of an agent whose socket dropped: 1 hour.
+pub const AGENT_SOCKET_GRACE_MS_MAX: u64 = 3600 * 1000;
 /// Longest auto-close idle time: 30 days.
 pub const AUTO_CLOSE_IDLE_MS_MAX: u64 = 30 * 24 * 3600 * 1000;
 /// Bounds of the visitor rate limit settings.
@@ -149,6 +152,10 @@ pub struct TenantConfig {
     pub canned_reply: Vec<CannedReplyConfig>,
     #[serde(default = "auto_close_idle_ms_default")]
     pub auto_close_idle_ms: u64,
+    /// How long an online agent whose last socket dropped keeps its conversations before they
+    /// go back to the queue (a reconnect within it changes nothing).
+    #[serde(default = "agent_socket_grace_ms_default")]
+    pub agent_socket_grace_ms: u64,
     #[serde(default)]
     pub visitor_rate_limit: RateLimitConfig,
     #[serde(default)]
@@ -161,6 +168,10 @@ fn auto_replies_per_conversation_max_default() -> u32 {
 
 fn auto_close_idle_ms_default() -> u64 {
     30 * 60 * 1000
+}
+
+fn agent_socket_grace_ms_default() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -541,6 +552,12 @@ impl TenantConfig {
             return Err(bad(
                 format!("{at}.auto_close_idle_ms"),
                 format!("more than {AUTO_CLOSE_IDLE_MS_MAX} (30 days)"),
+            ));
+        }
+        if self.agent_socket_grace_ms > AGENT_SOCKET_GRACE_MS_MAX {
+            return Err(bad(
+                format!("{at}.agent_socket_grace_ms"),
+                format!("more than {AGENT_SOCKET_GRACE_MS_MAX} (1 hour)"),
             ));
         }
         let rate = &self.visitor_rate_limit;
