@@ -86,10 +86,15 @@ token = "{GLOBEX_CRM}"
 }
 
 fn start_with(dir: &Path, shards: &str, auto_close_idle_ms: u64, grace_ms: u64) -> Kefu {
-    let text = DEFAULT_CONFIG.replace(
-        "segment_bytes_max = 67108864",
-        "segment_bytes_max = 4194304",
-    ) + &tenants(auto_close_idle_ms, grace_ms);
+    // Pings less often than the clients' 20 s read timeout, so a notice that never comes
+    // fails the test instead of blocking it.
+    let text = DEFAULT_CONFIG
+        .replace(
+            "segment_bytes_max = 67108864",
+            "segment_bytes_max = 4194304",
+        )
+        .replace("ws_ping_interval_ms = 20000", "ws_ping_interval_ms = 30000")
+        + &tenants(auto_close_idle_ms, grace_ms);
     let cfg = dir.join("kefu.toml");
     std::fs::write(&cfg, text).unwrap();
     Kefu::start(
@@ -866,16 +871,46 @@ fn restart_after_sigkill_rebuilds_states_queues_and_assignments() {
         assert_eq!(b, a, "view changed across the restart");
     }
     // Routing goes on from the rebuilt queues: a freed slot goes to the first in line.
-    let first_sales = ids
-        .iter()
-        .zip(&after)
-        .find(|(_, v)| v["group"] == "sales" && v["queue_position"].as_u64() == Some(1))
-        .map(|(id, _)| id.clone());
+    // Routing goes on from the rebuilt queues: a slot freed on a shard goes to the first in
+    // line there (routing is per shard; the shard is the id's top 16 bits).
+    let shard = |id: &str| id[1..5].to_owned();
     status(&mut http, SA, "online");
     let held = assigned_to(&mut http, "sa");
-    if let Some(first) = first_sales {
-        let r = act(&mut http, &held[0], SA, "resolve", "");
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        assert_eq!(view(&mut http, &first)["agent"], "sa");
-    }
+    let (free, first) = held
+        .iter()
+        .find_map(|h| {
+            ids.iter()
+                .zip(&after)
+                .find(|(id, v)| {
+                    shard(id) == shard(h)
+                        && v["group"] == "sales"
+                        && v["queue_position"].as_u64() == Some(1)
+                })
+                .map(|(id, _)| (h.clone(), id.clone()))
+        })
+        .expect("a shard with sa at capacity and sales conversations waiting");
+    let r = act(&mut http, &free, SA, "resolve", "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(view(&mut http, &first)["agent"], "sa");
+}
+
+#[test]
+fn auto_close_deadline_survives_a_sigkill_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kefu = start_with(dir.path(), "1", 1500, 600_000);
+    let mut http = kefu.http();
+    status(&mut http, PA, "online");
+    let (id, visitor, _) = create(&mut http, "acme", "my order is broken");
+    assert_eq!(act(&mut http, &id, PA, "resolve", "").status, 200);
+    assert_eq!(view(&mut http, &id)["state"], "resolved");
+    drop(http);
+    kefu.signal_and_wait(SIGKILL);
+    let kefu = start_with(dir.path(), "1", 1500, 600_000);
+    let mut http = kefu.http();
+    // Nobody acts: the rebuilt timer closes it.
+    wait_view(&mut http, &id, Duration::from_secs(6), |v| {
+        v["state"] == "closed"
+    });
+    let list = history(&mut http, &id, &visitor);
+    assert_eq!(events(&list), ["queued", "assigned", "resolved", "closed"]);
 }

@@ -375,3 +375,167 @@ fn auto_reply_rate_limit_and_idle_close() {
         .unwrap_err();
     assert_eq!(err.status(), 409);
 }
+
+/// The stored event records of `id`, as JSON values, in seq order.
+fn stored_events(log: &MemLog, id: u64) -> Vec<serde_json::Value> {
+    log.frames
+        .iter()
+        .filter(|(h, _)| h.conversation_id == id && h.kind == Kind::Event)
+        .map(|(_, p)| serde_json::from_slice(p).unwrap())
+        .collect()
+}
+
+#[test]
+fn canned_replies_expand_and_accept_names_its_agent() {
+    let mut log = MemLog::default();
+    let mut e = engine(0);
+    let id = e
+        .create(&mut log, 0, "Ann", "web", None, Some("support"), 1)
+        .unwrap()
+        .conversation_id;
+    e.transition(&mut log, id, "bob", 0, &Transition::Accept, 2)
+        .unwrap();
+    let assigned = stored_events(&log, id).pop().unwrap();
+    assert_eq!(assigned["event"], "assigned", "{assigned}");
+    assert_eq!(assigned["from"]["id"], "bob", "audit: who accepted");
+    e.send(&mut log, id, &agent("bob"), "/greeting", None, 3)
+        .unwrap();
+    e.send(&mut log, id, &agent("bob"), "/unknown", None, 4)
+        .unwrap();
+    let texts: Vec<String> = log
+        .frames
+        .iter()
+        .filter(|(h, _)| h.kind == Kind::Message)
+        .map(|(_, p)| {
+            let m: MessageRecord = serde_json::from_slice(p).unwrap();
+            m.text
+        })
+        .collect();
+    let greeting = e.registry.tenants()[0]
+        .canned_replies
+        .get("greeting")
+        .unwrap()
+        .to_owned();
+    assert_eq!(texts, [greeting, "/unknown".to_owned()]);
+    // A visitor's `/greeting` is sent as written.
+    let visitor = Actor::Visitor {
+        tenant: 0,
+        conversation_id: id,
+    };
+    e.send(&mut log, id, &visitor, "/greeting", None, 5)
+        .unwrap();
+    let (_, p) = log.frames.last().unwrap();
+    assert!(String::from_utf8_lossy(p).contains("\"/greeting\""));
+}
+
+#[test]
+fn queue_position_changes_reach_subscribers_live_and_are_not_stored() {
+    let mut log = MemLog::default();
+    let mut e = engine(0);
+    let ids: Vec<u64> = (0..3)
+        .map(|i| {
+            e.create(&mut log, 0, "Ann", "web", None, Some("support"), 1 + i)
+                .unwrap()
+                .conversation_id
+        })
+        .collect();
+    e.release(u64::MAX);
+    let third = ids[2];
+    let visitor = Actor::Visitor {
+        tenant: 0,
+        conversation_id: third,
+    };
+    let outbox = Outbox::new(16);
+    let last = e.state(third).unwrap().1;
+    assert!(
+        e.replay(&mut log, third, &visitor, last, 10, Some(outbox.clone()))
+            .unwrap()
+            .registered
+    );
+    assert_eq!(e.view(third, &visitor).unwrap().queue_position, Some(3));
+    let stored_before = log.frames.len();
+    e.transition(&mut log, ids[0], "bob", 0, &Transition::Accept, 10)
+        .unwrap();
+    e.release(u64::MAX);
+    let notice = outbox.pop().expect("a position notice");
+    assert_eq!(notice.seq, 0);
+    let v: serde_json::Value = serde_json::from_slice(&notice.json).unwrap();
+    assert_eq!(v["event"], "queued", "{v}");
+    assert_eq!(v["queue_position"], 2, "{v}");
+    assert!(outbox.pop().is_none());
+    // Only conv 1's `assigned` was stored.
+    assert_eq!(log.frames.len(), stored_before + 1);
+    assert_eq!(e.view(third, &visitor).unwrap().queue_position, Some(2));
+}
+
+#[test]
+fn a_dropped_agent_socket_requeues_after_the_grace_period_only() {
+    let mut log = MemLog::default();
+    let mut e = engine(0);
+    let grace_ms = e.registry.tenants()[0].config.agent_socket_grace_ms;
+    assert!(grace_ms > 0);
+    let socket = Outbox::new(16);
+    e.agent_inbox(0, "bob", socket.clone());
+    e.agent_status(&mut log, 0, "bob", true, 1_000).unwrap();
+    let ids: Vec<u64> = (0..2)
+        .map(|i| {
+            e.create(&mut log, 0, "Ann", "web", None, Some("support"), 2_000 + i)
+                .unwrap()
+                .conversation_id
+        })
+        .collect();
+    for id in &ids {
+        assert_eq!(e.state(*id).unwrap().0, ConversationState::Assigned);
+    }
+    // A socket that closes and comes back within the grace period changes nothing.
+    socket.close();
+    e.tick(&mut log, 10);
+    let back = Outbox::new(16);
+    e.agent_inbox(0, "bob", back.clone());
+    e.tick(&mut log, 10 + grace_ms * 2);
+    for id in &ids {
+        assert_eq!(e.state(*id).unwrap().0, ConversationState::Assigned);
+    }
+    // Gone for good: queued again after the grace period, in their original order.
+    back.close();
+    let lost_at = 20 + grace_ms * 2;
+    e.tick(&mut log, lost_at);
+    e.tick(&mut log, lost_at + grace_ms - 1);
+    assert_eq!(e.state(ids[0]).unwrap().0, ConversationState::Assigned);
+    e.tick(&mut log, lost_at + grace_ms);
+    let integration = Actor::Integration { tenant: 0 };
+    for (i, id) in ids.iter().enumerate() {
+        let v = e.view(*id, &integration).unwrap();
+        assert_eq!(v.state, ConversationState::Queued);
+        assert_eq!(v.queue_position, Some(i as u32 + 1));
+        let last = stored_events(&log, *id).pop().unwrap();
+        assert_eq!(last["reason"], "agent_offline", "{last}");
+    }
+}
+
+#[test]
+fn recovery_keeps_the_auto_close_deadline() {
+    let mut log = MemLog::default();
+    let mut e = engine(0);
+    let id = e
+        .create(&mut log, 0, "Ann", "web", None, Some("support"), 1_000)
+        .unwrap()
+        .conversation_id;
+    e.transition(&mut log, id, "bob", 0, &Transition::Accept, 2_000)
+        .unwrap();
+    e.transition(&mut log, id, "bob", 0, &Transition::Resolve, 3_000_000)
+        .unwrap();
+    e.release(u64::MAX);
+    let mut r = engine(0);
+    for (h, p) in &log.frames {
+        r.recover_record(h, p).unwrap();
+    }
+    r.finish_recovery(3_100);
+    r.tick(&mut log, 3_999);
+    assert_eq!(r.state(id).unwrap().0, ConversationState::Resolved);
+    // Resolved at 3000 ms, idle time 1000 ms: closes at 4000 ms, as before the restart.
+    r.tick(&mut log, 4_000);
+    assert_eq!(r.state(id).unwrap().0, ConversationState::Closed);
+    let closed = stored_events(&log, id).pop().unwrap();
+    assert_eq!(closed["event"], "closed", "{closed}");
+}
