@@ -289,6 +289,9 @@ pub struct Engine {
     tenants: Vec<Tenant>,
     conversations: HashMap<u64, Conversation>,
     next_local: u64,
+    /// Queue order of the next new arrival (a created or reopened conversation): waiting ones
+    /// are served by this key, and recovery hands out the same keys in log order.
+    next_order: u64,
     /// Records and ephemeral events waiting for the log's durable offset to pass
     /// `release_at`, in append order.
     pending: VecDeque<(u64, Arc<Delivery>)>,
@@ -354,6 +357,7 @@ impl Engine {
             tenants: out,
             conversations: HashMap::new(),
             next_local: 1,
+            next_order: 1,
             pending: VecDeque::new(),
             pending_inbox: VecDeque::new(),
             appended_end: 0,
@@ -529,7 +533,7 @@ impl Engine {
         let id = ConversationId::from_parts(self.shard, self.next_local)
             .ok_or_else(|| EngineError::Overloaded("conversation ids exhausted".into()))?
             .0;
-        let order_key = self.next_local;
+        let order_key = self.next_order;
         let mut effects = std::mem::take(&mut self.effects);
         effects.clear();
         let routed =
@@ -541,6 +545,7 @@ impl Engine {
             return Err(EngineError::Overloaded(e.to_string()));
         }
         self.next_local += 1;
+        self.next_order += 1;
         let visitor_id = format!("v{:x}", id);
         self.conversations.insert(
             id,
@@ -1019,7 +1024,8 @@ impl Engine {
         now_us: u64,
     ) -> Result<(), EngineError> {
         let conv = self.conv(id)?;
-        let (tenant, order_key) = (conv.tenant, conv.order_key);
+        // A reopened conversation is a new request: it queues behind those already waiting.
+        let (tenant, order_key) = (conv.tenant, self.next_order);
         let group = self.tenants[tenant as usize]
             .router
             .group_id(&conv.group)
@@ -1037,6 +1043,10 @@ impl Engine {
                 .router
                 .enqueue(id, group, order_key, &mut effects)
                 .map_err(|e| EngineError::Overloaded(e.to_string()))?;
+            self.next_order += 1;
+            if let Some(c) = self.conversations.get_mut(&id) {
+                c.order_key = order_key;
+            }
             self.append_event(log, id, from, Event::Reopened, None, now_us)?;
             self.tenants[tenant as usize].router.dispatch(&mut effects);
             self.apply_effects(log, tenant, &effects, now_us)
@@ -1400,7 +1410,7 @@ impl Engine {
                             visitor_id: opened.visitor_id.as_str().into(),
                             last_seq: 0,
                             released_seq: 0,
-                            order_key: local,
+                            order_key: self.next_order,
                             idempotency: HashMap::new(),
                             idempotency_order: VecDeque::new(),
                             subscribers: Vec::new(),
@@ -1408,6 +1418,7 @@ impl Engine {
                             close_at_ms: 0,
                         },
                     );
+                    self.next_order += 1;
                 }
                 let conv = self
                     .conversations
@@ -1421,6 +1432,10 @@ impl Engine {
                 }
                 .map_err(|e| e.to_string())?;
                 fold_event(conv, &record.event, next);
+                if record.event == Event::Reopened {
+                    conv.order_key = self.next_order;
+                    self.next_order += 1;
+                }
                 conv.last_seq = header.seq;
                 conv.released_seq = header.seq;
                 self.schedule_close(id, record.ts);

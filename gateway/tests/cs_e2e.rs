@@ -845,6 +845,23 @@ fn restart_after_sigkill_rebuilds_states_queues_and_assignments() {
     assert_eq!(act(&mut http, &sa_convs[1], SA, "resolve", "").status, 200);
     let r = act(&mut http, &sa_convs[1], SA, "reopen", "");
     assert_eq!(r.status, 200);
+    // Reopened is a new request: it waits behind everyone already waiting on its shard
+    // (routing is per shard; the shard is the id's top 16 bits).
+    let shard = |id: &str| id[1..5].to_owned();
+    let reopened = view(&mut http, &sa_convs[1]);
+    assert_eq!(reopened["state"], "queued", "sa is full: {reopened}");
+    let waiting = ids
+        .iter()
+        .filter(|id| shard(id) == shard(&sa_convs[1]))
+        .map(|id| view(&mut http, id))
+        .filter(|v| v["state"] == "queued" && v["group"] == "sales")
+        .count();
+    assert!(waiting > 1, "{waiting}");
+    assert_eq!(
+        reopened["queue_position"].as_u64(),
+        Some(waiting as u64),
+        "last in line"
+    );
     status(&mut http, PB, "online");
     status(&mut http, PB, "offline");
     let views = |http: &mut Http| -> Vec<Value> { ids.iter().map(|id| view(http, id)).collect() };
@@ -872,8 +889,7 @@ fn restart_after_sigkill_rebuilds_states_queues_and_assignments() {
     }
     // Routing goes on from the rebuilt queues: a freed slot goes to the first in line.
     // Routing goes on from the rebuilt queues: a slot freed on a shard goes to the first in
-    // line there (routing is per shard; the shard is the id's top 16 bits).
-    let shard = |id: &str| id[1..5].to_owned();
+    // line there.
     status(&mut http, SA, "online");
     let held = assigned_to(&mut http, "sa");
     let (free, first) = held
