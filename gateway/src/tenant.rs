@@ -1357,6 +1357,10 @@ mod tests {
                 "tenant[0].auto_close_idle_ms",
             ),
             (
+                Box::new(|t| t.agent_socket_grace_ms = AGENT_SOCKET_GRACE_MS_MAX + 1),
+                "tenant[0].agent_socket_grace_ms",
+            ),
+            (
                 Box::new(|t| t.visitor_rate_limit.messages_per_s = 0),
                 "tenant[0].visitor_rate_limit.messages_per_s",
             ),
