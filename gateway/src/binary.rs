@@ -258,8 +258,14 @@ async fn handle(
             from,
             follow,
         } => {
-            if !matches!(actor, Actor::Integration { .. }) {
-                error_frame(out, 0, 403, None, "streams need an integration token");
+            let registry = &ctx.shared.access.registry;
+            let allowed = match actor {
+                Actor::Integration { tenant } => registry.firehose_allowed(tenant),
+                _ => false,
+            };
+            if !allowed {
+                let why = "streams need an integration token of the only tenant";
+                error_frame(out, 0, 403, None, why);
                 return Verdict::Close(Disconnect::Unauthorized);
             }
             if shard as usize >= ctx.shared.shards() {

@@ -789,6 +789,11 @@ async fn route(
                     "the firehose needs an integration token",
                 ));
             }
+            let registry = &ctx.shared.access.registry;
+            if !registry.firehose_allowed(tenant_of(&actor)) {
+                let why = "the firehose carries every tenant's records: one tenant only";
+                return Err(HttpError::new(403, why));
+            }
             let shard = query_u64(head, "shard")?.unwrap_or(0);
             if shard as usize >= ctx.shared.shards() {
                 return Err(HttpError::new(404, format!("no shard {shard}")));

@@ -898,6 +898,13 @@ impl TenantRegistry {
     pub fn tenants(&self) -> &[Tenant] {
         &self.tenants
     }
+
+    /// May an integration of `tenant` read the firehose? A shard log holds the records of every
+    /// tenant and is sent as it is stored (sendfile, no filtering), so only when that tenant is
+    /// the only one configured.
+    pub fn firehose_allowed(&self, tenant: u16) -> bool {
+        self.tenants.len() == 1 && (tenant as usize) < self.tenants.len()
+    }
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the complete new one:

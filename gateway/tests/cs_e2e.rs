@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kefu_tests::{Http, Kefu, Response, SIGKILL, Ws, WsMsg};
+use kefu_protocol::binproto::ClientMsg;
+use kefu_tests::{Bin, BinMsg, Http, Kefu, Response, SIGKILL, Ws, WsMsg};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kefu");
@@ -786,6 +787,24 @@ fn a_tenant_cannot_reach_another_tenants_data() {
     for token in [PA, ACME_CRM, acme_visitor.as_str()] {
         let r = http.get(&format!("/v1/conversations/{globex}"), Some(token));
         assert!(denied(r.status), "{}", r.status);
+    }
+    // The firehose is the raw shard log with every tenant's records: not for one tenant's
+    // integration while others share the gateway (HTTP and binary protocol).
+    for token in [GLOBEX_CRM, ACME_CRM] {
+        let r = http.get("/v1/stream?shard=0&from=0", Some(token));
+        assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+        let mut bin = Bin::connect(kefu.tcp);
+        bin.send(&ClientMsg::Hello { token });
+        assert!(matches!(bin.recv(), Some(BinMsg::Welcome { .. })));
+        bin.send(&ClientMsg::StreamOpen {
+            shard: 0,
+            from_offset: 0,
+            follow: false,
+        });
+        match bin.recv() {
+            Some(BinMsg::Error { code, .. }) => assert_eq!(code, 403),
+            other => panic!("{other:?}"),
+        }
     }
     // Over WebSocket too: subscribing to the other tenant's conversation is refused.
     let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={GA}")).unwrap();
