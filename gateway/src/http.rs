@@ -953,8 +953,13 @@ async fn create(
             .ok_or_else(|| HttpError::new(404, format!("no tenant {name:?}")))?
             as u16,
     };
-    // A new conversation lives on the shard that accepted the connection: no hop.
-    let outcome = call_traced(ctx, ctx.id, trace, |reply| Command::Create {
+    // A new conversation lives on the shard that accepted the connection (no hop), unless its
+    // tenant routes on one shard.
+    let registry = &ctx.shared.access.registry;
+    let shard = registry
+        .home_shard(tenant, ctx.shared.shards())
+        .unwrap_or(ctx.id);
+    let outcome = call_traced(ctx, shard, trace, |reply| Command::Create {
         tenant,
         visitor_name: req.visitor.name,
         channel: req.channel,

@@ -12,6 +12,7 @@
 //! intents_confidence_threshold = 0.6  # optional: overrides the intents file's threshold
 //! auto_close_idle_ms = 1800000        # resolved and idle this long: closed (0 = never)
 //! agent_socket_grace_ms = 30000       # an agent's last socket dropped this long: re-queue its conversations
+//! route_on_one_shard = false          # true: exact capacities and queues, one core for this tenant
 //! auto_replies_per_conversation_max = 3
 //! visitor_rate_limit = { messages_per_s = 5, burst = 20, visitors_tracked_max = 65536 }
 //! attachments = { size_bytes_max = 10485760, content_types = ["image/*", "application/pdf"] }
@@ -156,6 +157,11 @@ pub struct TenantConfig {
     /// go back to the queue (a reconnect within it changes nothing).
     #[serde(default = "agent_socket_grace_ms_default")]
     pub agent_socket_grace_ms: u64,
+    /// All conversations of this tenant live on one shard (tenant index mod shards) instead of
+    /// the shard that accepted the visitor's connection: routing is then exact (one capacity per
+    /// agent, one queue order per group) at the cost of one core's throughput for the tenant.
+    #[serde(default)]
+    pub route_on_one_shard: bool,
     #[serde(default)]
     pub visitor_rate_limit: RateLimitConfig,
     #[serde(default)]
@@ -904,6 +910,13 @@ impl TenantRegistry {
     /// the only one configured.
     pub fn firehose_allowed(&self, tenant: u16) -> bool {
         self.tenants.len() == 1 && (tenant as usize) < self.tenants.len()
+    }
+
+    /// The shard a new conversation of `tenant` opens on, when the tenant routes on one shard
+    /// (`None`: the shard that accepted the connection).
+    pub fn home_shard(&self, tenant: u16, shards: usize) -> Option<u16> {
+        let config = &self.tenants.get(tenant as usize)?.config;
+        (config.route_on_one_shard && shards > 0).then(|| (tenant as usize % shards) as u16)
     }
 }
 

@@ -31,6 +31,7 @@ default_group = "support"
 intents = "builtin:demo"
 auto_close_idle_ms = {auto_close_idle_ms}
 agent_socket_grace_ms = {grace_ms}
+route_on_one_shard = true
 visitor_rate_limit = {{ messages_per_s = 10000, burst = 10000 }}
 
 [[tenant.agent]]
@@ -301,13 +302,15 @@ fn keyword_auto_replies_and_canned_replies() {
 #[test]
 fn least_loaded_agent_capacity_and_queue_positions_announced() {
     let dir = tempfile::tempdir().unwrap();
-    let kefu = start(&dir);
+    // Two shards; each conversation is created over a new connection, which may land on either
+    // shard: acme routes on one shard, so capacities and queue order are exact.
+    let kefu = start_with(dir.path(), "2", 600, 800);
     let mut http = kefu.http();
     let sales = "How much does the pro plan cost?";
     status(&mut http, SA, "online");
     let mut convs = Vec::new();
     for _ in 0..2 {
-        let (id, v, c) = create(&mut http, "acme", sales);
+        let (id, v, c) = create(&mut kefu.http(), "acme", sales);
         assert_eq!(c["state"], "assigned");
         convs.push((id, v));
     }
@@ -316,24 +319,24 @@ fn least_loaded_agent_capacity_and_queue_positions_announced() {
     status(&mut http, SB, "online");
     // sa holds 2, sb none: least-loaded means sb gets the next two (round robin would not).
     for _ in 0..2 {
-        let (id, v, _) = create(&mut http, "acme", sales);
+        let (id, v, _) = create(&mut kefu.http(), "acme", sales);
         assert_eq!(view(&mut http, &id)["agent"], "sb");
         convs.push((id, v));
     }
     // 2 and 2: one each, in either order.
     let mut agents = Vec::new();
     for _ in 0..2 {
-        let (id, v, _) = create(&mut http, "acme", sales);
+        let (id, v, _) = create(&mut kefu.http(), "acme", sales);
         agents.push(view(&mut http, &id)["agent"].as_str().unwrap().to_owned());
         convs.push((id, v));
     }
     agents.sort();
     assert_eq!(agents, ["sa", "sb"]);
     // Both at capacity 3: the next ones wait, with their positions.
-    let (q1, _, c1) = create(&mut http, "acme", sales);
+    let (q1, _, c1) = create(&mut kefu.http(), "acme", sales);
     assert_eq!(c1["state"], "queued");
     assert_eq!(c1["queue_position"].as_u64(), Some(1));
-    let (q2, v2, c2) = create(&mut http, "acme", sales);
+    let (q2, v2, c2) = create(&mut kefu.http(), "acme", sales);
     assert_eq!(c2["queue_position"].as_u64(), Some(2));
     assert_eq!(view(&mut http, &q2)["queue_position"].as_u64(), Some(2));
     // The second visitor listens; an agent frees a slot; q1 is assigned, q2 hears it moved up.
@@ -359,6 +362,12 @@ fn least_loaded_agent_capacity_and_queue_positions_announced() {
     assert_eq!(notice["event"], "queued", "{notice}");
     assert_eq!(notice["queue_position"].as_u64(), Some(1), "{notice}");
     assert_eq!(view(&mut http, &q2)["queue_position"].as_u64(), Some(1));
+    let shards: std::collections::BTreeSet<&str> = convs
+        .iter()
+        .map(|(id, _)| &id[1..5])
+        .chain([&q1[1..5], &q2[1..5]])
+        .collect();
+    assert_eq!(shards.len(), 1, "one home shard: {shards:?}");
     // And again when it is assigned.
     let r = act(&mut http, &convs[1].0, SA, "resolve", "");
     assert_eq!(r.status, 200);
