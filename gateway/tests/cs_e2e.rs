@@ -958,3 +958,25 @@ fn auto_close_deadline_survives_a_sigkill_restart() {
     let list = history(&mut http, &id, &visitor);
     assert_eq!(events(&list), ["queued", "assigned", "resolved", "closed"]);
 }
+
+#[test]
+fn ties_between_equally_loaded_agents_rotate() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir);
+    let mut http = kefu.http();
+    status(&mut http, PA, "online");
+    status(&mut http, PB, "online");
+    // Each conversation is resolved before the next comes: both agents are always at 0, and
+    // the tie goes to each in turn, never twice to the same one.
+    let mut agents = Vec::new();
+    for _ in 0..4 {
+        let (id, ..) = create(&mut http, "acme", "where is my order?");
+        let agent = view(&mut http, &id)["agent"].as_str().unwrap().to_owned();
+        let token = if agent == "pa" { PA } else { PB };
+        assert_eq!(act(&mut http, &id, token, "resolve", "").status, 200);
+        agents.push(agent);
+    }
+    assert_ne!(agents[0], agents[1], "{agents:?}");
+    assert_eq!(agents[0], agents[2], "{agents:?}");
+    assert_eq!(agents[1], agents[3], "{agents:?}");
+}
