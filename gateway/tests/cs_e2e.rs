@@ -436,6 +436,16 @@ fn transfer_to_agent_and_group_while_the_visitor_is_offline() {
     assert_eq!(v["group"], "sales");
     assert_eq!(v["queue_position"].as_u64(), Some(1));
     assert!(v["agent"].is_null());
+    // Not to an agent who is offline: 409 with the state, nothing changes.
+    let r = act(
+        &mut http,
+        &id,
+        other,
+        "transfer",
+        &json!({"to_agent": "sa"}).to_string(),
+    );
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["state"], "queued");
     status(&mut http, SB, "online");
     let v = view(&mut http, &id);
     assert_eq!(
