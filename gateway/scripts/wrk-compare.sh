@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side wrk run: nginx `return 200`, kefu GET /healthz, kefu durable POST send.
-# Usage: gateway/scripts/wrk-compare.sh [KEFU_BIN] [CONNECTIONS] [SECONDS]
+# Usage: [KEFU_FLAGS='--durability never'] [PERF_OUT=perf.data] gateway/scripts/wrk-compare.sh [KEFU_BIN] [CONNECTIONS] [SECONDS]
 # Needs wrk, nginx, curl, python3. Starts everything on loopback (free ports), stops it after.
 set -euo pipefail
 BIN=${1:-target/release/kefu}
@@ -58,5 +58,11 @@ PY
 run() { echo "== $1"; shift; wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$@" | grep -E 'Requests/sec|  50%|  99%|Non-2xx|Socket errors'; }
 run "nginx return 200" "http://127.0.0.1:$NGINX_PORT/"
 run "kefu GET /healthz" "http://127.0.0.1:$PORT/healthz"
-run "kefu POST message (durable, default durability)" -s "$WORK/post.lua" "http://127.0.0.1:$PORT"
+# PERF_OUT=FILE: also profile kefu (perf record -g) during the POST run.
+if [[ -n "${PERF_OUT:-}" ]]; then
+  perf record -F 999 -g -p "$KEFU_PID" -o "$PERF_OUT" -- sleep "$SECS" > /dev/null 2>&1 &
+  PERF_PID=$!
+fi
+run "kefu POST message (durable, ${KEFU_FLAGS:-default durability})" -s "$WORK/post.lua" "http://127.0.0.1:$PORT"
+[[ -n "${PERF_PID:-}" ]] && wait "$PERF_PID"
 curl -s "127.0.0.1:$PORT/metrics" | grep -E 'stage="(log_sync|command)",quantile="0.(5|99)"'

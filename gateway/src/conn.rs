@@ -1,6 +1,7 @@
 //! A client connection's byte transport: plain TCP with monoio's owned-buffer I/O, or TLS through rustls on top of it. Reads append into the caller's (pooled) buffer.
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use monoio::buf::IoBufMut;
@@ -53,6 +54,12 @@ impl Conn {
             buf.reserve(buf.capacity().max(4096));
         }
         if self.tls.is_none() {
+            // The callers read after the socket polled readable: one non-blocking `recv`
+            // takes the bytes now instead of another ring round trip (an op, a submit and a
+            // trip through the event loop per request).
+            if let Some(res) = self.try_recv(&mut buf) {
+                return (res, buf);
+            }
             let len = buf.len();
             let cap = buf.capacity();
             let (res, slice) = self.stream.read(buf.slice_mut(len..cap)).await;
@@ -146,6 +153,24 @@ impl Conn {
     /// Writes all of `buf`; returns it (cleared) for reuse.
     pub async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         if self.tls.is_none() {
+            // A response or a few frames fit the socket's send buffer almost always: one
+            // non-blocking `send` instead of a ring op; only what did not fit goes through
+            // the ring (which waits for room).
+            let mut buf = buf;
+            match self.try_send(&buf) {
+                Some(Ok(n)) if n == buf.len() => {
+                    buf.clear();
+                    return (Ok(()), buf);
+                }
+                Some(Ok(n)) => {
+                    buf.drain(..n);
+                }
+                Some(Err(e)) => {
+                    buf.clear();
+                    return (Err(e), buf);
+                }
+                None => {}
+            }
             let (res, mut buf) = self.stream.write_all(buf).await;
             buf.clear();
             return (res.map(|_| ()), buf);
@@ -157,5 +182,67 @@ impl Conn {
             return (Err(e), buf);
         }
         (self.flush_tls().await, buf)
+    }
+}
+
+impl Conn {
+    /// Direct syscalls skip the ring, and the eBPF tracer follows a request through the
+    /// ring's recv/send ops: while a tracer is attached every transfer goes through the ring.
+    fn direct_io(&self) -> bool {
+        !kefu_trace_common::tracer_attached()
+    }
+
+    /// One non-blocking `recv` into `buf`'s spare capacity: `None` when nothing is there yet
+    /// (the caller falls back to a ring read) or when direct I/O is off.
+    fn try_recv(&self, buf: &mut Vec<u8>) -> Option<io::Result<usize>> {
+        if !self.direct_io() {
+            return None;
+        }
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: `spare` is writable memory of `spare.len()` bytes owned by `buf`; recv
+        // writes at most that many and returns how many it wrote.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            // SAFETY: the kernel initialized the first `n` spare bytes.
+            unsafe { buf.set_len(buf.len() + n as usize) };
+            return Some(Ok(n as usize));
+        }
+        would_block_or(io::Error::last_os_error())
+    }
+
+    /// One non-blocking `send` of `data`: how much went out, or `None` when the send buffer
+    /// is full (the caller falls back to the ring) or direct I/O is off.
+    fn try_send(&self, data: &[u8]) -> Option<io::Result<usize>> {
+        if !self.direct_io() || data.is_empty() {
+            return None;
+        }
+        // SAFETY: `data` is readable memory of `data.len()` bytes.
+        let n = unsafe {
+            libc::send(
+                self.stream.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Some(Ok(n as usize));
+        }
+        would_block_or(io::Error::last_os_error())
+    }
+}
+
+/// `None` for "try the ring instead" (would block, interrupted), the error otherwise.
+fn would_block_or<T>(e: io::Error) -> Option<io::Result<T>> {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => None,
+        _ => Some(Err(e)),
     }
 }

@@ -509,7 +509,13 @@ async fn session_loop(
     let ping_every = Duration::from_millis(limits.ws_ping_interval_ms);
     let mut buf: Option<Vec<u8>> = if rest.is_empty() { None } else { Some(rest) };
     let mut last_rx = Instant::now();
-    let mut last_ping = Instant::now();
+    // Each connection's ping phase is spread over the interval (by its id): sockets opened
+    // in one burst would otherwise all be pinged in the same sweep, a burst of writes that
+    // delays every other socket of the shard.
+    let phase = ((conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64) / (1u64 << 53) as f64;
+    let mut last_ping = Instant::now()
+        .checked_sub(ping_every.mul_f64(phase))
+        .unwrap_or_else(Instant::now);
     let mut texts: Vec<String> = Vec::new();
     let mut fresh_input = buf.is_some();
     loop {
