@@ -309,6 +309,8 @@ pub struct Engine {
     auto_close: BTreeSet<(u64, u64)>,
     /// The agent accepting a conversation, so its `assigned` event names who did it (audit).
     accepted_by: Option<(u64, Participant)>,
+    /// The reason the running command puts a conversation (back) into a queue.
+    queue_reason: Option<(u64, &'static str)>,
 }
 
 impl Engine {
@@ -368,6 +370,7 @@ impl Engine {
             registry,
             auto_close: BTreeSet::new(),
             accepted_by: None,
+            queue_reason: None,
         })
     }
 
@@ -633,10 +636,14 @@ impl Engine {
                     let Some(c) = self.conversations.get(&conv) else {
                         continue;
                     };
-                    let reason = if c.state == ConversationState::Assigned {
-                        Some("agent_offline".to_owned())
-                    } else {
-                        None
+                    // Why it (re-)entered the queue: the command's own reason (transfer,
+                    // reopen), else an assigned one lost its agent; a new one has none.
+                    let reason = match self.queue_reason {
+                        Some((c2, why)) if c2 == conv => Some(why.to_owned()),
+                        _ if c.state == ConversationState::Assigned => {
+                            Some("agent_offline".to_owned())
+                        }
+                        _ => None,
                     };
                     let event = Event::Queued {
                         group: group_name,
@@ -1049,7 +1056,10 @@ impl Engine {
             }
             self.append_event(log, id, from, Event::Reopened, None, now_us)?;
             self.tenants[tenant as usize].router.dispatch(&mut effects);
-            self.apply_effects(log, tenant, &effects, now_us)
+            self.queue_reason = Some((id, "reopened"));
+            let applied = self.apply_effects(log, tenant, &effects, now_us);
+            self.queue_reason = None;
+            applied
         })();
         self.effects = effects;
         result
@@ -1175,7 +1185,10 @@ impl Engine {
                         let c = self.conversations.get_mut(&id).expect("checked");
                         c.group = group.as_str().into();
                     }
-                    self.apply_effects(log, tenant, &effects, now_us)
+                    self.queue_reason = Some((id, "transferred"));
+                    let applied = self.apply_effects(log, tenant, &effects, now_us);
+                    self.queue_reason = None;
+                    applied
                 }
             }
         })();

@@ -466,6 +466,12 @@ fn transfer_to_agent_and_group_while_the_visitor_is_offline() {
             "assigned"
         ]
     );
+    let reasons: Vec<&Value> = list
+        .iter()
+        .filter(|m| m["event"] == "queued")
+        .map(|m| &m["reason"])
+        .collect();
+    assert_eq!(reasons, [&Value::Null, &json!("transferred")]);
     let transfers: Vec<&Value> = list
         .iter()
         .filter(|m| m["event"] == "transferred")
@@ -624,6 +630,15 @@ fn resolve_reopen_auto_close_and_409s() {
             "queued", "assigned", "resolved", "reopened", "queued", "assigned", "resolved",
             "reopened", "queued", "assigned", "resolved", "closed"
         ]
+    );
+    let reasons: Vec<&Value> = list
+        .iter()
+        .filter(|m| m["event"] == "queued")
+        .map(|m| &m["reason"])
+        .collect();
+    assert_eq!(
+        reasons,
+        [&Value::Null, &json!("reopened"), &json!("reopened")]
     );
     // Who did what: the audit trail is in the conversation.
     let by: Vec<(String, String)> = list
