@@ -18,7 +18,7 @@
 //! agent's capacity applies per shard, so with N shards an agent may hold up to N times its
 //! configured capacity.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -30,6 +30,7 @@ use kefu_protocol::model::{
     ModelLimits, Opened, Participant, Role, TransferTarget, apply_event,
 };
 
+use crate::lifecycle::AutoClose;
 use crate::ratelimit::RateLimiter;
 use crate::routing::{AgentId, Effect, GroupId, Placement, RouteError, Router, RouterLimits};
 use crate::tenant::TenantRegistry;
@@ -215,7 +216,8 @@ struct Tenant {
     router: Router,
     /// Visitor messages per conversation (the owning shard sees all of them: exact).
     rate: RateLimiter,
-    auto_close_idle_ms: u64,
+    /// Idle-close timers of its resolved conversations on this shard.
+    auto_close: AutoClose,
     /// Groups of each agent, by `AgentId::index`.
     agent_groups: Vec<Vec<GroupId>>,
     /// Agent sockets on any shard that want this tenant's offers and assignments.
@@ -238,8 +240,6 @@ struct Conversation {
     subscribers: Vec<Arc<Outbox>>,
     /// System auto-replies sent so far (bounded per conversation by the tenant).
     auto_replies_sent: u32,
-    /// When a resolved conversation closes for idleness (0: not scheduled).
-    close_at_ms: u64,
 }
 
 /// Answer to a create.
@@ -305,8 +305,6 @@ pub struct Engine {
     fold_scratch: String,
     poisoned: Option<String>,
     registry: Arc<TenantRegistry>,
-    /// Resolved conversations by the time they close for idleness.
-    auto_close: BTreeSet<(u64, u64)>,
     /// The agent accepting a conversation, so its `assigned` event names who did it (audit).
     accepted_by: Option<(u64, Participant)>,
     /// The reason the running command puts a conversation (back) into a queue.
@@ -348,7 +346,7 @@ impl Engine {
                 name: setup.name.as_str().into(),
                 router,
                 rate: RateLimiter::new(&setup.visitor_rate_limit),
-                auto_close_idle_ms: setup.auto_close_idle_ms,
+                auto_close: AutoClose::new(setup.auto_close_idle_ms),
                 agent_groups,
                 inboxes: HashMap::new(),
             });
@@ -368,7 +366,6 @@ impl Engine {
             fold_scratch: String::new(),
             poisoned: None,
             registry,
-            auto_close: BTreeSet::new(),
             accepted_by: None,
             queue_reason: None,
         })
@@ -566,7 +563,6 @@ impl Engine {
                 idempotency_order: VecDeque::new(),
                 subscribers: Vec::new(),
                 auto_replies_sent: 0,
-                close_at_ms: 0,
             },
         );
         let position = self.tenants[tenant as usize]
@@ -875,37 +871,35 @@ impl Engine {
 
     /// (Re)schedules the idle close of a conversation after its state changed.
     fn schedule_close(&mut self, id: u64, now_us: u64) {
-        let Some(conv) = self.conversations.get_mut(&id) else {
+        let Some(conv) = self.conversations.get(&id) else {
             return;
         };
-        if conv.close_at_ms != 0 {
-            self.auto_close.remove(&(conv.close_at_ms, id));
-            conv.close_at_ms = 0;
-        }
-        let idle_ms = self.tenants[conv.tenant as usize].auto_close_idle_ms;
-        if conv.state == ConversationState::Resolved && idle_ms > 0 {
-            conv.close_at_ms = now_us / 1000 + idle_ms;
-            self.auto_close.insert((conv.close_at_ms, id));
+        let timers = &mut self.tenants[conv.tenant as usize].auto_close;
+        if conv.state == ConversationState::Resolved {
+            timers.resolved(id, now_us / 1000);
+        } else {
+            timers.cancel(id);
         }
     }
 
     /// Closes resolved conversations whose idle time ran out by `now_ms`.
     fn close_idle(&mut self, log: &mut dyn RecordLog, now_ms: u64) {
-        while let Some(&(at, id)) = self.auto_close.first() {
-            if at > now_ms || self.poisoned.is_some() {
-                return;
+        for tenant in 0..self.tenants.len() {
+            while self.poisoned.is_none()
+                && let Some(id) = self.tenants[tenant].auto_close.pop_due(now_ms)
+            {
+                self.close_one_idle(log, id, now_ms);
             }
-            self.auto_close.remove(&(at, id));
-            if let Some(conv) = self.conversations.get_mut(&id) {
-                conv.close_at_ms = 0;
-            }
-            let event = Event::Closed {
-                reason: "idle".into(),
-            };
-            let from = Some(Participant::new(Role::System, "kefu"));
-            // A failure poisons the engine; nothing more to do here.
-            let _ = self.append_event(log, id, from, event, None, now_ms * 1000);
         }
+    }
+
+    fn close_one_idle(&mut self, log: &mut dyn RecordLog, id: u64, now_ms: u64) {
+        let event = Event::Closed {
+            reason: "idle".into(),
+        };
+        let from = Some(Participant::new(Role::System, "kefu"));
+        // A failure poisons the engine; nothing more to do here.
+        let _ = self.append_event(log, id, from, event, None, now_ms * 1000);
     }
 
     /// The tenant's keyword auto-reply to a visitor message, stored as a system message.
@@ -1428,7 +1422,6 @@ impl Engine {
                             idempotency_order: VecDeque::new(),
                             subscribers: Vec::new(),
                             auto_replies_sent: 0,
-                            close_at_ms: 0,
                         },
                     );
                     self.next_order += 1;
