@@ -1005,3 +1005,35 @@ fn ties_between_equally_loaded_agents_rotate() {
     assert_eq!(agents[0], agents[2], "{agents:?}");
     assert_eq!(agents[1], agents[3], "{agents:?}");
 }
+
+#[test]
+fn visitor_rate_limit_answers_429_per_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir);
+    let mut http = kefu.http();
+    // globex keeps the default limit: 5 messages/s, bursts of 20.
+    let (id, visitor, _) = create(&mut http, "globex", "hello");
+    let (other, other_visitor, _) = create(&mut http, "globex", "hello");
+    let send = |http: &mut Http, id: &str, token: &str| {
+        http.post(
+            &format!("/v1/conversations/{id}/messages"),
+            Some(token),
+            &json!({"text": "spam"}).to_string(),
+        )
+    };
+    let mut limited = None;
+    for i in 0..40 {
+        let r = send(&mut http, &id, &visitor);
+        if r.status == 429 {
+            limited = Some((i, r));
+            break;
+        }
+        assert_eq!(r.status, 201);
+    }
+    let (i, r) = limited.expect("no 429 within 40 messages");
+    assert!(i >= 19, "limited after {i} messages, below the burst");
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    assert!(r.json()["error"].is_string());
+    // Another visitor of the same tenant is not affected.
+    assert_eq!(send(&mut http, &other, &other_visitor).status, 201);
+}
