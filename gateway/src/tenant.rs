@@ -12,7 +12,7 @@
 //! intents_confidence_threshold = 0.6  # optional: overrides the intents file's threshold
 //! auto_close_idle_ms = 1800000        # resolved and idle this long: closed (0 = never)
 //! agent_socket_grace_ms = 30000       # an agent's last socket dropped this long: re-queue its conversations
-//! route_on_one_shard = false          # true: exact capacities and queues, one core for this tenant
+//! route_on_one_shard = true           # false: per-shard routing (capacity per shard), all cores for this tenant
 //! auto_replies_per_conversation_max = 3
 //! visitor_rate_limit = { messages_per_s = 5, burst = 20, visitors_tracked_max = 65536 }
 //! attachments = { size_bytes_max = 10485760, content_types = ["image/*", "application/pdf"] }
@@ -160,7 +160,8 @@ pub struct TenantConfig {
     /// All conversations of this tenant live on one shard (tenant index mod shards) instead of
     /// the shard that accepted the visitor's connection: routing is then exact (one capacity per
     /// agent, one queue order per group) at the cost of one core's throughput for the tenant.
-    #[serde(default)]
+    /// On by default: exact capacities are the promise; `false` trades them for all cores.
+    #[serde(default = "route_on_one_shard_default")]
     pub route_on_one_shard: bool,
     #[serde(default)]
     pub visitor_rate_limit: RateLimitConfig,
@@ -174,6 +175,10 @@ fn auto_replies_per_conversation_max_default() -> u32 {
 
 fn auto_close_idle_ms_default() -> u64 {
     30 * 60 * 1000
+}
+
+fn route_on_one_shard_default() -> bool {
+    true
 }
 
 fn agent_socket_grace_ms_default() -> u64 {
