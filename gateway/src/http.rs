@@ -267,7 +267,24 @@ struct HttpConn {
     conn_id: u64,
 }
 
-pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Disconnect {
+/// How an HTTP connection ended: closed, or handed over to a WebSocket or stream session,
+/// which the caller runs in its own boxed future (see `server::accept_loop`).
+pub enum Served {
+    Closed(Disconnect),
+    WebSocket {
+        conn: Conn,
+        up: crate::ws::Upgraded,
+        rest: Vec<u8>,
+    },
+    Stream {
+        conn: Conn,
+        shard: u16,
+        from: u64,
+        follow: bool,
+    },
+}
+
+pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Served {
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let peer_port = stream.peer_addr().map(|a| a.port()).unwrap_or(0);
     let peer_loopback = stream
@@ -278,7 +295,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
         Some(cfg) if ctx.shared.config.tls.as_ref().is_some_and(|t| t.http) => {
             match Conn::tls(stream, cfg.clone()) {
                 Ok(c) => c,
-                Err(_) => return Disconnect::IoError,
+                Err(_) => return Served::Closed(Disconnect::IoError),
             }
         }
         _ => Conn::plain(stream),
@@ -310,13 +327,13 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
             let deadline = Instant::now() + idle;
             let ready = monoio::select! {
                 r = c.conn.readable() => r.is_ok(),
-                w = ctx.deadline_or_stop(conn_id, deadline) => return match w {
+                w = ctx.deadline_or_stop(conn_id, deadline) => return Served::Closed(match w {
                     Woken::Deadline => Disconnect::IdleTimeout,
                     Woken::Stop => Disconnect::Shutdown,
-                },
+                }),
             };
             if !ready {
-                return Disconnect::IoError;
+                return Served::Closed(Disconnect::IoError);
             }
         }
         // Boxed: parsing, handlers and writes only live while there is traffic, so the
@@ -326,7 +343,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
         let after = Box::pin(burst(&ctx, &mut c)).await;
         match after {
             After::Wait => {}
-            After::End(why) => return why,
+            After::End(why) => return Served::Closed(why),
             After::WebSocket(up) => {
                 // Bytes after the upgrade request go to the WebSocket session; an empty buffer
                 // goes back to the pool (an idle socket holds none).
@@ -338,8 +355,11 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
                     }
                     None => Vec::new(),
                 };
-                c.out = Vec::new();
-                return Box::pin(crate::ws::serve(ctx.clone(), c.conn, up, rest, conn_id)).await;
+                return Served::WebSocket {
+                    conn: c.conn,
+                    up,
+                    rest,
+                };
             }
             After::Stream {
                 shard,
@@ -349,16 +369,12 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
                 if let Some(b) = c.buf.take() {
                     ctx.pool.give(b);
                 }
-                return Box::pin(crate::stream::serve(
-                    ctx.clone(),
-                    c.conn,
+                return Served::Stream {
+                    conn: c.conn,
                     shard,
                     from,
                     follow,
-                    conn_id,
-                    true,
-                ))
-                .await;
+                };
             }
         }
     }

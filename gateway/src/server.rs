@@ -561,7 +561,33 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
         match proto {
             Proto::Http => {
                 monoio::spawn(async move {
-                    let why = crate::http::serve(ctx.clone(), stream, conn).await;
+                    // Each phase runs in its own box, freed before the next starts: an idle
+                    // WebSocket holds its session's future only, not the HTTP connection's
+                    // too (the task itself stays a few pointers).
+                    let served = Box::pin(crate::http::serve(ctx.clone(), stream, conn)).await;
+                    let why = match served {
+                        crate::http::Served::Closed(why) => why,
+                        crate::http::Served::WebSocket { conn: c, up, rest } => {
+                            Box::pin(crate::ws::serve(ctx.clone(), c, up, rest, conn)).await
+                        }
+                        crate::http::Served::Stream {
+                            conn: c,
+                            shard,
+                            from,
+                            follow,
+                        } => {
+                            Box::pin(crate::stream::serve(
+                                ctx.clone(),
+                                c,
+                                shard,
+                                from,
+                                follow,
+                                conn,
+                                true,
+                            ))
+                            .await
+                        }
+                    };
                     ctx.forget_conn(conn);
                     ctx.metrics.connection_closed(why);
                 });

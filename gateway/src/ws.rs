@@ -332,14 +332,14 @@ pub async fn serve(
         Ok(a) => a,
         Err(reason) => {
             ws.send_close(&mut out, close_code::UNAUTHORIZED, &reason);
-            let _ = conn.write_all(out).await;
+            let _ = Box::pin(conn.write_all(out)).await;
             return Disconnect::Unauthorized;
         }
     };
     let outbox = match actor {
         Actor::Agent { .. } => {
             let outbox = Outbox::new(limits.subscriber_queue_depth);
-            register_agent_inbox(&ctx, &actor, &outbox).await;
+            Box::pin(register_agent_inbox(&ctx, &actor, &outbox)).await;
             Some(outbox)
         }
         _ => None,
@@ -535,13 +535,14 @@ async fn session_loop(
             Ok(true) => continue,
             Ok(false) => {}
         }
-        // 4. Wait for input, deliveries, the ping timer or shutdown.
+        // 4. Wait for input, deliveries, the ping timer or shutdown. (The closing writes
+        // below are boxed: their futures would otherwise sit in every idle session's state.)
         let now = Instant::now();
         if now.duration_since(last_rx) >= idle {
             session
                 .ws
                 .send_close(out, close_code::GOING_AWAY, "idle timeout");
-            let _ = conn.write_all(std::mem::take(out)).await;
+            let _ = Box::pin(conn.write_all(std::mem::take(out))).await;
             return Disconnect::IdleTimeout;
         }
         if now.duration_since(last_ping) >= ping_every {
@@ -584,7 +585,7 @@ async fn session_loop(
                 session
                     .ws
                     .send_close(out, close_code::GOING_AWAY, "server going away");
-                let _ = conn.write_all(std::mem::take(out)).await;
+                let _ = Box::pin(conn.write_all(std::mem::take(out))).await;
                 return Disconnect::Shutdown;
             }
         }
