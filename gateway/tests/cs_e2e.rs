@@ -676,6 +676,21 @@ fn resolve_reopen_auto_close_and_409s() {
     conflict(act(&mut http, &id, PB, "accept", ""), "closed");
 }
 
+/// Reads up to the next typing notice and checks who typed; it carries no seq of its own.
+fn expect_typing_from(ws: &mut Ws, role: &str) {
+    loop {
+        match ws.recv() {
+            WsMsg::Text(v) if v["event"] == "typing" => {
+                assert_eq!(v["seq"].as_u64().unwrap_or(0), 0, "{v}");
+                assert_eq!(v["from"]["role"], role, "{v}");
+                return;
+            }
+            WsMsg::Text(v) => assert_ne!(v["type"], "message", "unexpected message {v}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
 #[test]
 fn typing_and_read_reach_the_other_side() {
     let dir = tempfile::tempdir().unwrap();
@@ -686,32 +701,19 @@ fn typing_and_read_reach_the_other_side() {
     let last = view(&mut http, &id)["last_seq"].as_u64().unwrap();
     let mut vws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).unwrap();
     let mut aws = Ws::connect(kefu.http, &format!("/v1/ws?token={PA}")).unwrap();
+    // Typing is ephemeral (never replayed), so one sent before the other side's subscription
+    // is in place would be missed. Register one socket at a time: a socket sees its own
+    // typing notice once its subscription is registered.
     vws.send_json(&json!({"type": "subscribe", "conversation_id": id, "after": last}));
+    vws.send_json(&json!({"type": "typing", "conversation_id": id}));
+    expect_typing_from(&mut vws, "visitor");
     aws.send_json(&json!({"type": "subscribe", "conversation_id": id, "after": last}));
-    // Both subscriptions are registered once each socket sees its own typing notice.
-    for ws in [&mut vws, &mut aws] {
-        ws.send_json(&json!({"type": "typing", "conversation_id": id}));
-    }
-    let mut seen = BTreeMap::new();
-    for (name, ws) in [("visitor", &mut vws), ("agent", &mut aws)] {
-        for _ in 0..2 {
-            match ws.recv() {
-                WsMsg::Text(v) => {
-                    assert_eq!(v["event"], "typing", "{v}");
-                    // Ephemeral: no seq of its own.
-                    assert_eq!(v["seq"].as_u64().unwrap_or(0), 0, "{v}");
-                    seen.entry(name)
-                        .or_insert_with(Vec::new)
-                        .push(v["from"]["role"].as_str().unwrap().to_owned());
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-    }
-    for roles in seen.values_mut() {
-        roles.sort();
-        assert_eq!(*roles, ["agent", "visitor"]);
-    }
+    aws.send_json(&json!({"type": "typing", "conversation_id": id}));
+    expect_typing_from(&mut aws, "agent");
+    // Both are subscribed now: each side sees the other one typing.
+    expect_typing_from(&mut vws, "agent");
+    vws.send_json(&json!({"type": "typing", "conversation_id": id}));
+    expect_typing_from(&mut aws, "visitor");
     // The agent writes; the visitor reads it and says so; the agent sees the receipt.
     aws.send_json(
         &json!({"type": "send", "conversation_id": id, "text": "hi", "client_msg_id": "a1"}),
