@@ -565,28 +565,9 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
                     // WebSocket holds its session's future only, not the HTTP connection's
                     // too (the task itself stays a few pointers).
                     let served = Box::pin(crate::http::serve(ctx.clone(), stream, conn)).await;
-                    let why = match served {
-                        crate::http::Served::Closed(why) => why,
-                        crate::http::Served::WebSocket { conn: c, up, rest } => {
-                            Box::pin(crate::ws::serve(ctx.clone(), c, up, rest, conn)).await
-                        }
-                        crate::http::Served::Stream {
-                            conn: c,
-                            shard,
-                            from,
-                            follow,
-                        } => {
-                            Box::pin(crate::stream::serve(
-                                ctx.clone(),
-                                c,
-                                shard,
-                                from,
-                                follow,
-                                conn,
-                                true,
-                            ))
-                            .await
-                        }
+                    let why = match session_after_http(&ctx, served, conn) {
+                        Ok(session) => session.await,
+                        Err(why) => why,
                     };
                     ctx.forget_conn(conn);
                     ctx.metrics.connection_closed(why);
@@ -602,6 +583,38 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
         }
     }
     ctx.forget_conn(me);
+}
+
+/// A WebSocket or stream session's future, boxed.
+type BoxedSession = std::pin::Pin<Box<dyn std::future::Future<Output = Disconnect>>>;
+
+/// The boxed session an HTTP connection handed over to, or why it ended. A plain function:
+/// the accept task then keeps one pointer across the session, not the hand-over's fields.
+fn session_after_http(
+    ctx: &Rc<ShardCtx>,
+    served: crate::http::Served,
+    conn: u64,
+) -> Result<BoxedSession, Disconnect> {
+    match served {
+        crate::http::Served::Closed(why) => Err(why),
+        crate::http::Served::WebSocket { conn: c, up, rest } => {
+            Ok(Box::pin(crate::ws::serve(ctx.clone(), c, up, rest, conn)))
+        }
+        crate::http::Served::Stream {
+            conn: c,
+            shard,
+            from,
+            follow,
+        } => Ok(Box::pin(crate::stream::serve(
+            ctx.clone(),
+            c,
+            shard,
+            from,
+            follow,
+            conn,
+            true,
+        ))),
+    }
 }
 
 /// Convenience for connection code: the reason a connection ended.
