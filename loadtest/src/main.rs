@@ -1,5 +1,8 @@
 //! `kefu-loadtest`: run one load scenario and print its report (see `--help`).
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 usage: kefu-loadtest <scenario> [flags]
 

@@ -10,6 +10,9 @@
 //! `--duration-s` or `--max-requests` end it; the probes are detached (markers off again) and
 //! the Chrome trace written on the way out.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

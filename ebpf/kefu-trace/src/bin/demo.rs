@@ -8,6 +8,9 @@
 //!
 //! Commands on stdin in both modes: `sem` prints the semaphore, `quit` exits.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{BufRead, Write};
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
