@@ -3,17 +3,17 @@
 //! events must join to the requests of a real socket, and after detaching the semaphore must be
 //! back to 0. Needs root and BPF; without them each test says why and skips.
 
+mod common;
+
+use common::{WAIT_MAX, collect};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kefu_trace::join::{JoinConfig, Joiner, Trace};
-use kefu_trace::probes::{Event, TraceTarget, Tracer, unavailable_reason};
-use kefu_trace_common::{STAGE_COUNT, Stage, now_ns};
-
-/// Upper bound for anything a test waits for (the machine is shared and slow at times).
-const WAIT_MAX: Duration = Duration::from_secs(60);
+use kefu_trace::join::{JoinConfig, Joiner};
+use kefu_trace::probes::{TraceTarget, Tracer, unavailable_reason};
+use kefu_trace_common::{STAGE_COUNT, Stage};
 
 fn skip() -> bool {
     match unavailable_reason() {
@@ -88,31 +88,6 @@ impl Drop for Demo {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Poll the tracer until `want` requests are finished (plus a settle period to catch extras).
-fn collect(tracer: &mut Tracer, joiner: &mut Joiner, want: usize) -> Vec<Trace> {
-    let deadline = Instant::now() + WAIT_MAX;
-    let mut traces = Vec::new();
-    let mut events: Vec<Event> = Vec::new();
-    let mut settle_until: Option<Instant> = None;
-    loop {
-        events.clear();
-        tracer.poll(&mut events, 65_536);
-        for e in events.drain(..) {
-            joiner.push(e);
-        }
-        joiner.ready(now_ns(), &mut traces);
-        if traces.len() >= want && settle_until.is_none() {
-            settle_until = Some(Instant::now() + Duration::from_millis(300));
-        }
-        if settle_until.is_some_and(|t| Instant::now() >= t) || Instant::now() >= deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    joiner.flush(&mut traces);
-    traces
 }
 
 #[test]

@@ -7,19 +7,20 @@
 //! `cargo test --workspace` / `cargo xtask test` build because the gateway has integration
 //! tests) or through `KEFU_BIN`.
 
+mod common;
+
+use common::collect;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kefu_tests::{Kefu, create_conversation};
 use kefu_trace::elf::find_hooks;
 use kefu_trace::join::opcode;
 use kefu_trace::join::{JoinConfig, Joiner, Trace};
 use kefu_trace::output::parse_conversation;
-use kefu_trace::probes::{Event, TraceTarget, Tracer, unavailable_reason};
+use kefu_trace::probes::{TraceTarget, Tracer, unavailable_reason};
 use kefu_trace::procfs;
-use kefu_trace_common::{Stage, now_ns, route};
-
-const WAIT_MAX: Duration = Duration::from_secs(60);
+use kefu_trace_common::{Stage, route};
 
 fn kefu_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("KEFU_BIN") {
@@ -29,30 +30,6 @@ fn kefu_bin() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let bin = exe.parent()?.parent()?.join("kefu");
     bin.is_file().then_some(bin)
-}
-
-fn collect(tracer: &mut Tracer, joiner: &mut Joiner, want: usize) -> Vec<Trace> {
-    let deadline = Instant::now() + WAIT_MAX;
-    let mut traces = Vec::new();
-    let mut events: Vec<Event> = Vec::new();
-    let mut settle_until: Option<Instant> = None;
-    loop {
-        events.clear();
-        tracer.poll(&mut events, 65_536);
-        for e in events.drain(..) {
-            joiner.push(e);
-        }
-        joiner.ready(now_ns(), &mut traces);
-        if traces.len() >= want && settle_until.is_none() {
-            settle_until = Some(Instant::now() + Duration::from_millis(300));
-        }
-        if settle_until.is_some_and(|t| Instant::now() >= t) || Instant::now() >= deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    joiner.flush(&mut traces);
-    traces
 }
 
 #[test]
