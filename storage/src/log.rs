@@ -296,6 +296,15 @@ impl SyncJob {
     }
 }
 
+/// `MADV_RANDOM` on an active segment's mapping: no read-around on its page faults, so the
+/// page cache holds the segment in 4 KiB folios. Read-around builds large folios, and a write
+/// fault marks a whole folio dirty, so every group commit wrote the entire folio again
+/// (measured: 1.5 GB/s to disk for 17 MB/s of records, 30 KB per acknowledged message; with
+/// the advice 22 MB/s). Advice only: failure changes speed, never correctness.
+fn advise_active(map: &MmapMut) {
+    let _ = map.advise(memmap2::Advice::Random);
+}
+
 /// Decompresses a `.log.zst` segment into exactly its recorded size (which compression
 /// always writes), refusing anything over the 4 GiB a segment can hold.
 fn decompress_segment(raw: &[u8]) -> io::Result<Vec<u8>> {
@@ -677,6 +686,7 @@ impl Log {
         // SAFETY: see `recover_sealed`; the lock keeps other writers out.
         let mut map =
             unsafe { MmapMut::map_mut(&file) }.map_err(|e| Error::io("mmap", &path, e))?;
+        advise_active(&map);
         let conv = &mut self.conv;
         let unindexed = &mut report.unindexed_records;
         let scan = segment::scan(
@@ -730,7 +740,9 @@ impl Log {
         let setup = || -> io::Result<MmapMut> {
             self.cfg.io.allocate(&file, self.cfg.segment_bytes_max)?;
             // SAFETY: a file we just created, under the directory lock.
-            unsafe { MmapMut::map_mut(&file) }
+            let map = unsafe { MmapMut::map_mut(&file) }?;
+            advise_active(&map);
+            Ok(map)
         };
         let map = match setup() {
             Ok(m) => m,
