@@ -1,4 +1,4 @@
-//! One shard's machinery around its engine: the bounded cross-shard command inbox with its wake-up, one-shot replies, the committer task (batch, group-commit sync on a flusher thread, release), and the per-shard buffer pool.
+//! One shard's machinery around its engine: the bounded cross-shard command inbox with its wake-up, one-shot replies, the committer task (batch, group-commit syncs as io_uring fsyncs, up to the log's `syncs_in_flight_max` at once, release in log order), and the per-shard buffer pool.
 //!
 //! Every command for a conversation goes to the inbox of the shard that owns it (`id >> 48`),
 //! whichever shard the client's connection lives on, so the engine stays single-threaded and
@@ -6,13 +6,19 @@
 //! (503 with `Retry-After`) instead of growing. The wake-up is an `AtomicWaker` registered by
 //! the committer; monoio (feature `sync`) turns a wake from another thread into an eventfd
 //! write that unparks the shard's ring.
+//!
+//! Pipelined group commit: records appended while a sync runs start the next sync at once
+//! (the log allows two in flight by default) instead of waiting for the running one to end,
+//! so a write waits about one sync instead of up to two. Replies are released only as the
+//! log's durable offset passes them, which advances in preparation order.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
 use crossbeam_queue::ArrayQueue;
@@ -255,7 +261,7 @@ pub async fn committer(
     // With io_uring the syncs are fsync ops on the shard's own ring (the kernel's workers run
     // them; the completion lands in the ring): no user-space hand-off. The legacy driver
     // syncs on a flusher thread instead.
-    let uring_done: Rc<RefCell<Option<FinishedSync>>> = Rc::default();
+    let uring_done: Rc<RefCell<VecDeque<(FinishedSync, Instant)>>> = Rc::default();
     let flusher_slot: Arc<std::sync::OnceLock<Arc<Flusher>>> = Arc::new(std::sync::OnceLock::new());
     let inbox_for_flusher = inbox.clone();
     let slot = flusher_slot.clone();
@@ -289,9 +295,11 @@ pub async fn committer(
         std::thread::yield_now();
     };
 
-    let mut held: std::collections::VecDeque<Held> = std::collections::VecDeque::new();
-    let mut sync_in_flight = false;
-    let mut sync_started = std::time::Instant::now();
+    let mut held: VecDeque<Held> = VecDeque::new();
+    // The flusher thread runs one job at a time; on the ring, the log's
+    // `syncs_in_flight_max` run at once.
+    let flusher_started: Cell<Option<Instant>> = Cell::new(None);
+    let may_start_sync = |log: &Log| uring_sync || log.syncs_in_flight() == 0;
     loop {
         // Wait for commands, a finished sync, or the next timer (interval sync, routing grace).
         let timeout_ms = {
@@ -299,7 +307,7 @@ pub async fn committer(
             let now = now_ms();
             let mut t = 1000u64;
             if let Some(due) = log.next_sync_due_ms()
-                && !sync_in_flight
+                && may_start_sync(&log)
             {
                 t = t.min(due.saturating_sub(now));
             }
@@ -308,7 +316,7 @@ pub async fn committer(
         let has_work = || {
             !inbox.queue.is_empty()
                 || !flusher.done.is_empty()
-                || uring_done.borrow().is_some()
+                || !uring_done.borrow().is_empty()
                 || inbox.stop.load(Ordering::Acquire)
         };
         if !has_work() {
@@ -327,13 +335,15 @@ pub async fn committer(
         }
 
         let now = now_ms();
-        let finished = flusher
-            .done
-            .pop()
-            .or_else(|| uring_done.borrow_mut().take());
-        if let Some((job, result)) = finished {
-            sync_in_flight = false;
-            metrics.sync_latency_us(sync_started.elapsed().as_micros() as u64);
+        loop {
+            let finished = match flusher.done.pop() {
+                Some(f) => Some((f, flusher_started.take().unwrap_or_else(Instant::now))),
+                None => uring_done.borrow_mut().pop_front(),
+            };
+            let Some(((job, result), started)) = finished else {
+                break;
+            };
+            metrics.sync_latency_us(started.elapsed().as_micros() as u64);
             if let Err(e) = log.borrow_mut().complete_sync(job, result) {
                 engine.borrow_mut().poison(format!("log sync failed: {e}"));
             }
@@ -352,22 +362,22 @@ pub async fn committer(
             engine.tick(&mut *log, now);
         }
         metrics.commands(handled as u64);
-        if !sync_in_flight {
+        {
             let mut log = log.borrow_mut();
-            if log.sync_due(now) {
+            if may_start_sync(&log) && log.sync_due(now) {
                 match log.prepare_sync(now) {
                     Ok(Some(job)) => {
-                        sync_in_flight = true;
-                        sync_started = std::time::Instant::now();
+                        let started = Instant::now();
                         if uring_sync {
                             let done = uring_done.clone();
                             let inbox = inbox.clone();
                             monoio::spawn(async move {
                                 let result = run_sync_on_ring(&job).await;
-                                *done.borrow_mut() = Some((job, result));
+                                done.borrow_mut().push_back(((job, result), started));
                                 inbox.wake();
                             });
                         } else {
+                            flusher_started.set(Some(started));
                             assert!(flusher.jobs.push(job).is_ok(), "one sync at a time");
                             flusher.thread.unpark();
                         }
@@ -399,7 +409,7 @@ pub async fn committer(
         }
         metrics.set_pending(engine.borrow().pending_len() as u64, held.len() as u64);
         if inbox.stop.load(Ordering::Acquire) && inbox.queue.is_empty() {
-            if sync_in_flight {
+            if log.borrow().syncs_in_flight() > 0 {
                 continue;
             }
             // Drain: one last blocking sync, answer what it covers.
@@ -441,7 +451,7 @@ fn handle(
     engine: &mut Engine,
     log: &mut Log,
     cmd: Command,
-    held: &mut std::collections::VecDeque<Held>,
+    held: &mut VecDeque<Held>,
     metrics: &ShardMetrics,
 ) {
     let now = now_us();

@@ -60,6 +60,10 @@ impl FromStr for Durability {
     }
 }
 
+/// Upper bound of [`LogConfig::syncs_in_flight_max`]: more concurrent syncs of one file only
+/// queue in the kernel.
+pub const SYNCS_IN_FLIGHT_LIMIT: usize = 8;
+
 /// Every knob and limit of one shard log.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -71,6 +75,10 @@ pub struct LogConfig {
     /// Largest record (header + payload) an append accepts.
     pub record_bytes_max: u32,
     pub durability: Durability,
+    /// Group-commit syncs that may run at once (1 = strictly one after the other). With 2,
+    /// records appended while a sync runs start their own sync at once instead of waiting
+    /// for it to end; durability still advances in order (see [`crate::Log::complete_sync`]).
+    pub syncs_in_flight_max: usize,
     /// Delete the oldest segments while the log is larger than this (the active segment is
     /// never deleted).
     pub retention_bytes_max: Option<u64>,
@@ -105,6 +113,7 @@ impl LogConfig {
             segment_bytes_max: 64 << 20,
             record_bytes_max: 1 << 20,
             durability: Durability::default(),
+            syncs_in_flight_max: 2,
             retention_bytes_max: None,
             retention_age_ms: None,
             index_interval_bytes: 4096,
@@ -164,6 +173,12 @@ impl LogConfig {
         }
         if !(1..=19).contains(&self.zstd_level) {
             return Err(format!("zstd_level {} must be in 1..=19", self.zstd_level));
+        }
+        if !(1..=SYNCS_IN_FLIGHT_LIMIT).contains(&self.syncs_in_flight_max) {
+            return Err(format!(
+                "syncs_in_flight_max {} must be in 1..={SYNCS_IN_FLIGHT_LIMIT}",
+                self.syncs_in_flight_max
+            ));
         }
         if self.mapped_segments_max == 0 {
             return Err("mapped_segments_max must be at least 1".into());

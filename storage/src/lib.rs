@@ -93,7 +93,7 @@ mod io;
 mod log;
 mod segment;
 
-pub use config::{Durability, LogConfig, ParseDurabilityError};
+pub use config::{Durability, LogConfig, ParseDurabilityError, SYNCS_IN_FLIGHT_LIMIT};
 pub use error::{Error, Result};
 pub use io::{LogIo, SharedIo, StdIo};
 pub use log::{

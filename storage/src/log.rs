@@ -262,6 +262,8 @@ pub struct FileRun {
 #[derive(Debug)]
 #[must_use = "a prepared sync must be completed, or the log never syncs again"]
 pub struct SyncJob {
+    /// Order of preparation: completions are applied in this order.
+    id: u64,
     files: Vec<Arc<File>>,
     dir: Option<Arc<File>>,
     target_offset: u64,
@@ -294,6 +296,14 @@ impl SyncJob {
         }
         Ok(())
     }
+}
+
+/// A prepared sync, until it and every earlier one completed.
+#[derive(Debug)]
+struct InFlightSync {
+    id: u64,
+    target_offset: u64,
+    done: bool,
 }
 
 /// `MADV_RANDOM` on an active segment's mapping: no read-around on its page faults, so the
@@ -374,7 +384,10 @@ pub struct Log {
     dirty_files: Vec<Arc<File>>,
     active_dirty: bool,
     dir_dirty: bool,
-    sync_in_flight: bool,
+    /// Prepared syncs not yet completed or not yet applied, oldest first (at most
+    /// `syncs_in_flight_max`).
+    syncs: VecDeque<InFlightSync>,
+    next_sync_id: u64,
     last_sync_ms: u64,
     poisoned: Option<Arc<io::Error>>,
     /// Bases of loaded sealed segments, least recently used first.
@@ -448,7 +461,8 @@ impl Log {
             dirty_files: Vec::new(),
             active_dirty: false,
             dir_dirty: !report.removed_files.is_empty(),
-            sync_in_flight: false,
+            syncs: VecDeque::new(),
+            next_sync_id: 0,
             last_sync_ms: 0,
             poisoned: None,
             loaded: VecDeque::new(),
@@ -980,7 +994,10 @@ impl Log {
 
     /// Whether the caller should sync now under the durability policy.
     pub fn sync_due(&self, now_ms: u64) -> bool {
-        if self.sync_in_flight || self.poisoned.is_some() || !self.has_unsynced() {
+        if self.syncs.len() >= self.cfg.syncs_in_flight_max
+            || self.poisoned.is_some()
+            || !self.has_unsynced()
+        {
             return false;
         }
         match self.cfg.durability {
@@ -1002,52 +1019,83 @@ impl Log {
     }
 
     /// Starts a group-commit sync of everything appended so far. `None` when nothing waits
-    /// or a sync is already in flight (its completion covers less; call again after it).
+    /// or `syncs_in_flight_max` syncs are already in flight (call again after one ends).
     pub fn prepare_sync(&mut self, now_ms: u64) -> Result<Option<SyncJob>> {
         if let Some(cause) = &self.poisoned {
             return Err(Error::Poisoned(cause.clone()));
         }
-        if self.sync_in_flight || !self.has_unsynced() {
+        if self.syncs.len() >= self.cfg.syncs_in_flight_max || !self.has_unsynced() {
             return Ok(None);
         }
         let mut files = std::mem::take(&mut self.dirty_files);
         if self.active_dirty {
             files.push(self.active_file().clone());
         }
+        let id = self.next_sync_id;
+        self.next_sync_id += 1;
         let job = SyncJob {
+            id,
             files,
             dir: self.dir_dirty.then(|| self.dir.clone()),
             target_offset: self.next_offset,
             io: self.cfg.io.clone(),
         };
+        self.syncs.push_back(InFlightSync {
+            id,
+            target_offset: job.target_offset,
+            done: false,
+        });
         self.active_dirty = false;
         self.dir_dirty = false;
-        self.sync_in_flight = true;
         self.last_sync_ms = now_ms;
         Ok(Some(job))
     }
 
-    /// Finishes a sync. Success makes everything below the job's target durable; failure
-    /// poisons the log: no silent retry, since the kernel may have dropped the dirty pages.
-    /// Returns the durable offset.
-    pub fn complete_sync(&mut self, job: SyncJob, result: io::Result<()>) -> Result<u64> {
-        assert!(self.sync_in_flight, "complete_sync without prepare_sync");
-        self.sync_in_flight = false;
-        match result {
-            Ok(()) => {
-                self.durable_offset = self.durable_offset.max(job.target_offset);
-                self.checkpoint.record(self.durable_offset);
-                Ok(self.durable_offset)
-            }
-            Err(e) => {
-                let cause = Arc::new(e);
-                self.poisoned = Some(cause.clone());
-                Err(Error::Poisoned(cause))
-            }
-        }
+    /// Syncs prepared and not yet applied.
+    pub fn syncs_in_flight(&self) -> usize {
+        self.syncs.len()
     }
 
-    /// Blocking convenience: prepare, run and complete one sync. Returns the durable offset.
+    /// Finishes a sync, in any order. Success makes everything below the job's target
+    /// durable once every earlier job succeeded too: a job only covers the files written
+    /// since the previous one was prepared (a sealed segment or the directory may be in the
+    /// earlier job alone), so durability advances strictly in preparation order. Failure
+    /// poisons the log: no silent retry, since the kernel may have dropped the dirty pages;
+    /// nothing becomes durable after that, also from jobs still in flight.
+    /// Returns the durable offset.
+    pub fn complete_sync(&mut self, job: SyncJob, result: io::Result<()>) -> Result<u64> {
+        let pos = self
+            .syncs
+            .iter()
+            .position(|s| s.id == job.id)
+            .expect("complete_sync of a job this log prepared, once");
+        if let Err(e) = result {
+            self.syncs.remove(pos);
+            // Later jobs that already succeeded will never apply; those still running
+            // complete (and are dropped) when they end.
+            self.syncs.retain(|s| !s.done);
+            let cause = Arc::new(e);
+            self.poisoned = Some(cause.clone());
+            return Err(Error::Poisoned(cause));
+        }
+        if let Some(cause) = &self.poisoned {
+            self.syncs.remove(pos);
+            return Err(Error::Poisoned(cause.clone()));
+        }
+        self.syncs[pos].done = true;
+        let before = self.durable_offset;
+        while self.syncs.front().is_some_and(|s| s.done) {
+            let s = self.syncs.pop_front().expect("front exists");
+            self.durable_offset = self.durable_offset.max(s.target_offset);
+        }
+        if self.durable_offset != before {
+            self.checkpoint.record(self.durable_offset);
+        }
+        Ok(self.durable_offset)
+    }
+
+    /// Blocking convenience: prepare, run and complete one sync. Returns the durable offset
+    /// (which waits for the caller's own syncs still in flight, if any).
     pub fn sync(&mut self, now_ms: u64) -> Result<u64> {
         match self.prepare_sync(now_ms)? {
             None => Ok(self.durable_offset),
@@ -1417,6 +1465,7 @@ impl std::fmt::Debug for Log {
             .field("start_offset", &self.start_offset())
             .field("next_offset", &self.next_offset)
             .field("durable_offset", &self.durable_offset)
+            .field("syncs_in_flight", &self.syncs.len())
             .field("poisoned", &self.poisoned)
             .finish()
     }

@@ -156,6 +156,7 @@ fn interval_policy_and_group_commit_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = small_cfg(dir.path());
     cfg.durability = Durability::IntervalMs(5);
+    cfg.syncs_in_flight_max = 1;
     let (mut log, _) = Log::open(cfg).unwrap();
     assert!(!log.sync_due(100), "nothing pending");
     log.append(&header(1, 1, 1), b"a").unwrap();
@@ -443,4 +444,86 @@ fn a_sync_failure_reported_by_the_caller_poisons_too() {
         log.compress_sealed_once(),
         Ok(None) | Err(Error::Poisoned(_))
     ));
+}
+
+#[test]
+fn pipelined_syncs_make_records_durable_in_preparation_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = small_cfg(dir.path());
+    cfg.syncs_in_flight_max = 2;
+    let (mut log, _) = Log::open(cfg).unwrap();
+    log.append(&header(1, 1, 1), b"a").unwrap();
+    let first = log.prepare_sync(0).unwrap().expect("pending work");
+    // Appends during the first sync start a second one at once.
+    log.append(&header(1, 2, 1), b"b").unwrap();
+    log.append(&header(1, 3, 1), b"c").unwrap();
+    assert!(log.sync_due(0));
+    let second = log.prepare_sync(0).unwrap().expect("second in flight");
+    assert_eq!((first.target_offset(), second.target_offset()), (1, 3));
+    assert_eq!(log.syncs_in_flight(), 2);
+    // At the limit: a third waits, whatever is pending.
+    log.append(&header(1, 4, 1), b"d").unwrap();
+    assert!(!log.sync_due(0));
+    assert!(log.prepare_sync(0).unwrap().is_none());
+
+    // The second finishing first proves nothing about what only the first covered.
+    let r = second.run();
+    assert_eq!(log.complete_sync(second, r).unwrap(), 0);
+    assert_eq!(log.durable_offset(), 0);
+    assert!(
+        collect_range(&mut log, 0, 10).is_empty(),
+        "nothing readable yet"
+    );
+    // The first completes: both apply, in order.
+    let r = first.run();
+    assert_eq!(log.complete_sync(first, r).unwrap(), 3);
+    assert_eq!(collect_range(&mut log, 0, 10).len(), 3);
+    assert_eq!(log.syncs_in_flight(), 0);
+    assert_eq!(log.sync(0).unwrap(), 4);
+}
+
+#[test]
+fn a_failed_earlier_sync_keeps_a_later_success_from_counting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(small_cfg(dir.path())).unwrap();
+    log.append(&header(1, 1, 1), b"a").unwrap();
+    let first = log.prepare_sync(0).unwrap().unwrap();
+    log.append(&header(1, 2, 1), b"b").unwrap();
+    let second = log.prepare_sync(0).unwrap().unwrap();
+    let r = second.run();
+    assert_eq!(log.complete_sync(second, r).unwrap(), 0);
+    // The kernel may have dropped the first job's pages: nothing counts, the log poisons.
+    let err = log
+        .complete_sync(first, Err(std::io::Error::from_raw_os_error(libc_eio())))
+        .unwrap_err();
+    assert!(matches!(err, Error::Poisoned(_)));
+    assert_eq!(log.durable_offset(), 0);
+    assert_eq!(log.syncs_in_flight(), 0);
+
+    // The other order: the first succeeds alone, the second fails; only the first counts.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(small_cfg(dir.path())).unwrap();
+    log.append(&header(1, 1, 1), b"a").unwrap();
+    let first = log.prepare_sync(0).unwrap().unwrap();
+    log.append(&header(1, 2, 1), b"b").unwrap();
+    let second = log.prepare_sync(0).unwrap().unwrap();
+    let r = first.run();
+    assert_eq!(log.complete_sync(first, r).unwrap(), 1);
+    assert!(
+        log.complete_sync(second, Err(std::io::Error::from_raw_os_error(libc_eio())))
+            .is_err()
+    );
+    assert_eq!(log.durable_offset(), 1);
+    assert!(!log.sync_due(0));
+}
+
+#[test]
+fn syncs_in_flight_max_is_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in [0, kefu_storage::SYNCS_IN_FLIGHT_LIMIT + 1] {
+        let mut cfg = small_cfg(dir.path());
+        cfg.syncs_in_flight_max = bad;
+        let err = Log::open(cfg).unwrap_err().to_string();
+        assert!(err.contains("syncs_in_flight_max"), "{err}");
+    }
 }
