@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side wrk run: nginx `return 200`, kefu GET /healthz, kefu durable POST send.
-# Usage: [KEFU_FLAGS='--durability never'] [PERF_OUT=perf.data] gateway/scripts/wrk-compare.sh [KEFU_BIN] [CONNECTIONS] [SECONDS]
+# Usage: [KEFU_FLAGS='--durability never'] [PERF_OUT=perf.data] [KEFU_TENANT_EXTRA='route_on_one_shard = false']
+#        gateway/scripts/wrk-compare.sh [KEFU_BIN] [CONNECTIONS] [SECONDS]
 # Needs wrk, nginx, curl, python3. Starts everything on loopback (free ports), stops it after.
 set -euo pipefail
 BIN=${1:-target/release/kefu}
@@ -26,12 +27,12 @@ nginx -c "$WORK/nginx.conf" -p "$WORK"
 
 # The embedded demo tenant with a rate limit above what wrk sends.
 python3 - "$WORK/kefu.toml" <<'PY'
-import sys, re, pathlib
+import os, sys, re, pathlib
 root = pathlib.Path(__file__).resolve().parent if False else pathlib.Path("gateway")
 src = (root / "src/tenant.rs").read_text()
 start = src.index('pub const DEMO_TENANT_TOML: &str = r#"') + len('pub const DEMO_TENANT_TOML: &str = r#"')
 tenant = src[start:src.index('"#;', start)]
-tenant = tenant.replace("\n[[", "\n[[tenant.").replace('name = "demo"', 'name = "demo"\nvisitor_rate_limit = { messages_per_s = 10000, burst = 10000 }', 1)
+tenant = tenant.replace("\n[[", "\n[[tenant.").replace('name = "demo"', 'name = "demo"\nvisitor_rate_limit = { messages_per_s = 10000, burst = 10000 }\n' + os.environ.get("KEFU_TENANT_EXTRA", ""), 1)
 open(sys.argv[1], "w").write((root / "kefu.default.toml").read_text() + "\n[[tenant]]" + tenant)
 PY
 "$BIN" --config "$WORK/kefu.toml" ${KEFU_FLAGS:-} --http 127.0.0.1:0 --tcp 127.0.0.1:0 --data-dir "$WORK/data" > "$WORK/kefu.out" 2> "$WORK/kefu.err" &

@@ -52,7 +52,9 @@
 //! can be `sendfile`d to a consumer as is ([`Log::file_runs`]).
 //!
 //! The active segment is pre-allocated (`fallocate`) to `segment_bytes_max` and written
-//! through a shared `memmap2` mapping; its unwritten tail reads as zeros. When the next
+//! through a shared `memmap2` mapping (advised `MADV_RANDOM`, so the page cache keeps it in
+//! 4 KiB folios and a sync writes back only the blocks written since the last one); its
+//! unwritten tail reads as zeros. When the next
 //! record does not fit, the segment is sealed (shrunk to its records) and a new one created.
 //! Sealed segments may be rewritten as `.log.zst` (one zstd frame with checksum of the
 //! whole segment) via `<name>.log.zst.tmp` + rename; reads decompress transparently.
