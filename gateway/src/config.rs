@@ -137,6 +137,8 @@ pub struct Limits {
     pub overload_inflight_per_shard_max: usize,
     /// Size of one log segment file (pre-allocated).
     pub segment_bytes_max: u64,
+    /// Group-commit syncs of one shard's log running at once (pipelined group commit).
+    pub syncs_in_flight_max: usize,
 }
 
 impl Default for Limits {
@@ -165,13 +167,20 @@ impl Default for Limits {
             stream_chunk_bytes_max: 1 << 20,
             overload_inflight_per_shard_max: 4096,
             segment_bytes_max: 64 << 20,
+            syncs_in_flight_max: 2,
         }
     }
 }
 
 impl Limits {
     fn check(&self) -> Result<(), ConfigError> {
-        let ranges: [(&str, usize, usize, usize); 20] = [
+        let ranges: [(&str, usize, usize, usize); 21] = [
+            (
+                "syncs_in_flight_max",
+                self.syncs_in_flight_max,
+                1,
+                kefu_storage::SYNCS_IN_FLIGHT_LIMIT,
+            ),
             (
                 "connections_per_shard_max",
                 self.connections_per_shard_max,
