@@ -1,5 +1,7 @@
 //! Binary-protocol sessions on the TCP listener (default port 7070): `kefu_protocol::binproto` frames, the same bytes as the storage records. Hello/Welcome, Send/Ack, Subscribe (exact replay, then live stored frames), Typing/Read, Ping/Pong, and StreamOpen (the firehose).
 
+use std::cell::RefCell;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,6 +11,7 @@ use kefu_protocol::binproto::{
 };
 use kefu_protocol::frame::HEADER_LEN;
 use kefu_protocol::model::{ConversationId, Event};
+use kefu_trace_common::{RequestRecord, Stage as TraceStage, emit, now_ns, route as trace_route};
 use monoio::net::TcpStream;
 
 use crate::conn::Conn;
@@ -122,6 +125,7 @@ async fn handle(
     msg: Owned,
     out: &mut Vec<u8>,
     conn_id: u64,
+    trace: Option<&RefCell<RequestRecord>>,
 ) -> Verdict {
     let Some(actor) = s.actor.clone() else {
         let Owned::Hello(token) = msg else {
@@ -192,7 +196,10 @@ async fn handle(
                 Ok(id) => id,
                 Err(e) => return refuse(out, e, conv.0, client_msg_id.as_deref()),
             };
-            match send_message(ctx, id, &actor, text, client_msg_id.clone(), None).await {
+            if let Some(rec) = trace {
+                rec.borrow_mut().conversation_id = id;
+            }
+            match send_message(ctx, id, &actor, text, client_msg_id.clone(), trace).await {
                 Ok(sent) => {
                     let _ = encode_server(
                         &ServerMsg::Ack {
@@ -363,7 +370,45 @@ async fn session_loop(
             b.drain(..used_total);
         }
         for msg in messages {
-            match Box::pin(handle(ctx, s, msg, &mut out, conn_id)).await {
+            // The eBPF request marker, one per client frame (route BINARY_FRAME).
+            let traced = kefu_trace_common::trace_enabled();
+            let trace = RefCell::new(RequestRecord::default());
+            if traced {
+                let mut rec = trace.borrow_mut();
+                rec.request_id = (u64::from(ctx.id) << 48) | ctx.next_conn_id();
+                rec.connection_id = conn_id;
+                rec.shard = ctx.id;
+                rec.fd = conn.stream.as_raw_fd();
+                rec.route = trace_route::BINARY_FRAME;
+                let now = now_ns();
+                rec.set(TraceStage::Accepted, now);
+                rec.set(TraceStage::Parsed, now);
+            }
+            let out_len_before = out.len();
+            let verdict = Box::pin(handle(
+                ctx,
+                s,
+                msg,
+                &mut out,
+                conn_id,
+                traced.then_some(&trace),
+            ))
+            .await;
+            if traced {
+                let mut rec = trace.borrow_mut();
+                // An Error frame among this message's answer is what the client sees.
+                rec.status = if out[out_len_before..]
+                    .get(3)
+                    .is_some_and(|&kind| kind == kefu_protocol::frame::Kind::Error as u8)
+                {
+                    400
+                } else {
+                    200
+                };
+                rec.set(TraceStage::Answered, now_ns());
+                emit(&rec);
+            }
+            match verdict {
                 Verdict::Fine => {}
                 Verdict::Close(why) => {
                     let _ = conn.write_all(out).await;

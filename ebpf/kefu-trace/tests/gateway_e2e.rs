@@ -13,7 +13,9 @@ use common::collect;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kefu_tests::{Kefu, create_conversation};
+use kefu_protocol::binproto::ClientMsg;
+use kefu_protocol::model::ConversationId;
+use kefu_tests::{Bin, BinMsg, Kefu, create_conversation};
 use kefu_trace::elf::find_hooks;
 use kefu_trace::join::opcode;
 use kefu_trace::join::{JoinConfig, Joiner, Trace};
@@ -147,6 +149,93 @@ fn traces_every_request_of_a_real_gateway_with_io_uring_joined() {
     tracer.detach();
     drop(tracer);
     assert_eq!(semaphore(), 0, "markers off again after detach");
+    drop(kefu);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn traces_each_frame_of_the_binary_protocol() {
+    if let Some(reason) = unavailable_reason() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let Some(bin) = kefu_bin() else {
+        eprintln!(
+            "skipped: no kefu binary next to this test; run `cargo xtask test` (or `cargo test --workspace`), which builds it, or set KEFU_BIN"
+        );
+        return;
+    };
+    const SENDS: usize = 5;
+    let dir = std::env::temp_dir().join(format!("kefu-trace-bin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kefu = Kefu::start(
+        &bin,
+        &dir.join("data"),
+        &["--shards", "1", "--durability", "always"],
+    );
+    let mut http = kefu.http();
+    let (conversation, token) = create_conversation(&mut http, None);
+    let conversation_id = parse_conversation(&conversation).expect("c<16 hex>");
+
+    let mut tracer = Tracer::attach(&TraceTarget {
+        pid: Some(kefu.pid()),
+        ..Default::default()
+    })
+    .expect("attaching to kefu");
+    std::thread::sleep(Duration::from_millis(200));
+
+    // Hello, SENDS sends, one ping, one send to a conversation the visitor may not use.
+    let mut b = Bin::connect(kefu.tcp);
+    b.send(&ClientMsg::Hello { token: &token });
+    assert!(matches!(b.recv(), Some(BinMsg::Welcome { .. })));
+    for i in 0..SENDS {
+        let cmid = format!("t{i}");
+        b.send(&ClientMsg::Send {
+            conversation_id: ConversationId(conversation_id),
+            client_msg_id: Some(&cmid),
+            text: "traced over tcp",
+        });
+        assert!(matches!(b.recv(), Some(BinMsg::Ack { .. })));
+    }
+    b.send(&ClientMsg::Ping { nonce: 7 });
+    assert_eq!(b.recv(), Some(BinMsg::Pong { nonce: 7 }));
+    b.send(&ClientMsg::Send {
+        conversation_id: ConversationId(conversation_id ^ 1),
+        client_msg_id: None,
+        text: "not mine",
+    });
+    assert!(matches!(b.recv(), Some(BinMsg::Error { .. })));
+
+    let mut joiner = Joiner::new(JoinConfig::default());
+    let traces = collect(&mut tracer, &mut joiner, SENDS + 3);
+    tracer.detach();
+    assert_eq!(traces.len(), SENDS + 3, "one trace per client frame");
+    assert!(traces.iter().all(|t| t.record.route == route::BINARY_FRAME));
+    let sends: Vec<&Trace> = traces
+        .iter()
+        .filter(|t| t.record.conversation_id == conversation_id)
+        .collect();
+    assert_eq!(sends.len(), SENDS, "{traces:?}");
+    for t in &sends {
+        let r = &t.record;
+        assert_eq!(r.status, 200);
+        assert!(r.stages_in_order(), "{r:?}");
+        for stage in [
+            Stage::Accepted,
+            Stage::RoutedToShard,
+            Stage::Appended,
+            Stage::Synced,
+            Stage::Answered,
+        ] {
+            assert!(r.get(stage).is_some(), "{stage:?} missing in {r:?}");
+        }
+    }
+    assert_eq!(
+        traces.iter().filter(|t| t.record.status == 400).count(),
+        1,
+        "the refused send is traced with its error"
+    );
     drop(kefu);
     let _ = std::fs::remove_dir_all(&dir);
 }
