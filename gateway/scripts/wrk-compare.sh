@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side wrk run: nginx `return 200`, kefu GET /healthz, kefu durable POST send.
 # Usage: [KEFU_FLAGS='--durability never'] [PERF_OUT=perf.data] [KEFU_TENANT_EXTRA='route_on_one_shard = false']
+#        [KEFU_SET='syncs_in_flight_max=4 buffer_bytes=8192'] (replaces those keys' lines of the default config)
 #        gateway/scripts/wrk-compare.sh [KEFU_BIN] [CONNECTIONS] [SECONDS]
 # Needs wrk, nginx, curl, python3. Starts everything on loopback (free ports), stops it after.
 set -euo pipefail
@@ -33,7 +34,13 @@ src = (root / "src/tenant.rs").read_text()
 start = src.index('pub const DEMO_TENANT_TOML: &str = r#"') + len('pub const DEMO_TENANT_TOML: &str = r#"')
 tenant = src[start:src.index('"#;', start)]
 tenant = tenant.replace("\n[[", "\n[[tenant.").replace('name = "demo"', 'name = "demo"\nvisitor_rate_limit = { messages_per_s = 10000, burst = 10000 }\n' + os.environ.get("KEFU_TENANT_EXTRA", ""), 1)
-open(sys.argv[1], "w").write((root / "kefu.default.toml").read_text() + "\n[[tenant]]" + tenant)
+base = (root / "kefu.default.toml").read_text()
+for kv in os.environ.get("KEFU_SET", "").split():
+    key, value = kv.split("=", 1)
+    base, n = re.subn(r"(?m)^%s\s*=.*$" % re.escape(key), "%s = %s" % (key, value), base, count=1)
+    if n != 1:
+        sys.exit("KEFU_SET: no key %s in kefu.default.toml" % key)
+open(sys.argv[1], "w").write(base + "\n[[tenant]]" + tenant)
 PY
 "$BIN" --config "$WORK/kefu.toml" ${KEFU_FLAGS:-} --http 127.0.0.1:0 --tcp 127.0.0.1:0 --data-dir "$WORK/data" > "$WORK/kefu.out" 2> "$WORK/kefu.err" &
 KEFU_PID=$!
