@@ -27,7 +27,8 @@ use crossbeam_queue::ArrayQueue;
 use kefu_protocol::frame::{self, Header, Kind};
 use kefu_protocol::model::{
     ConversationId, ConversationState, ConversationView, Event, EventRecord, MessageRecord,
-    ModelLimits, Opened, Participant, Role, TransferTarget, apply_event,
+    MessageRecordRef, ModelLimits, Opened, Participant, ParticipantRef, Role, TransferTarget,
+    apply_event,
 };
 
 use crate::lifecycle::AutoClose;
@@ -53,16 +54,30 @@ pub trait RecordLog {
 }
 
 /// A record (or an ephemeral event) on its way to subscribers, rendered once and shared.
-#[derive(Debug)]
+///
+/// The engine pools them (see [`DELIVERY_POOL_MAX`]): one that no subscriber kept is cleared and
+/// reused for a later record, so its buffers are `Vec`s that keep their capacity.
+#[derive(Debug, Default)]
 pub struct Delivery {
     pub conversation_id: u64,
     /// 0 for ephemeral events (typing, read).
     pub seq: u64,
     /// The frame as stored (header + JSON payload), for binary-protocol subscribers.
-    pub frame: Box<[u8]>,
+    pub frame: Vec<u8>,
     /// The WebSocket/HTTP JSON form (`{"type":"message",...}` or `{"type":"event",...}`).
-    pub json: Box<[u8]>,
+    pub json: Vec<u8>,
 }
+
+/// Released deliveries kept for reuse per shard: enough for a group-commit batch of records
+/// (one per in-flight send), so in steady state a send allocates no delivery.
+pub const DELIVERY_POOL_MAX: usize = 1024;
+/// A delivery whose buffers grew beyond this (a long message) is freed rather than pooled, so
+/// the pool holds at most `DELIVERY_POOL_MAX * 2 * DELIVERY_POOLED_BYTES_MAX` (8 MiB) per shard.
+pub const DELIVERY_POOLED_BYTES_MAX: usize = 4096;
+
+/// Maps keyed by ids the gateway hands out (conversation ids): foldhash instead of SipHash,
+/// seeded per process, since a peer cannot choose the keys that get inserted.
+pub type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The bounded delivery queue of one socket (or one long-poll). Filled by the owning shard of
 /// a conversation (any thread), drained by the socket's task. Lock-free; overflow marks the
@@ -287,7 +302,10 @@ pub struct Engine {
     shard: u16,
     limits: EngineLimits,
     tenants: Vec<Tenant>,
-    conversations: HashMap<u64, Conversation>,
+    conversations: IdMap<u64, Conversation>,
+    /// Released deliveries no subscriber kept, cleared for reuse (bounded by
+    /// [`DELIVERY_POOL_MAX`]).
+    delivery_pool: Vec<Arc<Delivery>>,
     next_local: u64,
     /// Queue order of the next new arrival (a created or reopened conversation): waiting ones
     /// are served by this key, and recovery hands out the same keys in log order.
@@ -355,7 +373,8 @@ impl Engine {
             shard,
             limits,
             tenants: out,
-            conversations: HashMap::new(),
+            conversations: IdMap::default(),
+            delivery_pool: Vec::new(),
             next_local: 1,
             next_order: 1,
             pending: VecDeque::new(),
@@ -423,18 +442,18 @@ impl Engine {
             && *at <= durable_offset
         {
             let (_, delivery) = self.pending.pop_front().expect("front exists");
-            let Some(conv) = self.conversations.get_mut(&delivery.conversation_id) else {
-                continue;
-            };
-            if delivery.seq > 0 {
-                assert_eq!(delivery.seq, conv.released_seq + 1, "dense release order");
-                conv.released_seq = delivery.seq;
+            if let Some(conv) = self.conversations.get_mut(&delivery.conversation_id) {
+                if delivery.seq > 0 {
+                    assert_eq!(delivery.seq, conv.released_seq + 1, "dense release order");
+                    conv.released_seq = delivery.seq;
+                }
+                conv.subscribers
+                    .retain(|s| !s.is_closed() && !s.is_overflowed());
+                for sub in &conv.subscribers {
+                    sub.push(delivery.clone());
+                }
             }
-            conv.subscribers
-                .retain(|s| !s.is_closed() && !s.is_overflowed());
-            for sub in &conv.subscribers {
-                sub.push(delivery.clone());
-            }
+            self.recycle(delivery);
         }
         while let Some((at, ..)) = self.pending_inbox.front()
             && *at <= durable_offset
@@ -448,6 +467,29 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A cleared delivery from the pool (unshared, so the caller may fill it), or a new one.
+    fn fresh_delivery(&mut self) -> Arc<Delivery> {
+        self.delivery_pool.pop().unwrap_or_default()
+    }
+
+    /// Keeps a released delivery for reuse when nobody else holds it and its buffers are small.
+    fn recycle(&mut self, mut delivery: Arc<Delivery>) {
+        if self.delivery_pool.len() >= DELIVERY_POOL_MAX {
+            return;
+        }
+        let Some(d) = Arc::get_mut(&mut delivery) else {
+            return;
+        };
+        if d.frame.capacity() > DELIVERY_POOLED_BYTES_MAX
+            || d.json.capacity() > DELIVERY_POOLED_BYTES_MAX
+        {
+            return;
+        }
+        d.frame.clear();
+        d.json.clear();
+        self.delivery_pool.push(delivery);
     }
 
     fn conv(&self, id: u64) -> Result<&Conversation, EngineError> {
@@ -588,7 +630,10 @@ impl Engine {
         effects.retain(|e| !matches!(e, Effect::Queued { conv, .. } if *conv == id));
         let mut first_message_seq = None;
         if let Some(text) = text {
-            let from = Participant::new(Role::Visitor, visitor_id.clone());
+            let from = ParticipantRef {
+                role: Role::Visitor,
+                id: &visitor_id,
+            };
             match self
                 .append_message(log, id, from, text, None, now_us)
                 .and_then(|sent| self.auto_reply(log, id, text, now_us).map(|()| sent))
@@ -714,8 +759,8 @@ impl Engine {
             Arc::new(Delivery {
                 conversation_id: id,
                 seq: 0,
-                frame: frame.into_boxed_slice(),
-                json: json.into_boxed_slice(),
+                frame,
+                json,
             }),
         ));
     }
@@ -789,41 +834,45 @@ impl Engine {
         self.scratch.clear();
         serde_json::to_writer(&mut self.scratch, &record)
             .map_err(|e| EngineError::Storage(e.to_string()))?;
-        let mut json = Vec::with_capacity(self.scratch.len() + 32);
-        record.write_ws_json(&mut json);
-        self.write(log, Kind::Event, id, seq, now_us, json)?;
+        let mut delivery = self.fresh_delivery();
+        let d = Arc::get_mut(&mut delivery).expect("a fresh delivery is unshared");
+        record.write_ws_json(&mut d.json);
+        self.write(log, Kind::Event, id, seq, now_us, delivery)?;
         let conv = self.conversations.get_mut(&id).expect("checked");
         fold_event(conv, &record.event, next_state);
         self.schedule_close(id, now_us);
         Ok(seq)
     }
 
+    /// Stores a message. Written from borrowed parts into reused buffers: no allocation in
+    /// steady state (see `tests/alloc_send.rs`).
     fn append_message(
         &mut self,
         log: &mut dyn RecordLog,
         id: u64,
-        from: Participant,
+        from: ParticipantRef<'_>,
         text: &str,
         client_msg_id: Option<&str>,
         now_us: u64,
     ) -> Result<Sent, EngineError> {
         let seq = self.next_seq(id)?;
+        let mut delivery = self.fresh_delivery();
         let conv = &self.conversations[&id];
-        let record = MessageRecord {
-            tenant: self.tenants[conv.tenant as usize].name.to_string(),
+        let record = MessageRecordRef {
+            tenant: &self.tenants[conv.tenant as usize].name,
             conversation_id: ConversationId(id),
             seq,
             ts: now_us,
             from,
-            text: text.to_owned(),
-            client_msg_id: client_msg_id.map(str::to_owned),
+            text,
+            client_msg_id,
         };
         self.scratch.clear();
         serde_json::to_writer(&mut self.scratch, &record)
             .map_err(|e| EngineError::Storage(e.to_string()))?;
-        let mut json = Vec::with_capacity(self.scratch.len() + 32);
-        record.write_ws_json(&mut json);
-        let log_offset = self.write(log, Kind::Message, id, seq, now_us, json)?;
+        let d = Arc::get_mut(&mut delivery).expect("a fresh delivery is unshared");
+        record.write_ws_json(&mut d.json);
+        let log_offset = self.write(log, Kind::Message, id, seq, now_us, delivery)?;
         let keys_max = self.limits.idempotency_keys_per_conversation_max;
         let conv = self.conversations.get_mut(&id).expect("checked");
         conv.last_seq = seq;
@@ -838,7 +887,8 @@ impl Engine {
         })
     }
 
-    /// Appends `self.scratch` as the payload of a record and queues its delivery.
+    /// Appends `self.scratch` as the payload of a record and queues its delivery (`delivery`:
+    /// unshared, its `json` already rendered; the frame and ids are filled in here).
     fn write(
         &mut self,
         log: &mut dyn RecordLog,
@@ -846,7 +896,7 @@ impl Engine {
         id: u64,
         seq: u64,
         now_us: u64,
-        json: Vec<u8>,
+        mut delivery: Arc<Delivery>,
     ) -> Result<u64, EngineError> {
         let header = Header::new(kind, id, seq, now_us);
         let offset = log.append(&header, &self.scratch).map_err(|e| {
@@ -855,17 +905,13 @@ impl Engine {
         })?;
         let mut stored = header;
         stored.log_offset = offset;
-        let frame = frame::encode(&stored, &self.scratch);
+        let d = Arc::get_mut(&mut delivery).expect("a delivery is shared only once queued");
+        d.conversation_id = id;
+        d.seq = seq;
+        d.frame.clear();
+        frame::encode_into(&stored, &self.scratch, &mut d.frame);
         self.appended_end = offset + 1;
-        self.pending.push_back((
-            offset + 1,
-            Arc::new(Delivery {
-                conversation_id: id,
-                seq,
-                frame: frame.into_boxed_slice(),
-                json: json.into_boxed_slice(),
-            }),
-        ));
+        self.pending.push_back((offset + 1, delivery));
         Ok(offset)
     }
 
@@ -917,7 +963,10 @@ impl Engine {
         let Some(reply) = tenant.auto_replies.find(text, sent, &mut self.fold_scratch) else {
             return Ok(());
         };
-        let from = Participant::new(Role::System, "kefu");
+        let from = ParticipantRef {
+            role: Role::System,
+            id: "kefu",
+        };
         self.append_message(log, id, from, reply.text, None, now_us)?;
         if let Some(conv) = self.conversations.get_mut(&id) {
             conv.auto_replies_sent += 1;
@@ -938,14 +987,15 @@ impl Engine {
         now_us: u64,
     ) -> Result<Sent, EngineError> {
         let conv = self.conv(id)?;
-        let from = match actor {
+        // The sender's id as a shared string: no copy per message.
+        let (role, from_id): (Role, Arc<str>) = match actor {
             Actor::Visitor {
                 conversation_id, ..
-            } if *conversation_id == id => Participant::new(Role::Visitor, &*conv.visitor_id),
+            } if *conversation_id == id => (Role::Visitor, conv.visitor_id.clone()),
             Actor::Agent { tenant, name }
                 if *tenant == conv.tenant && conv.agent.as_deref() == Some(&**name) =>
             {
-                Participant::new(Role::Agent, &**name)
+                (Role::Agent, name.clone())
             }
             Actor::Agent { tenant, .. } if *tenant == conv.tenant => {
                 return Err(EngineError::Forbidden(
@@ -976,9 +1026,9 @@ impl Engine {
                     state: ConversationState::Closed,
                 });
             }
-            ConversationState::Resolved if from.role == Role::Visitor => {
+            ConversationState::Resolved if role == Role::Visitor => {
                 // The visitor writing again reopens the conversation.
-                self.reopen(log, id, Some(from.clone()), now_us)?;
+                self.reopen(log, id, Some(Participant::new(role, &*from_id)), now_us)?;
             }
             ConversationState::Resolved => {
                 return Err(EngineError::Conflict {
@@ -988,7 +1038,7 @@ impl Engine {
             }
             _ => {}
         }
-        let visitor = from.role == Role::Visitor;
+        let visitor = role == Role::Visitor;
         if visitor {
             let tenant = self.conv(id)?.tenant;
             self.tenants[tenant as usize]
@@ -1000,7 +1050,7 @@ impl Engine {
         }
         // An agent's `/name` is the tenant's canned reply `name`.
         let registry = self.registry.clone();
-        let text = match from.role {
+        let text = match role {
             Role::Agent => {
                 let tenant = self.conv(id)?.tenant;
                 registry.tenants()[tenant as usize]
@@ -1010,6 +1060,7 @@ impl Engine {
             }
             _ => text,
         };
+        let from = ParticipantRef { role, id: &from_id };
         let sent = self.append_message(log, id, from, text, client_msg_id, now_us)?;
         if visitor {
             self.auto_reply(log, id, text, now_us)?;
@@ -1284,8 +1335,8 @@ impl Engine {
             Arc::new(Delivery {
                 conversation_id: id,
                 seq: 0,
-                frame: frame.into_boxed_slice(),
-                json: json.into_boxed_slice(),
+                frame,
+                json,
             }),
         ));
         Ok(())
@@ -1333,8 +1384,8 @@ impl Engine {
                     Ok(json) => entries.push(Arc::new(Delivery {
                         conversation_id: id,
                         seq: header.seq,
-                        frame: frame::encode(header, payload).into_boxed_slice(),
-                        json: json.into_boxed_slice(),
+                        frame: frame::encode(header, payload),
+                        json,
                     })),
                     Err(e) => failure = Some(e),
                 }

@@ -55,7 +55,9 @@ pub struct RateLimiter {
     burst_milli: u64,
     capacity: usize,
     slots: Vec<Slot>,
-    index: HashMap<u64, u32>,
+    /// foldhash (seeded per process): keys are conversation ids the gateway made, or peer
+    /// addresses, whose insertions a peer cannot aim at one bucket without the seed.
+    index: HashMap<u64, u32, foldhash::fast::RandomState>,
     hand: usize,
     evicted_unfilled: u64,
 }
@@ -72,7 +74,10 @@ impl RateLimiter {
             burst_milli: u64::from(config.burst) * MILLI,
             capacity: config.visitors_tracked_max,
             slots: Vec::with_capacity(config.visitors_tracked_max),
-            index: HashMap::with_capacity(config.visitors_tracked_max),
+            index: HashMap::with_capacity_and_hasher(
+                config.visitors_tracked_max,
+                foldhash::fast::RandomState::default(),
+            ),
             hand: 0,
             evicted_unfilled: 0,
         }

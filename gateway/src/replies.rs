@@ -23,7 +23,9 @@ pub const AUTO_REPLY_INPUT_BYTES_MAX: usize = 4096;
 
 #[derive(Debug)]
 struct Keyword {
-    folded: Box<str>,
+    /// The folded keyword's searcher, built once: a per-message `str::contains` would set up
+    /// a new two-way searcher for every keyword of every message.
+    finder: memchr::memmem::Finder<'static>,
     whole_word: bool,
 }
 
@@ -62,11 +64,11 @@ impl AutoReplies {
                         let whole_word = scratch.starts_with(|c: char| c.is_ascii_alphanumeric())
                             && scratch.ends_with(|c: char| c.is_ascii_alphanumeric());
                         Keyword {
-                            folded: scratch.as_str().into(),
+                            finder: memchr::memmem::Finder::new(scratch.as_bytes()).into_owned(),
                             whole_word,
                         }
                     })
-                    .filter(|k| !k.folded.is_empty())
+                    .filter(|k| !k.finder.needle().is_empty())
                     .collect(),
                 text: c.text.as_str().into(),
             })
@@ -111,13 +113,15 @@ impl AutoReplies {
 }
 
 fn contains(haystack: &str, keyword: &Keyword) -> bool {
-    if !keyword.whole_word {
-        return haystack.contains(&*keyword.folded);
-    }
     let bytes = haystack.as_bytes();
-    haystack.match_indices(&*keyword.folded).any(|(at, m)| {
+    if !keyword.whole_word {
+        return keyword.finder.find(bytes).is_some();
+    }
+    // Non-overlapping matches, left to right, as `str::match_indices` gives them.
+    let len = keyword.finder.needle().len();
+    keyword.finder.find_iter(bytes).any(|at| {
         let before = at.checked_sub(1).map(|i| bytes[i]);
-        let after = bytes.get(at + m.len()).copied();
+        let after = bytes.get(at + len).copied();
         !before.is_some_and(|b| b.is_ascii_alphanumeric())
             && !after.is_some_and(|b| b.is_ascii_alphanumeric())
     })
@@ -126,6 +130,12 @@ fn contains(haystack: &str, keyword: &Keyword) -> bool {
 /// Lowercase with full-width ASCII folded to ASCII, into `out` (cleared first).
 fn fold_into(text: &str, out: &mut String) {
     out.clear();
+    if text.is_ascii() {
+        // The common case, byte at a time: ASCII has no full-width forms to fold.
+        out.push_str(text);
+        out.make_ascii_lowercase();
+        return;
+    }
     for ch in text.chars() {
         let ch = match ch {
             // Full-width forms of ASCII '!'..'~'.
@@ -292,5 +302,47 @@ mod tests {
         assert!(find(&r, "转人工", 0).is_some());
         let c = CannedReplies::new(&demo.canned_reply);
         assert!(c.expand("/greeting").is_some());
+    }
+
+    /// The precompiled searchers match exactly where `str::match_indices` (what the rules
+    /// were first written with) does, whole-word rule included: random haystacks over a small
+    /// alphabet, so matches overlap, touch word characters and repeat.
+    #[test]
+    fn searchers_agree_with_str_matching() {
+        fn reference(haystack: &str, needle: &str, whole_word: bool) -> bool {
+            if !whole_word {
+                return haystack.contains(needle);
+            }
+            let bytes = haystack.as_bytes();
+            haystack.match_indices(needle).any(|(at, m)| {
+                let before = at.checked_sub(1).map(|i| bytes[i]);
+                let after = bytes.get(at + m.len()).copied();
+                !before.is_some_and(|b| b.is_ascii_alphanumeric())
+                    && !after.is_some_and(|b| b.is_ascii_alphanumeric())
+            })
+        }
+        let alphabet = ['a', 'b', ' ', '人', '工', '!'];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        for _ in 0..2_000 {
+            let needle: String = (0..1 + next(3)).map(|_| alphabet[next(6)]).collect();
+            let haystack: String = (0..next(24)).map(|_| alphabet[next(6)]).collect();
+            let whole_word = needle.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && needle.ends_with(|c: char| c.is_ascii_alphanumeric());
+            let keyword = Keyword {
+                finder: memchr::memmem::Finder::new(needle.as_bytes()).into_owned(),
+                whole_word,
+            };
+            assert_eq!(
+                contains(&haystack, &keyword),
+                reference(&haystack, &needle, whole_word),
+                "{needle:?} in {haystack:?}"
+            );
+        }
     }
 }

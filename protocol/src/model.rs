@@ -37,7 +37,7 @@ pub use http::{
     SendMessageRequest, SendMessageResponse, TransferRequest, Visitor,
 };
 pub use id::{ConversationId, IdError};
-pub use record::{EventRecord, MessageRecord, Opened};
+pub use record::{EventRecord, MessageRecord, MessageRecordRef, Opened};
 pub use ws::{Ack, ClientMessage, EventMessage, Message, ServerMessage, WsError};
 
 use serde::{Deserialize, Serialize};
@@ -96,6 +96,23 @@ impl Participant {
         Participant {
             role,
             id: id.into(),
+        }
+    }
+}
+
+/// A [`Participant`] borrowed from wherever its id lives, for writing one without copying the
+/// id first (the send path writes one per message). Serializes exactly like [`Participant`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ParticipantRef<'a> {
+    pub role: Role,
+    pub id: &'a str,
+}
+
+impl Participant {
+    pub fn as_borrowed(&self) -> ParticipantRef<'_> {
+        ParticipantRef {
+            role: self.role,
+            id: &self.id,
         }
     }
 }

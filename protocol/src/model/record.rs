@@ -18,7 +18,7 @@ use super::error::{
 };
 use super::event::{Event, EventFields, EventKind};
 use super::ws::{serialize_event, serialize_message};
-use super::{ConversationId, Participant};
+use super::{ConversationId, Participant, ParticipantRef};
 
 /// A stored chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +82,53 @@ impl Validate for MessageRecord {
             check_client_msg_id("client_msg_id", id, limits.client_msg_id_bytes_max)?;
         }
         Ok(())
+    }
+}
+
+/// A [`MessageRecord`] borrowed from its parts, for writing one without copying the tenant, the
+/// sender's id and the text into owned strings first (the send path writes one per message).
+/// Serializes to exactly the bytes [`MessageRecord`] does (a test holds the two together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MessageRecordRef<'a> {
+    pub tenant: &'a str,
+    pub conversation_id: ConversationId,
+    pub seq: u64,
+    pub ts: u64,
+    pub from: ParticipantRef<'a>,
+    pub text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<&'a str>,
+}
+
+impl MessageRecordRef<'_> {
+    /// Append the WebSocket `message` form of this record to `out` (as
+    /// [`MessageRecord::write_ws_json`] does).
+    pub fn write_ws_json(&self, out: &mut Vec<u8>) {
+        let mut ser = serde_json::Serializer::new(&mut *out);
+        let res = serialize_message(
+            &mut ser,
+            self.conversation_id,
+            self.seq,
+            &self.from,
+            self.text,
+            self.ts,
+            self.client_msg_id,
+        );
+        assert!(res.is_ok(), "message serialization failed: {res:?}");
+    }
+}
+
+impl MessageRecord {
+    pub fn as_borrowed(&self) -> MessageRecordRef<'_> {
+        MessageRecordRef {
+            tenant: &self.tenant,
+            conversation_id: self.conversation_id,
+            seq: self.seq,
+            ts: self.ts,
+            from: self.from.as_borrowed(),
+            text: &self.text,
+            client_msg_id: self.client_msg_id.as_deref(),
+        }
     }
 }
 
@@ -248,4 +295,5 @@ impl Validate for EventRecord {
 }
 
 impl WriteJson for MessageRecord {}
+impl WriteJson for MessageRecordRef<'_> {}
 impl WriteJson for EventRecord {}

@@ -788,6 +788,27 @@ proptest! {
         prop_assert_eq!(back, r);
     }
 
+    /// The borrowed form the send path writes is byte for byte the owned record, stored and
+    /// WebSocket form alike.
+    #[test]
+    fn borrowed_message_records_write_the_same_bytes(
+        tenant in arb_name(),
+        v in any::<u64>(),
+        seq in 1..u64::MAX,
+        ts in any::<u64>(),
+        from in arb_participant(),
+        text in arb_text(),
+        client_msg_id in proptest::option::of("[a-zA-Z0-9_-]{1,16}"),
+    ) {
+        let r = MessageRecord { tenant, conversation_id: ConversationId(v), seq, ts, from, text, client_msg_id };
+        let b = r.as_borrowed();
+        prop_assert_eq!(b.to_json_vec(), r.to_json_vec());
+        let (mut owned, mut borrowed) = (Vec::new(), Vec::new());
+        r.write_ws_json(&mut owned);
+        b.write_ws_json(&mut borrowed);
+        prop_assert_eq!(borrowed, owned);
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let _ = parse_json::<ClientMessage>(&bytes, &L);

@@ -247,11 +247,11 @@ pub enum ServerMessage {
 
 /// Write a message object from borrowed parts, so a stored record can be sent without first
 /// being copied into a [`Message`].
-pub(crate) fn serialize_message<S: Serializer>(
+pub(crate) fn serialize_message<S: Serializer, P: Serialize + ?Sized>(
     s: S,
     conversation_id: ConversationId,
     seq: u64,
-    from: &Participant,
+    from: &P,
     text: &str,
     ts: u64,
     client_msg_id: Option<&str>,
