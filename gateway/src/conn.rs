@@ -8,28 +8,33 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+/// Every idle WebSocket holds one of these: the TLS state is boxed in one piece, so a plain
+/// connection pays one pointer for it.
 pub struct Conn {
     pub stream: TcpStream,
-    tls: Option<Box<rustls::ServerConnection>>,
-    /// Raw TLS bytes read but not yet fed to rustls (TLS only).
-    tls_in: Vec<u8>,
+    tls: Option<Box<Tls>>,
+}
+
+/// A TLS connection's state.
+struct Tls {
+    conn: rustls::ServerConnection,
+    /// Raw TLS bytes read but not yet fed to rustls.
+    raw_in: Vec<u8>,
 }
 
 impl Conn {
     pub fn plain(stream: TcpStream) -> Self {
-        Self {
-            stream,
-            tls: None,
-            tls_in: Vec::new(),
-        }
+        Self { stream, tls: None }
     }
 
     pub fn tls(stream: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
-        let tls = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+        let conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
         Ok(Self {
             stream,
-            tls: Some(Box::new(tls)),
-            tls_in: Vec::new(),
+            tls: Some(Box::new(Tls {
+                conn,
+                raw_in: Vec::new(),
+            })),
         })
     }
 
@@ -40,7 +45,7 @@ impl Conn {
     /// Waits until the socket has something to read (holding no buffer meanwhile).
     pub async fn readable(&self) -> io::Result<()> {
         if let Some(tls) = &self.tls
-            && tls.wants_write()
+            && tls.conn.wants_write()
         {
             return Ok(());
         }
@@ -69,7 +74,7 @@ impl Conn {
             // Hand pending plaintext first.
             let tls = self.tls.as_mut().expect("tls");
             let before = buf.len();
-            match take_plaintext(tls, &mut buf) {
+            match take_plaintext(&mut tls.conn, &mut buf) {
                 Ok(Some(n)) => return (Ok(n), buf),
                 Ok(None) => {}
                 Err(e) => return (Err(e), buf),
@@ -78,7 +83,7 @@ impl Conn {
             if let Err(e) = self.flush_tls().await {
                 return (Err(e), buf);
             }
-            let raw = std::mem::take(&mut self.tls_in);
+            let raw = std::mem::take(&mut self.tls.as_mut().expect("tls").raw_in);
             let mut raw = if raw.capacity() == 0 {
                 Vec::with_capacity(16 * 1024)
             } else {
@@ -96,14 +101,14 @@ impl Conn {
             let tls = self.tls.as_mut().expect("tls");
             let mut cursor = &raw[..];
             while !cursor.is_empty() {
-                if let Err(e) = tls.read_tls(&mut cursor) {
+                if let Err(e) = tls.conn.read_tls(&mut cursor) {
                     return (Err(e), buf);
                 }
-                if let Err(e) = tls.process_new_packets() {
+                if let Err(e) = tls.conn.process_new_packets() {
                     return (Err(io::Error::new(io::ErrorKind::InvalidData, e)), buf);
                 }
             }
-            self.tls_in = raw;
+            tls.raw_in = raw;
         }
     }
 }
@@ -139,7 +144,7 @@ impl Conn {
     /// Sends TLS records rustls has queued (handshake, alerts, encrypted data).
     async fn flush_tls(&mut self) -> io::Result<()> {
         loop {
-            let tls = self.tls.as_mut().expect("tls");
+            let tls = &mut self.tls.as_mut().expect("tls").conn;
             if !tls.wants_write() {
                 return Ok(());
             }
@@ -176,7 +181,13 @@ impl Conn {
             return (res.map(|_| ()), buf);
         }
         let mut buf = buf;
-        let res = self.tls.as_mut().expect("tls").writer().write_all(&buf);
+        let res = self
+            .tls
+            .as_mut()
+            .expect("tls")
+            .conn
+            .writer()
+            .write_all(&buf);
         buf.clear();
         if let Err(e) = res {
             return (Err(e), buf);

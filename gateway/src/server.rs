@@ -561,24 +561,22 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
         let conn = ctx.next_conn_id();
         match proto {
             Proto::Http => {
+                // The HTTP phase is boxed before the spawn, so the task holds a pointer to it
+                // (an idle keep-alive connection's task stays a few words). An upgraded
+                // connection's session then runs in a task of its own, sized for it, and
+                // this one (with the HTTP state) is freed.
+                let http = Box::pin(crate::http::serve(ctx.clone(), stream, conn));
                 monoio::spawn(async move {
-                    // Each phase runs in its own box, freed before the next starts: an idle
-                    // WebSocket holds its session's future only, not the HTTP connection's
-                    // too (the task itself stays a few pointers).
-                    let served = Box::pin(crate::http::serve(ctx.clone(), stream, conn)).await;
-                    let why = match session_after_http(&ctx, served, conn) {
-                        Ok(session) => session.await,
-                        Err(why) => why,
-                    };
-                    ctx.forget_conn(conn);
-                    ctx.metrics.connection_closed(why);
+                    match http.await {
+                        crate::http::Served::Closed(why) => ended(&ctx, conn, why),
+                        served => hand_over(&ctx, served, conn),
+                    }
                 });
             }
             Proto::Binary => {
                 monoio::spawn(async move {
                     let why = crate::binary::serve(ctx.clone(), stream, conn).await;
-                    ctx.forget_conn(conn);
-                    ctx.metrics.connection_closed(why);
+                    ended(&ctx, conn, why);
                 });
             }
         }
@@ -586,37 +584,102 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
     ctx.forget_conn(me);
 }
 
-/// A WebSocket or stream session's future, boxed.
-type BoxedSession = std::pin::Pin<Box<dyn std::future::Future<Output = Disconnect>>>;
+/// Accounts for a connection that ended.
+fn ended(ctx: &ShardCtx, conn: u64, why: Disconnect) {
+    ctx.forget_conn(conn);
+    ctx.metrics.connection_closed(why);
+}
 
-/// The boxed session an HTTP connection handed over to, or why it ended. A plain function:
-/// the accept task then keeps one pointer across the session, not the hand-over's fields.
-fn session_after_http(
-    ctx: &Rc<ShardCtx>,
-    served: crate::http::Served,
+/// A connection's session, run to its end and accounted for. Spawned as a task of its own, so
+/// the task is exactly this (an idle WebSocket's memory is this one allocation). A plain
+/// future rather than an `async fn`: an async fn would keep the session future it was given
+/// as an argument and a second copy of it that it awaits (rust-lang/rust#62958).
+struct Accounted<F> {
+    ctx: Rc<ShardCtx>,
     conn: u64,
-) -> Result<BoxedSession, Disconnect> {
+    session: F,
+}
+
+impl<F: std::future::Future<Output = Disconnect>> std::future::Future for Accounted<F> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        // SAFETY: `session` is never moved out of a pinned `Accounted` (structural pinning:
+        // no `Unpin` impl, no method moves it, and `Accounted` has no `Drop`); the other
+        // fields are not pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        let session = unsafe { std::pin::Pin::new_unchecked(&mut this.session) };
+        match session.poll(cx) {
+            std::task::Poll::Ready(why) => {
+                ended(&this.ctx, this.conn, why);
+                std::task::Poll::Ready(())
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+fn spawn_session(
+    ctx: &Rc<ShardCtx>,
+    conn: u64,
+    session: impl std::future::Future<Output = Disconnect> + 'static,
+) {
+    monoio::spawn(Accounted {
+        ctx: ctx.clone(),
+        conn,
+        session,
+    });
+}
+
+/// Starts the session an HTTP connection handed over to (WebSocket or firehose) in a task of
+/// its own.
+fn hand_over(ctx: &Rc<ShardCtx>, served: crate::http::Served, conn: u64) {
     match served {
-        crate::http::Served::Closed(why) => Err(why),
+        crate::http::Served::Closed(why) => ended(ctx, conn, why),
         crate::http::Served::WebSocket { conn: c, up, rest } => {
-            Ok(Box::pin(crate::ws::serve(ctx.clone(), c, up, rest, conn)))
+            spawn_session(ctx, conn, crate::ws::serve(ctx.clone(), c, up, rest, conn));
         }
         crate::http::Served::Stream {
             conn: c,
             shard,
             from,
             follow,
-        } => Ok(Box::pin(crate::stream::serve(
-            ctx.clone(),
-            c,
-            shard,
-            from,
-            follow,
-            conn,
-            true,
-        ))),
+        } => {
+            // The firehose's future is larger and rare: boxed, so its task stays small.
+            let stream = Box::pin(crate::stream::serve(
+                ctx.clone(),
+                c,
+                shard,
+                from,
+                follow,
+                conn,
+                true,
+            ));
+            spawn_session(ctx, conn, stream);
+        }
     }
 }
 
 /// Convenience for connection code: the reason a connection ended.
 pub type Ended = Disconnect;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task_future_size<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
+        std::mem::size_of::<Accounted<R>>()
+    }
+
+    /// An idle WebSocket's memory is one task allocation: monoio's header (state, vtable,
+    /// owner thread: 24 bytes) and join waker (16) around `Accounted<ws::serve>`. mimalloc
+    /// rounds it up to its size class (.., 512, 640, 768, ..): this keeps it in 640.
+    #[test]
+    fn an_idle_websocket_is_one_small_task() {
+        let task = 24 + task_future_size(crate::ws::serve) + 16;
+        assert!(task <= 640, "an idle WebSocket's task grew to {task} bytes");
+    }
+}
