@@ -843,6 +843,17 @@ impl TenantRegistry {
     /// token signed by its tenant's key and not expired at `now_s`. O(1): one SHA-256 and one
     /// hash lookup, or one HMAC.
     pub fn authenticate(&self, token: &str, now_s: u64) -> Result<Principal<'_>, AuthError> {
+        self.authenticate_until(token, now_s).map(|(p, _)| p)
+    }
+
+    /// [`Self::authenticate`], and the first second (unix) at which the answer no longer holds:
+    /// a visitor token's expiry, `u64::MAX` for config tokens (the registry never changes), so
+    /// a caller may remember the answer until then.
+    pub fn authenticate_until(
+        &self,
+        token: &str,
+        now_s: u64,
+    ) -> Result<(Principal<'_>, u64), AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
@@ -851,30 +862,32 @@ impl TenantRegistry {
                 let tenant = self.tenant(name)?;
                 Some((tenant.name(), &tenant.visitor_key))
             })?;
-            return Ok(Principal::Visitor {
+            let principal = Principal::Visitor {
                 tenant: claims.tenant,
                 conversation: claims.conversation,
-            });
+            };
+            return Ok((principal, claims.expires_at_s));
         }
         if token.len() > TOKEN_BYTES_MAX {
             return Err(AuthError::Malformed {
                 reason: "token too long",
             });
         }
-        match self.by_token.get(&token_hash(token)) {
-            None => Err(AuthError::UnknownToken),
-            Some(&Credential::Admin) => Ok(Principal::Admin),
-            Some(&Credential::Integration { tenant }) => Ok(Principal::Integration {
+        let principal = match self.by_token.get(&token_hash(token)) {
+            None => return Err(AuthError::UnknownToken),
+            Some(&Credential::Admin) => Principal::Admin,
+            Some(&Credential::Integration { tenant }) => Principal::Integration {
                 tenant: self.tenants[tenant as usize].name(),
-            }),
+            },
             Some(&Credential::Agent { tenant, agent }) => {
                 let tenant = &self.tenants[tenant as usize];
-                Ok(Principal::Agent {
+                Principal::Agent {
                     tenant: tenant.name(),
                     name: &tenant.config.agent[agent as usize].name,
-                })
+                }
             }
-        }
+        };
+        Ok((principal, u64::MAX))
     }
 
     /// A visitor token for `conversation` of `tenant`, valid for `ttl_s` from `now_s`.

@@ -1,4 +1,4 @@
-//! Allocations per message on the send path, counted by a global allocator: the engine's `send` and `release` (a visitor message with the auto-reply check, as under load).
+//! Allocations per message on the send path, counted by a global allocator: the engine's `send` and `release` (a visitor message with the auto-reply check, as under load), and the HTTP side of a send (parse, token, body, answer).
 //!
 //! The issue asks that in steady state the data path allocates nothing per message: these tests
 //! pin that after a warm-up (pools filled, scratch buffers grown, tables sized). The counter is
@@ -8,12 +8,14 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
 
+use kefu_gateway::access::Access;
 use kefu_gateway::auth::VisitorKey;
 use kefu_gateway::engine::{Actor, Engine, EngineLimits, RecordLog};
 use kefu_gateway::routing::RouterLimits;
 use kefu_gateway::tenant::{Secret, Tenant, TenantRegistry, demo_tenant_config, load_intents};
 use kefu_protocol::frame::Header;
-use kefu_protocol::model::ModelLimits;
+use kefu_protocol::http::{HttpLimits, parse_request};
+use kefu_protocol::model::{ModelLimits, SendMessageRequest, parse_json};
 
 struct Counting;
 
@@ -150,4 +152,50 @@ fn engine_send_allocates_nothing_per_message_in_steady_state() {
         "engine send + release: {allocs} allocations in {MEASURED} sends ({per_send:.2} per send)"
     );
     assert_eq!(allocs, 0, "{per_send:.2} allocations per send");
+}
+
+/// What `http.rs` does for a send before and after the shard: parse the request, resolve the
+/// bearer token (a cache hit after the first time), parse the body and write the answer. The
+/// only allocation left is the message text, which the command to the shard owns.
+#[test]
+fn http_side_of_a_send_allocates_only_the_command_text() {
+    let registry = registry();
+    let token = registry
+        .issue_visitor_token("demo", 0x0000_0000_0000_0001, 1, u64::MAX / 2)
+        .unwrap();
+    let access = Access::from_registry(registry, 3600);
+    let body = r#"{"text":"hello from wrk"}"#;
+    let request = format!(
+        "POST /v1/conversations/c0000000000000001/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let limits = HttpLimits::default();
+    let mut out = Vec::with_capacity(1024);
+    let mut one = || {
+        let req = parse_request(request.as_bytes(), &limits).unwrap();
+        let token = req.head.bearer_token().unwrap();
+        let actor = access.authenticate(token).unwrap();
+        assert!(matches!(actor, Actor::Visitor { .. }));
+        let send: SendMessageRequest =
+            parse_json(req.body.as_contiguous().unwrap(), &ModelLimits::DEFAULT).unwrap();
+        assert_eq!(send.text, "hello from wrk");
+        out.clear();
+        kefu_gateway::http::write_sent(&mut out, 201, true, 7, 1_700_000_000_000_000);
+        assert!(out.starts_with(b"HTTP/1.1 201"));
+    };
+    for _ in 0..100 {
+        one();
+    }
+    let allocs = allocations(|| {
+        for _ in 0..MEASURED {
+            one();
+        }
+    });
+    let per_request = allocs as f64 / MEASURED as f64;
+    println!(
+        "http parse + token + body + answer: {allocs} allocations in {MEASURED} requests ({per_request:.2} per request)"
+    );
+    assert_eq!(allocs, MEASURED, "{per_request:.2} allocations per request");
 }
