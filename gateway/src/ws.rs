@@ -6,8 +6,10 @@
 
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use kefu_protocol::http::RequestHead;
@@ -22,7 +24,7 @@ use crate::conn::Conn;
 use crate::engine::{Actor, Delivery, Outbox, Sent};
 use crate::http::{HttpError, call, call_traced, conversation_id, token};
 use crate::metrics::{Disconnect, Stage};
-use crate::server::{ShardCtx, Woken};
+use crate::server::{DeadlineOrStop, ShardCtx, Woken};
 use crate::shard::{Command, Outcome};
 
 /// An accepted upgrade: the 101 answer is written; the token was checked (or not).
@@ -334,8 +336,9 @@ fn conversation_id_checked(ctx: &ShardCtx, id: ConversationId) -> Result<u64, Ht
     conversation_id(ctx, &id.to_string())
 }
 
-/// Runs a WebSocket session until it closes. `rest` holds bytes that arrived after the
-/// upgrade request.
+/// Runs a WebSocket session until it closes, then accounts for the connection (the caller
+/// spawns it as the connection's task: an idle WebSocket's memory is that one allocation).
+/// `rest` holds bytes that arrived after the upgrade request.
 ///
 /// Not an `async fn`: an async fn keeps its arguments in its future for as long as it runs
 /// (rust-lang/rust#62958), which here would be the whole hand-over (connection, token check,
@@ -346,18 +349,18 @@ pub fn serve(
     up: Upgraded,
     rest: Vec<u8>,
     conn_id: u64,
-) -> impl std::future::Future<Output = Disconnect> {
+) -> impl std::future::Future<Output = ()> {
     let opening = Box::pin(open(ctx, conn, up, rest, conn_id));
     async move {
-        let mut socket = match opening.await {
-            Ok(s) => s,
-            Err(why) => return why,
+        // A refused opening has accounted for itself.
+        let Some(mut socket) = opening.await else {
+            return;
         };
         let why = socket.run().await;
         if let Some(outbox) = socket.session.outbox() {
             outbox.close();
         }
-        why
+        crate::server::ended(&socket.session.ctx, socket.conn_id, why);
     }
 }
 
@@ -369,7 +372,7 @@ async fn open(
     up: Upgraded,
     rest: Vec<u8>,
     conn_id: u64,
-) -> Result<Socket, Disconnect> {
+) -> Option<Socket> {
     let limits = &ctx.shared.config.limits;
     let mut ws = WsConnection::new(WsLimits {
         frame_payload_bytes_max: limits.ws_frame_bytes_max as u64,
@@ -381,7 +384,8 @@ async fn open(
             let mut out = Vec::new();
             ws.send_close(&mut out, close_code::UNAUTHORIZED, &reason);
             let _ = conn.write_all(out).await;
-            return Err(Disconnect::Unauthorized);
+            crate::server::ended(&ctx, conn_id, Disconnect::Unauthorized);
+            return None;
         }
     };
     let following = match actor {
@@ -395,14 +399,13 @@ async fn open(
         }
         _ => None,
     };
-    let ping_every = Duration::from_millis(limits.ws_ping_interval_ms);
     // Each connection's ping phase is spread over the interval (by its id): sockets opened
     // in one burst would otherwise all be pinged in the same sweep, a burst of writes that
     // delays every other socket of the shard.
     let phase = ((conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64) / (1u64 << 53) as f64;
-    let now = Instant::now();
-    let last_ping = now.checked_sub(ping_every.mul_f64(phase)).unwrap_or(now);
-    Ok(Socket {
+    let now = now_ms();
+    let last_ping = now.wrapping_sub((ping_interval_ms(&ctx) as f64 * phase) as u32);
+    Some(Socket {
         session: Session {
             ctx,
             actor,
@@ -417,8 +420,25 @@ async fn open(
     })
 }
 
+/// Milliseconds on a monotonic clock, wrapping every 49 days: a socket's two timestamps in 8
+/// bytes instead of 32 (two `Instant`s). Differences are taken with `wrapping_sub`, right
+/// for any span under 24 days; the intervals compared are bounded by [`ms_u32`].
+fn now_ms() -> u32 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u32
+}
+
+/// A configured interval in ms, capped at 24 days (the span [`now_ms`] differences cover).
+fn ms_u32(ms: u64) -> u32 {
+    ms.min(24 * 86_400_000) as u32
+}
+
+fn ping_interval_ms(ctx: &ShardCtx) -> u32 {
+    ms_u32(ctx.shared.config.limits.ws_ping_interval_ms)
+}
+
 /// All that a WebSocket holds while it waits: the future of [`Socket::run`] is this and the
-/// three futures it waits on, nothing else (every step of work runs in its own box).
+/// [`Wait`] it parks in, nothing else (every step of work runs in its own box).
 /// `tests::idle_socket_state_is_small` pins its size.
 struct Socket {
     session: Session,
@@ -426,8 +446,9 @@ struct Socket {
     /// Received bytes not yet decoded (an incomplete frame), in a pooled buffer; `None`
     /// between messages.
     buf: Option<Vec<u8>>,
-    last_rx: Instant,
-    last_ping: Instant,
+    /// When the peer last sent something, and when we last pinged ([`now_ms`]).
+    last_rx: u32,
+    last_ping: u32,
     conn_id: u64,
 }
 
@@ -464,30 +485,31 @@ impl Socket {
             // (Read from the config on every round rather than kept: whatever this future
             // keeps across its wait, every idle socket holds.)
             let ctx = &self.session.ctx;
-            let limits = &ctx.shared.config.limits;
-            let idle = Duration::from_millis(limits.idle_timeout_ms);
-            let ping_every = Duration::from_millis(limits.ws_ping_interval_ms);
-            let now = Instant::now();
-            if now.duration_since(self.last_rx) >= idle {
+            let idle = ms_u32(ctx.shared.config.limits.idle_timeout_ms);
+            let ping_every = ping_interval_ms(ctx);
+            let now = now_ms();
+            let since_rx = now.wrapping_sub(self.last_rx);
+            let since_ping = now.wrapping_sub(self.last_ping);
+            if since_rx >= idle {
                 work = Work::IdleTimeout;
                 continue;
             }
-            if now.duration_since(self.last_ping) >= ping_every {
+            if since_ping >= ping_every {
                 work = Work::Ping;
                 continue;
             }
-            let wake_at = (self.last_ping + ping_every).min(self.last_rx + idle);
-            work = monoio::select! {
-                r = self.conn.readable() => match r {
-                    Ok(()) => Work::Read,
-                    Err(_) => return Disconnect::IoError,
-                },
-                _ = ready_following(&self.session.following) => Work::Deliver,
-                w = ctx.deadline_or_stop(self.conn_id, wake_at) => match w {
-                    // The loop above finds what is due.
-                    Woken::Deadline => Work::Deliver,
-                    Woken::Stop => Work::Stop,
-                },
+            let wait_ms = (ping_every - since_ping).min(idle - since_rx);
+            let wake_at = Instant::now() + Duration::from_millis(u64::from(wait_ms));
+            work = match (Wait {
+                ctx,
+                readable: self.conn.readable(),
+                outbox: self.session.outbox().map(|o| &**o),
+                deadline: ctx.deadline_or_stop(self.conn_id, wake_at),
+            })
+            .await
+            {
+                Some(w) => w,
+                None => return Disconnect::IoError,
             };
         }
     }
@@ -505,14 +527,14 @@ impl Socket {
                 self.buf = Some(b);
                 match res {
                     Ok(0) => return Err(Disconnect::Closed),
-                    Ok(_) => self.last_rx = Instant::now(),
+                    Ok(_) => self.last_rx = now_ms(),
                     Err(_) => return Err(Disconnect::IoError),
                 }
             }
             Work::Decode | Work::Deliver => {}
             Work::Ping => {
                 self.session.ws.send_ping(&mut out, b"kefu");
-                self.last_ping = Instant::now();
+                self.last_ping = now_ms();
             }
             Work::IdleTimeout => {
                 return Err(self
@@ -689,11 +711,47 @@ pub async fn ready(outbox: &Option<Arc<Outbox>>) {
     }
 }
 
-/// [`ready`] for a session's boxed [`Following`].
-async fn ready_following(following: &Option<Box<Following>>) {
-    match following {
-        Some(f) => f.outbox.ready().await,
-        None => std::future::pending().await,
+/// What a waiting socket parks in: readability, a delivery, its deadline or shutdown, polled
+/// by hand (`monoio::select!` would add its own state to every idle socket). `None`: the
+/// socket failed.
+struct Wait<'a, R> {
+    ctx: &'a ShardCtx,
+    readable: R,
+    outbox: Option<&'a Outbox>,
+    deadline: DeadlineOrStop<'a>,
+}
+
+impl<R: std::future::Future<Output = std::io::Result<()>>> std::future::Future for Wait<'_, R> {
+    type Output = Option<Work>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Work>> {
+        // SAFETY: `readable` is structurally pinned: it is never moved out of a pinned
+        // `Wait` (no `Unpin` impl, no `Drop`, no method moves it); the other fields are
+        // `Unpin`.
+        let this = unsafe { self.get_unchecked_mut() };
+        // Shutdown first, so a socket that always has input still hears it.
+        if this.ctx.stopping.get() {
+            return Poll::Ready(Some(Work::Stop));
+        }
+        // SAFETY: see above.
+        let readable = unsafe { Pin::new_unchecked(&mut this.readable) };
+        if let Poll::Ready(r) = readable.poll(cx) {
+            return Poll::Ready(r.ok().map(|()| Work::Read));
+        }
+        if let Some(outbox) = this.outbox {
+            // `Outbox::ready` keeps no state of its own: a fresh one registers the waker
+            // and looks at the queue, which is all a poll needs.
+            let ready = std::pin::pin!(outbox.ready());
+            if ready.poll(cx).is_ready() {
+                return Poll::Ready(Some(Work::Deliver));
+            }
+        }
+        match Pin::new(&mut this.deadline).poll(cx) {
+            // The run loop finds what is due.
+            Poll::Ready(Woken::Deadline) => Poll::Ready(Some(Work::Deliver)),
+            Poll::Ready(Woken::Stop) => Poll::Ready(Some(Work::Stop)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -706,13 +764,13 @@ mod tests {
     }
 
     /// What an idle WebSocket holds is its task (see `server::tests`): this future plus a few
-    /// words. It was 1,232 bytes before the opening step was boxed and the socket's state
-    /// gathered in `Socket`.
+    /// words. It was 1,232 bytes before the opening step was boxed, the socket's state
+    /// gathered in `Socket` and its wait polled by hand.
     #[test]
     fn idle_socket_state_is_small() {
         let serve = future_size(serve);
         let socket = std::mem::size_of::<Socket>();
-        assert!(socket <= 256, "Socket grew to {socket} bytes");
-        assert!(serve <= 560, "ws::serve's future grew to {serve} bytes");
+        assert!(socket <= 232, "Socket grew to {socket} bytes");
+        assert!(serve <= 472, "ws::serve's future grew to {serve} bytes");
     }
 }
