@@ -174,8 +174,10 @@ fn stall_shows_in_open_loop_p99_but_closed_loop_hides_it() {
         lc.max_us >= 80_000,
         "the closed run hit the stall too: {lc:?}"
     );
-    let stalled = samples_at_least(&closed, 50_000);
-    // 8 in-flight requests saw the stall; slack for a scheduler hiccup on a shared machine.
+    // The 8 requests in flight when the stall began each waited nearly all of its 100 ms;
+    // counting from 90 ms keeps the scheduler hiccups of a loaded 2-core machine (seen: 36
+    // samples over 50 ms in one such run) out of the count. Slack for a few of those remains.
+    let stalled = samples_at_least(&closed, 90_000);
     assert!(
         stalled <= 3 * 8,
         "only the in-flight requests see the stall: {stalled} {lc:?}"
