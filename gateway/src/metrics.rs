@@ -209,6 +209,7 @@ impl ShardMetrics {
         line("kefu_log_next_offset", "", log.next_offset());
         line("kefu_log_durable_offset", "", log.durable_offset());
         line("kefu_log_disk_bytes", "", log.disk_bytes());
+        line("kefu_log_syncs_in_flight", "", log.syncs_in_flight() as u64);
         for (i, (_, stage)) in STAGES.iter().enumerate() {
             let h = &self.latency.borrow()[i];
             for q in [0.5, 0.9, 0.99, 0.999] {
