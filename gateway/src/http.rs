@@ -290,8 +290,11 @@ fn message_send_target<'p>(head: &RequestHead<'p>) -> Option<&'p str> {
 /// Serves one HTTP connection until it closes; returns why it ended.
 /// What a burst of activity on a connection ended with.
 enum After {
-    /// Back to waiting (idle, no buffer pinned).
-    Wait,
+    /// Back to waiting (idle, no buffer pinned); the idle time counts from `idle_from` (when
+    /// the last answer was ready: the clock read that timed it, not another one).
+    Wait {
+        idle_from: Instant,
+    },
     End(Disconnect),
     WebSocket(crate::ws::Upgraded),
     Stream {
@@ -349,6 +352,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Served
         _ => Conn::plain(stream),
     };
     let idle = Duration::from_millis(ctx.shared.config.limits.idle_timeout_ms);
+    let mut idle_from = Instant::now();
     let mut c = HttpConn {
         conn,
         buf: None,
@@ -373,7 +377,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Served
             if c.out.capacity() > 0 {
                 ctx.pool.give(std::mem::take(&mut c.out));
             }
-            let deadline = Instant::now() + idle;
+            let deadline = idle_from + idle;
             let ready = monoio::select! {
                 r = c.conn.readable() => r.is_ok(),
                 w = ctx.deadline_or_stop(conn_id, deadline) => return Served::Closed(match w {
@@ -391,7 +395,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Served
         // the whole WebSocket or stream session below.
         let after = Box::pin(burst(&ctx, &mut c)).await;
         match after {
-            After::Wait => {}
+            After::Wait { idle_from: at } => idle_from = at,
             After::End(why) => return Served::Closed(why),
             After::WebSocket(up) => {
                 // Bytes after the upgrade request go to the WebSocket session; an empty buffer
@@ -466,12 +470,15 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
     }
     // Handle every complete request in the buffer (pipelining), then write once.
     let mut next = Next::Continue { keep_alive: true };
+    // When the previous answer was ready: a pipelined request starts there (it was already
+    // buffered), so one clock read per request times it.
+    let mut answered: Option<Instant> = None;
     loop {
         let b = buf.as_mut().expect("buffer taken above");
         if b.is_empty() {
             break;
         }
-        let started = Instant::now();
+        let started = answered.unwrap_or_else(Instant::now);
         // The eBPF request marker: one relaxed load when no tracer is attached.
         let traced = kefu_trace_common::trace_enabled();
         let trace = RefCell::new(RequestRecord::default());
@@ -563,8 +570,10 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
             rec.set(TraceStage::Answered, now_ns());
             emit(&rec);
         }
+        let done = Instant::now();
+        answered = Some(done);
         ctx.metrics
-            .latency(Stage::Request, started.elapsed().as_micros() as u64);
+            .latency(Stage::Request, (done - started).as_micros() as u64);
         let b = buf.as_mut().expect("buffer");
         b.drain(..consumed);
         if !matches!(next, Next::Continue { keep_alive: true }) {
@@ -579,7 +588,9 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
         }
     }
     match next {
-        Next::Continue { keep_alive: true } => After::Wait,
+        Next::Continue { keep_alive: true } => After::Wait {
+            idle_from: answered.unwrap_or_else(Instant::now),
+        },
         Next::Continue { keep_alive: false } => After::End(Disconnect::Closed),
         Next::Attachment {
             id,
@@ -601,7 +612,9 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
                 return After::End(Disconnect::Closed);
             }
             *parse_pending = buf.as_ref().is_some_and(|b| !b.is_empty());
-            After::Wait
+            After::Wait {
+                idle_from: Instant::now(),
+            }
         }
         Next::WebSocket(up) => After::WebSocket(up),
         Next::Stream {
