@@ -11,8 +11,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use kefu_protocol::http::{
-    Method, ParseError, RequestHead, ResponseHead, parse_head, parse_request, query_get,
-    write_continue, write_json_error, write_response,
+    Method, ParseError, PreparedHead, RequestHead, ResponseHead, parse_head, parse_request,
+    query_get, write_continue, write_json_error, write_response,
 };
 use kefu_protocol::model::{
     AgentStatus, AgentStatusRequest, ConversationId, CreateConversationRequest,
@@ -242,7 +242,23 @@ fn write_json(out: &mut Vec<u8>, status: u16, keep_alive: bool, body: &[u8]) {
 /// Longest `SendMessageResponse` JSON: `{"seq":N,"ts":N}` with two 20-digit numbers.
 const SENT_JSON_BYTES_MAX: usize = 64;
 
-/// Writes the answer to a send (`{"seq":..,"ts":..}`), rendered on the stack: no allocation.
+/// The heads of a send's answers, rendered once: 201 (stored) and 200 (an idempotent retry),
+/// keep-alive or not.
+static SENT_HEADS: std::sync::LazyLock<[[PreparedHead; 2]; 2]> = std::sync::LazyLock::new(|| {
+    let head = |status, keep_alive| {
+        let head = ResponseHead::new(status)
+            .content_type(JSON)
+            .keep_alive(keep_alive);
+        PreparedHead::new(&head).expect("200 and 201 have a Content-Length")
+    };
+    [
+        [head(200, false), head(200, true)],
+        [head(201, false), head(201, true)],
+    ]
+});
+
+/// Writes the answer to a send (`{"seq":..,"ts":..}`, `status` 200 or 201), rendered on the
+/// stack behind a prepared head: no allocation, no header-by-header render.
 pub fn write_sent(out: &mut Vec<u8>, status: u16, keep_alive: bool, seq: u64, ts: u64) {
     let mut buf = [0u8; SENT_JSON_BYTES_MAX];
     let mut rest = &mut buf[..];
@@ -252,7 +268,11 @@ pub fn write_sent(out: &mut Vec<u8>, status: u16, keep_alive: bool, seq: u64, ts
         "a send answer fits {SENT_JSON_BYTES_MAX} bytes"
     );
     let len = SENT_JSON_BYTES_MAX - rest.len();
-    write_json(out, status, keep_alive, &buf[..len]);
+    match status {
+        200 | 201 => SENT_HEADS[usize::from(status == 201)][usize::from(keep_alive)]
+            .write_response(out, &buf[..len]),
+        _ => write_json(out, status, keep_alive, &buf[..len]),
+    }
 }
 
 /// Most path segments a route has (`v1/conversations/{id}/messages`).
@@ -1170,4 +1190,56 @@ async fn metrics_text(ctx: &Rc<ShardCtx>) -> Result<String, HttpError> {
     // Connection-level series live on the shard whose thread serves the connection: the
     // engine shard renders only its own cells, so connections are counted where they live.
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The send's answer is what the generic writer makes of the same head and body.
+    #[test]
+    fn sent_answers_match_the_generic_writer() {
+        for status in [200, 201, 202] {
+            for keep_alive in [true, false] {
+                for (seq, ts) in [(1, 0), (u64::MAX, u64::MAX), (42, 1_700_000_000_000_000)] {
+                    let mut got = Vec::new();
+                    write_sent(&mut got, status, keep_alive, seq, ts);
+                    let mut want = Vec::new();
+                    write_json(
+                        &mut want,
+                        status,
+                        keep_alive,
+                        &SendMessageResponse { seq, ts }.to_json_vec(),
+                    );
+                    assert_eq!(
+                        String::from_utf8(got).unwrap(),
+                        String::from_utf8(want).unwrap()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn path_segments_match_a_full_split() {
+        for path in [
+            "/",
+            "",
+            "/v1",
+            "/v1/conversations/c1/messages",
+            "//a//b/",
+            "/a/b/c/d/e/f",
+        ] {
+            let all: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+            let mut segments = [""; PATH_SEGMENTS_MAX + 1];
+            let n = path_segments(path, &mut segments);
+            if all.len() <= PATH_SEGMENTS_MAX {
+                assert_eq!(&segments[..n], &all[..], "{path:?}");
+            } else {
+                // Longer than any route either way.
+                assert_eq!(n, PATH_SEGMENTS_MAX + 1, "{path:?}");
+                assert_eq!(&segments[..n], &all[..n], "{path:?}");
+            }
+        }
+    }
 }

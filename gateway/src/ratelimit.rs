@@ -74,10 +74,10 @@ impl RateLimiter {
             burst_milli: u64::from(config.burst) * MILLI,
             capacity: config.visitors_tracked_max,
             slots: Vec::with_capacity(config.visitors_tracked_max),
-            index: HashMap::with_capacity_and_hasher(
-                config.visitors_tracked_max,
-                foldhash::fast::RandomState::default(),
-            ),
+            // Grows with the visitors seen (up to the bound) rather than sized for the bound:
+            // a table sized for 65,536 keys spreads a few active ones over megabytes, and each
+            // check then misses the cache.
+            index: HashMap::default(),
             hand: 0,
             evicted_unfilled: 0,
         }

@@ -25,8 +25,8 @@ pub mod response;
 pub use chunked::{CHUNKS_COUNT_MAX, ChunkedBody, Chunks};
 pub use query::{PercentDecodeError, percent_decode, query_get, query_pairs};
 pub use response::{
-    ResponseHead, reason_phrase, write_chunk, write_chunked_head, write_continue, write_json_error,
-    write_json_string, write_last_chunk, write_response, write_response_head,
+    PreparedHead, ResponseHead, reason_phrase, write_chunk, write_chunked_head, write_continue,
+    write_json_error, write_json_string, write_last_chunk, write_response, write_response_head,
 };
 
 /// The most header lines any request may carry, whatever the limits say: the parser keeps them

@@ -109,6 +109,37 @@ pub fn write_response_head(out: &mut Vec<u8>, head: &ResponseHead<'_>, content_l
     out.extend_from_slice(b"\r\n");
 }
 
+/// A response head rendered once, for answers sent over and over (the JSON answer to a send):
+/// writing one is a copy and the length, not a header-by-header render. Writes exactly the
+/// bytes [`write_response`] does for the same head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedHead {
+    /// Everything up to and including `Content-Length: `.
+    prefix: Vec<u8>,
+}
+
+impl PreparedHead {
+    /// `None` for heads without a `Content-Length` (1xx, 204, 304).
+    pub fn new(head: &ResponseHead<'_>) -> Option<Self> {
+        if matches!(head.status, 100..=199 | 204 | 304) {
+            return None;
+        }
+        let mut prefix = Vec::with_capacity(256);
+        write_common_head(&mut prefix, head);
+        prefix.extend_from_slice(b"Content-Length: ");
+        Some(Self { prefix })
+    }
+
+    /// Writes a complete response with `body`, as [`write_response`] would.
+    pub fn write_response(&self, out: &mut Vec<u8>, body: &[u8]) {
+        out.reserve(self.prefix.len() + 24 + body.len());
+        out.extend_from_slice(&self.prefix);
+        write_u64(out, body.len() as u64);
+        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(body);
+    }
+}
+
 /// Writes the head of a streamed response (`Transfer-Encoding: chunked`); follow with
 /// [`write_chunk`] per piece and [`write_last_chunk`] at the end.
 pub fn write_chunked_head(out: &mut Vec<u8>, head: &ResponseHead<'_>) {

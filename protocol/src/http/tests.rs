@@ -653,3 +653,34 @@ proptest! {
         prop_assert!(incomplete, "cut {}", cut);
     }
 }
+
+/// A prepared head writes the bytes `write_response` writes, for every kind of head.
+#[test]
+fn prepared_heads_write_what_write_response_writes() {
+    let extra = [("X-Request-Id", "r1"), ("Bad", "a\r\nb")];
+    for status in [100, 101, 200, 201, 204, 304, 400, 429, 503, 1000] {
+        for keep_alive in [true, false] {
+            for content_type in [None, Some("application/json")] {
+                for retry in [None, Some(3)] {
+                    for extra in [&extra[..0], &extra[..]] {
+                        let mut head = ResponseHead::new(status)
+                            .keep_alive(keep_alive)
+                            .extra_headers(extra);
+                        head.content_type = content_type;
+                        head.retry_after_secs = retry;
+                        let Some(prepared) = PreparedHead::new(&head) else {
+                            assert!(matches!(status, 100..=199 | 204 | 304));
+                            continue;
+                        };
+                        for body in [&b""[..], b"{\"seq\":1,\"ts\":2}"] {
+                            let (mut want, mut got) = (b"x".to_vec(), b"x".to_vec());
+                            write_response(&mut want, &head, body);
+                            prepared.write_response(&mut got, body);
+                            assert_eq!(got, want, "{head:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
