@@ -1,4 +1,4 @@
-//! Who a request is: the gateway's view of `tenant::TenantRegistry` (agent, integration and signed visitor tokens) as engine [`Actor`]s with tenant indexes, and visitor-token issue.
+//! Who a request is: the gateway's view of `tenant::TenantRegistry` (agent, integration and signed visitor tokens) as engine [`Actor`]s with tenant indexes, a per-thread cache of verified tokens, and visitor-token issue.
 
 use std::cell::RefCell;
 use std::hash::BuildHasher;
