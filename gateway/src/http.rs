@@ -108,6 +108,25 @@ pub async fn call_traced(
     trace: Option<&RefCell<RequestRecord>>,
     make: impl FnOnce(crate::shard::Reply) -> Command,
 ) -> Result<Outcome, HttpError> {
+    let pending = dispatch(ctx, shard, trace, make)?;
+    Ok(pending.wait(ctx, trace).await)
+}
+
+/// A command in its shard's inbox whose reply has not been awaited yet: a session can
+/// dispatch several (in order, so they keep their order in the log) before it awaits them,
+/// and one group commit then covers them all.
+pub struct Pending {
+    reply: crate::shard::Reply,
+    started: Instant,
+}
+
+/// The first half of [`call_traced`]: queues the command on its shard, without waiting.
+pub fn dispatch(
+    ctx: &ShardCtx,
+    shard: u16,
+    trace: Option<&RefCell<RequestRecord>>,
+    make: impl FnOnce(crate::shard::Reply) -> Command,
+) -> Result<Pending, HttpError> {
     let inbox = ctx
         .shared
         .inboxes
@@ -131,22 +150,29 @@ pub async fn call_traced(
     if let Some(rec) = trace {
         rec.borrow_mut().set(TraceStage::RoutedToShard, now_ns());
     }
-    let outcome = reply.wait().await;
-    if let Some(rec) = trace {
-        let mut rec = rec.borrow_mut();
-        for (stage, at) in [
-            (TraceStage::Appended, &reply.appended_ns),
-            (TraceStage::Synced, &reply.synced_ns),
-        ] {
-            let ns = at.load(std::sync::atomic::Ordering::Relaxed);
-            if ns != 0 {
-                rec.set(stage, ns);
+    Ok(Pending { reply, started })
+}
+
+impl Pending {
+    /// The second half of [`call_traced`]: the command's outcome, its stages in `trace`.
+    pub async fn wait(self, ctx: &ShardCtx, trace: Option<&RefCell<RequestRecord>>) -> Outcome {
+        let outcome = self.reply.wait().await;
+        if let Some(rec) = trace {
+            let mut rec = rec.borrow_mut();
+            for (stage, at) in [
+                (TraceStage::Appended, &self.reply.appended_ns),
+                (TraceStage::Synced, &self.reply.synced_ns),
+            ] {
+                let ns = at.load(std::sync::atomic::Ordering::Relaxed);
+                if ns != 0 {
+                    rec.set(stage, ns);
+                }
             }
         }
+        ctx.metrics
+            .latency(Stage::Command, self.started.elapsed().as_micros() as u64);
+        outcome
     }
-    ctx.metrics
-        .latency(Stage::Command, started.elapsed().as_micros() as u64);
-    Ok(outcome)
 }
 
 /// Parses a conversation id from a path segment and checks its shard exists.
