@@ -416,12 +416,23 @@ pub fn parse_head<'b>(buf: &'b [u8], limits: &HttpLimits) -> Result<RequestHead<
     let head_bytes = &scan[..head_len];
     // Offsets of the parsed headers in the head (they are slices of it).
     let base = scan.as_ptr() as usize;
-    let offset = |part: &[u8]| u32::try_from(part.as_ptr() as usize - base);
+    // Where `part` is in the head, checked (never trusted): an empty part needs no position.
+    let offset = |part: &[u8]| -> Option<u32> {
+        if part.is_empty() {
+            return Some(0);
+        }
+        let at = (part.as_ptr() as usize).checked_sub(base)?;
+        if at + part.len() > head_bytes.len() {
+            return None;
+        }
+        u32::try_from(at).ok()
+    };
     let mut at = [HeaderAt::default(); HEADERS_COUNT_HARD_MAX];
     let headers_len = req.headers.len();
     for (slot, h) in at.iter_mut().zip(req.headers.iter()) {
-        let (Ok(name_at), Ok(value_at)) = (offset(h.name.as_bytes()), offset(h.value)) else {
-            return Err(InvalidRequest::HeadTooLarge.into());
+        let (Some(name_at), Some(value_at)) = (offset(h.name.as_bytes()), offset(h.value)) else {
+            // httparse hands out slices of the head; anything else is refused, not trusted.
+            return Err(InvalidRequest::Syntax("header outside the head").into());
         };
         *slot = HeaderAt {
             name_at,
