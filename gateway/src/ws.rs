@@ -202,20 +202,90 @@ impl Session {
         self.ws.send_text(out, text);
     }
 
-    async fn handle(
+    /// A client message, or why the text is not one.
+    fn parse(&self, text: &str) -> Result<ClientMessage, String> {
+        let limits = crate::access::model_limits(&self.ctx.shared.config.limits);
+        parse_json(text.as_bytes(), &limits).map_err(|e| e.to_string())
+    }
+
+    /// Queues a send on its conversation's shard without waiting for it (see
+    /// [`PendingSend`]). Anything else, and a send whose conversation id is bad, comes back
+    /// to take the ordinary path, answered in order with the rest.
+    fn dispatch_send(
         &mut self,
-        text: &str,
+        msg: ClientMessage,
+        trace: Option<&RefCell<RequestRecord>>,
+    ) -> Dispatched {
+        let ClientMessage::Send {
+            conversation_id,
+            text,
+            client_msg_id,
+        } = msg
+        else {
+            return Dispatched::Other(msg);
+        };
+        let Ok(conv) = conversation_id_checked(&self.ctx, conversation_id) else {
+            return Dispatched::Other(ClientMessage::Send {
+                conversation_id,
+                text,
+                client_msg_id,
+            });
+        };
+        if let Some(rec) = trace {
+            rec.borrow_mut().conversation_id = conv;
+        }
+        let actor = self.actor.clone();
+        let cmid = client_msg_id.clone();
+        match crate::http::dispatch(&self.ctx, (conv >> 48) as u16, trace, |reply| {
+            Command::Send {
+                conv,
+                actor,
+                text,
+                client_msg_id: cmid,
+                reply,
+            }
+        }) {
+            Ok(pending) => Dispatched::Pending(PendingSend {
+                pending,
+                conv,
+                client_msg_id,
+            }),
+            Err(error) => Dispatched::Refused {
+                conv,
+                client_msg_id,
+                error,
+            },
+        }
+    }
+
+    /// Writes the answer to a send: its ack, or the refusal.
+    fn answer_send(
+        &mut self,
+        out: &mut Vec<u8>,
+        conv: u64,
+        client_msg_id: Option<String>,
+        sent: Result<Sent, HttpError>,
+    ) -> Verdict {
+        match sent {
+            Ok(sent) => {
+                let ack = ServerMessage::Ack(Ack {
+                    client_msg_id,
+                    conversation_id: ConversationId(conv),
+                    seq: sent.seq,
+                });
+                self.text(out, &ack.to_json_vec());
+                Verdict::Fine
+            }
+            Err(e) => self.refuse(out, e, Some(conv), client_msg_id),
+        }
+    }
+
+    async fn handle_msg(
+        &mut self,
+        msg: ClientMessage,
         out: &mut Vec<u8>,
         trace: Option<&RefCell<RequestRecord>>,
     ) -> Verdict {
-        let limits = crate::access::model_limits(&self.ctx.shared.config.limits);
-        let msg: ClientMessage = match parse_json(text.as_bytes(), &limits) {
-            Ok(m) => m,
-            Err(e) => {
-                self.text(out, &error_json(&e.to_string(), None, None));
-                return Verdict::Fine;
-            }
-        };
         let ctx = self.ctx.clone();
         match msg {
             ClientMessage::Subscribe {
@@ -278,20 +348,9 @@ impl Session {
                 if let Some(rec) = trace {
                     rec.borrow_mut().conversation_id = conv;
                 }
-                match send_message(&ctx, conv, &self.actor, text, client_msg_id.clone(), trace)
-                    .await
-                {
-                    Ok(sent) => {
-                        let ack = ServerMessage::Ack(Ack {
-                            client_msg_id,
-                            conversation_id: ConversationId(conv),
-                            seq: sent.seq,
-                        });
-                        self.text(out, &ack.to_json_vec());
-                        Verdict::Fine
-                    }
-                    Err(e) => self.refuse(out, e, Some(conv), client_msg_id),
-                }
+                let sent =
+                    send_message(&ctx, conv, &self.actor, text, client_msg_id.clone(), trace).await;
+                self.answer_send(out, conv, client_msg_id, sent)
             }
             ClientMessage::Typing { conversation_id } => {
                 let conv = conversation_id.0;
@@ -329,6 +388,40 @@ impl Session {
                 Verdict::Fine
             }
         }
+    }
+}
+
+/// A send queued on its conversation's shard, answered once the session awaits it.
+struct PendingSend {
+    pending: crate::http::Pending,
+    conv: u64,
+    client_msg_id: Option<String>,
+}
+
+/// What [`Session::dispatch_send`] did with a client message.
+enum Dispatched {
+    Pending(PendingSend),
+    /// The shard refused it (overload): answer in order.
+    Refused {
+        conv: u64,
+        client_msg_id: Option<String>,
+        error: HttpError,
+    },
+    /// Not a send, or a send with a bad conversation id: take the ordinary path.
+    Other(ClientMessage),
+}
+
+/// Ends a client message's trace record (status and answer time) and hands it to the tracer.
+fn finish_trace(trace: Option<&RefCell<RequestRecord>>, verdict: &Verdict) {
+    if let Some(rec) = trace {
+        let mut rec = rec.borrow_mut();
+        rec.status = if matches!(verdict, Verdict::Fine) {
+            200
+        } else {
+            400
+        };
+        rec.set(TraceStage::Answered, now_ns());
+        emit(&rec);
     }
 }
 
@@ -574,46 +667,67 @@ impl Socket {
             let _ = self.conn.write_all(out).await;
             return Err(why);
         }
-        // 2. Act on complete messages.
+        // 2. Act on complete messages. Sends are queued on their shards without waiting, so
+        // one group commit covers a burst of them, and answered in order; anything else first
+        // waits for the sends before it, so answers keep the order of the client's messages.
+        let mut pending: Vec<(PendingSend, Option<Box<RefCell<RequestRecord>>>)> = Vec::new();
         for text in texts {
             // The eBPF request marker, one per client message (route WS_FRAME).
-            let traced = kefu_trace_common::trace_enabled();
-            let trace = RefCell::new(RequestRecord::default());
-            if traced {
-                let mut rec = trace.borrow_mut();
-                rec.request_id = (u64::from(ctx.id) << 48) | ctx.next_conn_id();
-                rec.connection_id = self.conn_id;
-                rec.shard = ctx.id;
-                rec.fd = self.conn.stream.as_raw_fd();
-                rec.route = trace_route::WS_FRAME;
+            let trace = kefu_trace_common::trace_enabled().then(|| {
+                let mut rec = RequestRecord {
+                    request_id: (u64::from(ctx.id) << 48) | ctx.next_conn_id(),
+                    connection_id: self.conn_id,
+                    shard: ctx.id,
+                    fd: self.conn.stream.as_raw_fd(),
+                    route: trace_route::WS_FRAME,
+                    ..Default::default()
+                };
                 let now = now_ns();
                 rec.set(TraceStage::Accepted, now);
                 rec.set(TraceStage::Parsed, now);
-            }
-            // Boxed: a subscribe's replay state only lives while it runs.
-            let verdict = Box::pin(
-                self.session
-                    .handle(&text, &mut out, traced.then_some(&trace)),
-            )
-            .await;
-            if traced {
-                let mut rec = trace.borrow_mut();
-                rec.status = if matches!(verdict, Verdict::Fine) {
-                    200
-                } else {
-                    400
-                };
-                rec.set(TraceStage::Answered, now_ns());
-                emit(&rec);
-            }
+                Box::new(RefCell::new(rec))
+            });
+            let trace_ref = trace.as_deref();
+            let verdict = match self.session.parse(&text) {
+                Err(why) => {
+                    if let Some(close) = self.answer_pending(&mut pending, &mut out).await {
+                        return Err(self.close_with(out, close).await);
+                    }
+                    self.session.text(&mut out, &error_json(&why, None, None));
+                    Verdict::Fine
+                }
+                Ok(msg) => match self.session.dispatch_send(msg, trace_ref) {
+                    Dispatched::Pending(p) => {
+                        pending.push((p, trace));
+                        continue;
+                    }
+                    Dispatched::Refused {
+                        conv,
+                        client_msg_id,
+                        error,
+                    } => {
+                        if let Some(close) = self.answer_pending(&mut pending, &mut out).await {
+                            return Err(self.close_with(out, close).await);
+                        }
+                        self.session
+                            .answer_send(&mut out, conv, client_msg_id, Err(error))
+                    }
+                    Dispatched::Other(msg) => {
+                        if let Some(close) = self.answer_pending(&mut pending, &mut out).await {
+                            return Err(self.close_with(out, close).await);
+                        }
+                        // Boxed: a subscribe's replay state only lives while it runs.
+                        Box::pin(self.session.handle_msg(msg, &mut out, trace_ref)).await
+                    }
+                },
+            };
+            finish_trace(trace_ref, &verdict);
             if let Verdict::Close(code, reason) = verdict {
-                let why = if code == close_code::UNAUTHORIZED {
-                    Disconnect::Unauthorized
-                } else {
-                    Disconnect::BadRequest
-                };
-                return Err(self.close(out, code, &reason, why).await);
+                return Err(self.close_with(out, (code, reason)).await);
             }
+        }
+        if let Some(close) = self.answer_pending(&mut pending, &mut out).await {
+            return Err(self.close_with(out, close).await);
         }
         // 3. Deliveries.
         let mut delivered = 0;
@@ -653,6 +767,39 @@ impl Socket {
             ctx.pool.give(b);
         }
         Ok(outbox.is_some_and(|o| !o.is_empty()))
+    }
+
+    /// Awaits the queued sends in order and writes their answers. `Some`: one of them closes
+    /// the socket (401/403); the rest are dropped (their commands still complete).
+    async fn answer_pending(
+        &mut self,
+        pending: &mut Vec<(PendingSend, Option<Box<RefCell<RequestRecord>>>)>,
+        out: &mut Vec<u8>,
+    ) -> Option<(u16, String)> {
+        let ctx = self.session.ctx.clone();
+        for (p, trace) in pending.drain(..) {
+            let trace_ref = trace.as_deref();
+            let sent = match p.pending.wait(&ctx, trace_ref).await {
+                Outcome::Sent(s) => s.map_err(HttpError::from),
+                _ => Err(HttpError::new(500, "unexpected reply")),
+            };
+            let verdict = self.session.answer_send(out, p.conv, p.client_msg_id, sent);
+            finish_trace(trace_ref, &verdict);
+            if let Verdict::Close(code, reason) = verdict {
+                return Some((code, reason));
+            }
+        }
+        None
+    }
+
+    /// Closes with a client-caused code (4001/4003 for auth, else a protocol error).
+    async fn close_with(&mut self, out: Vec<u8>, (code, reason): (u16, String)) -> Disconnect {
+        let why = if code == close_code::UNAUTHORIZED {
+            Disconnect::Unauthorized
+        } else {
+            Disconnect::BadRequest
+        };
+        self.close(out, code, &reason, why).await
     }
 
     /// Decodes the frames in `buf`: texts to act on, pongs and errors into `out`. `Some`:

@@ -1040,3 +1040,61 @@ fn overload_answers_503_with_retry_after() {
     // And the gateway serves again once the burst is over.
     assert_eq!(http.get("/healthz", None).status, 200);
 }
+
+#[test]
+fn a_burst_of_websocket_messages_is_answered_in_order() {
+    // The session queues a burst's sends without waiting for each sync; answers (and seqs)
+    // must still follow the client's order, with other messages answered between them.
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir, "2", "always");
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, Some("hi"));
+    let path = format!("/v1/conversations/{id}/messages");
+    let last = http.get(&path, Some(&visitor)).json()["last_seq"]
+        .as_u64()
+        .unwrap();
+    let send = |cmid: &str| {
+        json!({"type": "send", "conversation_id": id, "text": format!("text {cmid}"), "client_msg_id": cmid})
+            .to_string()
+    };
+    let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).expect("upgrade");
+    ws.send_texts(&[
+        send("b0"),
+        send("b1"),
+        "{not json".to_string(),
+        send("b2"),
+        send("b1"), // a retry: the same seq again
+        json!({"type": "send", "conversation_id": "c00000000000000zz", "text": "x"}).to_string(),
+        send("b3"),
+    ]);
+    let mut answers = Vec::new();
+    while answers.len() < 7 {
+        match ws.recv_stored() {
+            WsMsg::Text(v) => answers.push(v),
+            other => panic!("unexpected {other:?} after {answers:?}"),
+        }
+    }
+    let ack = |v: &serde_json::Value, cmid: &str, seq: u64| {
+        assert_eq!(v["type"], "ack", "{v}");
+        assert_eq!(v["client_msg_id"], cmid, "{v}");
+        assert_eq!(v["seq"].as_u64(), Some(seq), "{v}");
+    };
+    ack(&answers[0], "b0", last + 1);
+    ack(&answers[1], "b1", last + 2);
+    assert_eq!(answers[2]["type"], "error", "{}", answers[2]);
+    ack(&answers[3], "b2", last + 3);
+    ack(&answers[4], "b1", last + 2);
+    assert_eq!(answers[5]["type"], "error", "{}", answers[5]);
+    ack(&answers[6], "b3", last + 4);
+    // Stored once each, in the client's order.
+    let history = http
+        .get(&format!("{path}?after={last}"), Some(&visitor))
+        .json();
+    let texts: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["text b0", "text b1", "text b2", "text b3"]);
+}

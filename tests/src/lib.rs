@@ -394,6 +394,15 @@ impl Ws {
         self.stream.write_all(bytes).expect("ws write");
     }
 
+    /// Sends text messages (JSON or not) in one write, so the server reads them as a burst.
+    pub fn send_texts(&mut self, texts: &[String]) {
+        let mut out = Vec::new();
+        for t in texts {
+            self.conn.send_text(&mut out, t);
+        }
+        self.stream.write_all(&out).expect("ws write");
+    }
+
     /// The next text message or close (pings are answered by the codec).
     pub fn recv(&mut self) -> WsMsg {
         loop {
