@@ -15,10 +15,11 @@ use kefu_trace_common::{RequestRecord, Stage as TraceStage, emit, now_ns, route 
 use monoio::net::TcpStream;
 
 use crate::conn::Conn;
-use crate::engine::{Actor, Outbox};
+use crate::engine::{Actor, Outbox, Sent};
 use crate::http::{HttpError, conversation_id};
 use crate::metrics::Disconnect;
 use crate::server::{ShardCtx, Woken};
+use crate::shard::{Command, Outcome};
 use crate::ws::{ephemeral, register_agent_inbox, replay_step, send_message};
 
 fn error_frame(out: &mut Vec<u8>, conv: u64, code: u16, client_msg_id: Option<&str>, reason: &str) {
@@ -78,6 +79,8 @@ enum Owned {
         follow: bool,
     },
     Ping(u64),
+    /// A Send the shard refused when it was queued (overload): answered in order.
+    Refused(ConversationId, u64, Option<String>, HttpError),
 }
 
 impl From<ClientMsg<'_>> for Owned {
@@ -116,6 +119,150 @@ impl From<ClientMsg<'_>> for Owned {
             },
             ClientMsg::Ping { nonce } => Owned::Ping(nonce),
         }
+    }
+}
+
+/// An Error frame; 401/403 close the connection.
+fn refuse(out: &mut Vec<u8>, e: HttpError, conv: u64, cmid: Option<&str>) -> Verdict {
+    error_frame(out, conv, e.status, cmid, &e.message);
+    if e.status == 401 || e.status == 403 {
+        Verdict::Close(Disconnect::Unauthorized)
+    } else {
+        Verdict::Fine
+    }
+}
+
+/// The answer to a Send: its Ack, or the refusal.
+fn answer_send(
+    out: &mut Vec<u8>,
+    conv: ConversationId,
+    id: u64,
+    client_msg_id: Option<&str>,
+    sent: Result<Sent, HttpError>,
+) -> Verdict {
+    match sent {
+        Ok(sent) => {
+            let _ = encode_server(
+                &ServerMsg::Ack {
+                    conversation_id: conv,
+                    seq: sent.seq,
+                    log_offset: sent.log_offset,
+                    timestamp_us: sent.ts,
+                    duplicate: sent.duplicate,
+                    client_msg_id,
+                },
+                out,
+            );
+            Verdict::Fine
+        }
+        Err(e) => refuse(out, e, id, client_msg_id),
+    }
+}
+
+/// A frame's eBPF trace record (only while a tracer is attached).
+type Trace = Box<RefCell<RequestRecord>>;
+
+/// A Send queued on its conversation's shard, answered once the session awaits it: a burst
+/// of frames queues its sends together, so one group commit covers them.
+struct PendingSend {
+    pending: crate::http::Pending,
+    conv: ConversationId,
+    id: u64,
+    client_msg_id: Option<String>,
+    trace: Option<Trace>,
+}
+
+/// Queues an authenticated Send without waiting; anything else (and a Send that must be
+/// refused) comes back for the ordinary path.
+fn dispatch_send(
+    ctx: &ShardCtx,
+    s: &Session,
+    msg: Owned,
+    trace: Option<Trace>,
+) -> Result<PendingSend, (Owned, Option<Trace>)> {
+    let Some(actor) = s.actor.clone() else {
+        return Err((msg, trace));
+    };
+    let Owned::Send {
+        conv,
+        client_msg_id,
+        text,
+    } = msg
+    else {
+        return Err((msg, trace));
+    };
+    let Ok(id) = conversation_id(ctx, &conv.to_string()) else {
+        return Err((
+            Owned::Send {
+                conv,
+                client_msg_id,
+                text,
+            },
+            trace,
+        ));
+    };
+    if let Some(rec) = &trace {
+        rec.borrow_mut().conversation_id = id;
+    }
+    let cmid = client_msg_id.clone();
+    let dispatched = crate::http::dispatch(ctx, (id >> 48) as u16, trace.as_deref(), |reply| {
+        Command::Send {
+            conv: id,
+            actor,
+            text,
+            client_msg_id: cmid,
+            reply,
+        }
+    });
+    match dispatched {
+        Ok(pending) => Ok(PendingSend {
+            pending,
+            conv,
+            id,
+            client_msg_id,
+            trace,
+        }),
+        Err(e) => Err((Owned::Refused(conv, id, client_msg_id, e), trace)),
+    }
+}
+
+/// Awaits queued sends in order and writes their answers; `Some` when one closes the
+/// connection (the rest are dropped; their commands still complete).
+async fn answer_pending(
+    ctx: &ShardCtx,
+    pending: &mut Vec<PendingSend>,
+    out: &mut Vec<u8>,
+) -> Option<Disconnect> {
+    for p in pending.drain(..) {
+        let trace = p.trace.as_deref();
+        let sent = match p.pending.wait(ctx, trace).await {
+            Outcome::Sent(s) => s.map_err(HttpError::from),
+            _ => Err(HttpError::new(500, "unexpected reply")),
+        };
+        let before = out.len();
+        let verdict = answer_send(out, p.conv, p.id, p.client_msg_id.as_deref(), sent);
+        finish_trace(trace, out, before);
+        if let Verdict::Close(why) = verdict {
+            return Some(why);
+        }
+    }
+    None
+}
+
+/// Ends a frame's trace record: 400 when its answer (from `out[before..]`) is an Error frame.
+fn finish_trace(trace: Option<&RefCell<RequestRecord>>, out: &[u8], before: usize) {
+    if let Some(rec) = trace {
+        let mut rec = rec.borrow_mut();
+        rec.status = if out[before..]
+            .get(3)
+            .is_some_and(|&kind| kind == kefu_protocol::frame::Kind::Error as u8)
+        {
+            400
+        } else {
+            200
+        };
+        rec.set(TraceStage::Answered, now_ns());
+        emit(&rec);
     }
 }
 
@@ -170,15 +317,10 @@ async fn handle(
             }
         };
     };
-    let refuse = |out: &mut Vec<u8>, e: HttpError, conv: u64, cmid: Option<&str>| {
-        error_frame(out, conv, e.status, cmid, &e.message);
-        if e.status == 401 || e.status == 403 {
-            Verdict::Close(Disconnect::Unauthorized)
-        } else {
-            Verdict::Fine
-        }
-    };
     match msg {
+        Owned::Refused(conv, id, client_msg_id, e) => {
+            answer_send(out, conv, id, client_msg_id.as_deref(), Err(e))
+        }
         Owned::Hello(_) => {
             error_frame(out, 0, 400, None, "Hello was already sent");
             Verdict::Fine
@@ -199,23 +341,8 @@ async fn handle(
             if let Some(rec) = trace {
                 rec.borrow_mut().conversation_id = id;
             }
-            match send_message(ctx, id, &actor, text, client_msg_id.clone(), trace).await {
-                Ok(sent) => {
-                    let _ = encode_server(
-                        &ServerMsg::Ack {
-                            conversation_id: conv,
-                            seq: sent.seq,
-                            log_offset: sent.log_offset,
-                            timestamp_us: sent.ts,
-                            duplicate: sent.duplicate,
-                            client_msg_id: client_msg_id.as_deref(),
-                        },
-                        out,
-                    );
-                    Verdict::Fine
-                }
-                Err(e) => refuse(out, e, id, client_msg_id.as_deref()),
-            }
+            let sent = send_message(ctx, id, &actor, text, client_msg_id.clone(), trace).await;
+            answer_send(out, conv, id, client_msg_id.as_deref(), sent)
         }
         Owned::Subscribe { conv, mut after } => {
             let id = match conversation_id(ctx, &conv.to_string()) {
@@ -369,45 +496,38 @@ async fn session_loop(
             }
             b.drain(..used_total);
         }
+        let mut pending: Vec<PendingSend> = Vec::new();
         for msg in messages {
             // The eBPF request marker, one per client frame (route BINARY_FRAME).
-            let traced = kefu_trace_common::trace_enabled();
-            let trace = RefCell::new(RequestRecord::default());
-            if traced {
-                let mut rec = trace.borrow_mut();
-                rec.request_id = (u64::from(ctx.id) << 48) | ctx.next_conn_id();
-                rec.connection_id = conn_id;
-                rec.shard = ctx.id;
-                rec.fd = conn.stream.as_raw_fd();
-                rec.route = trace_route::BINARY_FRAME;
+            let trace = kefu_trace_common::trace_enabled().then(|| {
+                let mut rec = RequestRecord {
+                    request_id: (u64::from(ctx.id) << 48) | ctx.next_conn_id(),
+                    connection_id: conn_id,
+                    shard: ctx.id,
+                    fd: conn.stream.as_raw_fd(),
+                    route: trace_route::BINARY_FRAME,
+                    ..Default::default()
+                };
                 let now = now_ns();
                 rec.set(TraceStage::Accepted, now);
                 rec.set(TraceStage::Parsed, now);
+                Box::new(RefCell::new(rec))
+            });
+            // Sends queue without waiting; anything else first answers the sends before it.
+            let (msg, trace) = match dispatch_send(ctx, s, msg, trace) {
+                Ok(p) => {
+                    pending.push(p);
+                    continue;
+                }
+                Err(back) => back,
+            };
+            if let Some(why) = answer_pending(ctx, &mut pending, &mut out).await {
+                let _ = conn.write_all(out).await;
+                return Ok(why);
             }
             let out_len_before = out.len();
-            let verdict = Box::pin(handle(
-                ctx,
-                s,
-                msg,
-                &mut out,
-                conn_id,
-                traced.then_some(&trace),
-            ))
-            .await;
-            if traced {
-                let mut rec = trace.borrow_mut();
-                // An Error frame among this message's answer is what the client sees.
-                rec.status = if out[out_len_before..]
-                    .get(3)
-                    .is_some_and(|&kind| kind == kefu_protocol::frame::Kind::Error as u8)
-                {
-                    400
-                } else {
-                    200
-                };
-                rec.set(TraceStage::Answered, now_ns());
-                emit(&rec);
-            }
+            let verdict = Box::pin(handle(ctx, s, msg, &mut out, conn_id, trace.as_deref())).await;
+            finish_trace(trace.as_deref(), &out, out_len_before);
             match verdict {
                 Verdict::Fine => {}
                 Verdict::Close(why) => {
@@ -426,6 +546,10 @@ async fn session_loop(
                     return Err((shard, from, follow));
                 }
             }
+        }
+        if let Some(why) = answer_pending(ctx, &mut pending, &mut out).await {
+            let _ = conn.write_all(out).await;
+            return Ok(why);
         }
         if let Some((code, reason)) = fatal {
             error_frame(&mut out, 0, code, None, &reason);

@@ -1098,3 +1098,51 @@ fn a_burst_of_websocket_messages_is_answered_in_order() {
         .collect();
     assert_eq!(texts, ["text b0", "text b1", "text b2", "text b3"]);
 }
+
+#[test]
+fn a_burst_of_binary_frames_is_answered_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir, "2", "always");
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, Some("hi"));
+    let last = http
+        .get(&format!("/v1/conversations/{id}/messages"), Some(&visitor))
+        .json()["last_seq"]
+        .as_u64()
+        .unwrap();
+    let conv = ConversationId::parse(&id).unwrap();
+    let mut bin = Bin::connect(kefu.tcp);
+    let send = |cmid| ClientMsg::Send {
+        conversation_id: conv,
+        client_msg_id: Some(cmid),
+        text: "burst",
+    };
+    bin.send_all(&[
+        ClientMsg::Hello { token: &visitor },
+        send("b0"),
+        send("b1"),
+        ClientMsg::Ping { nonce: 9 },
+        send("b2"),
+        send("b1"),
+        ClientMsg::Send {
+            conversation_id: ConversationId(u64::MAX),
+            client_msg_id: Some("bad"),
+            text: "nowhere",
+        },
+        send("b3"),
+    ]);
+    assert!(matches!(bin.recv(), Some(BinMsg::Welcome { .. })));
+    let ack = |bin: &mut Bin, want_seq: u64, want_dup: bool| match bin.recv() {
+        Some(BinMsg::Ack { seq, duplicate, .. }) => {
+            assert_eq!((seq, duplicate), (want_seq, want_dup));
+        }
+        other => panic!("expected ack {want_seq}, got {other:?}"),
+    };
+    ack(&mut bin, last + 1, false);
+    ack(&mut bin, last + 2, false);
+    assert_eq!(bin.recv(), Some(BinMsg::Pong { nonce: 9 }));
+    ack(&mut bin, last + 3, false);
+    ack(&mut bin, last + 2, true);
+    assert!(matches!(bin.recv(), Some(BinMsg::Error { code: 404, .. })));
+    ack(&mut bin, last + 4, false);
+}

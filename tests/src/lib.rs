@@ -508,6 +508,15 @@ impl Bin {
         self.stream.write_all(bytes).expect("write");
     }
 
+    /// Sends frames in one write, so the server reads them as a burst.
+    pub fn send_all(&mut self, msgs: &[ClientMsg<'_>]) {
+        let mut out = Vec::new();
+        for m in msgs {
+            binproto::encode_client(m, 0, &mut out).expect("encode");
+        }
+        self.stream.write_all(&out).expect("write");
+    }
+
     pub fn recv(&mut self) -> Option<BinMsg> {
         loop {
             match binproto::decode_server(&self.buf, &self.limits) {
