@@ -20,7 +20,7 @@ use crate::http::{HttpError, conversation_id};
 use crate::metrics::Disconnect;
 use crate::server::{ShardCtx, Woken};
 use crate::shard::{Command, Outcome};
-use crate::ws::{ephemeral, register_agent_inbox, replay_step, send_message};
+use crate::ws::{ephemeral, message_trace, register_agent_inbox, replay_step, send_message};
 
 fn error_frame(out: &mut Vec<u8>, conv: u64, code: u16, client_msg_id: Option<&str>, reason: &str) {
     let reason: String = reason.chars().take(200).collect();
@@ -499,20 +499,12 @@ async fn session_loop(
         let mut pending: Vec<PendingSend> = Vec::new();
         for msg in messages {
             // The eBPF request marker, one per client frame (route BINARY_FRAME).
-            let trace = kefu_trace_common::trace_enabled().then(|| {
-                let mut rec = RequestRecord {
-                    request_id: (u64::from(ctx.id) << 48) | ctx.next_conn_id(),
-                    connection_id: conn_id,
-                    shard: ctx.id,
-                    fd: conn.stream.as_raw_fd(),
-                    route: trace_route::BINARY_FRAME,
-                    ..Default::default()
-                };
-                let now = now_ns();
-                rec.set(TraceStage::Accepted, now);
-                rec.set(TraceStage::Parsed, now);
-                Box::new(RefCell::new(rec))
-            });
+            let trace = message_trace(
+                ctx,
+                conn_id,
+                conn.stream.as_raw_fd(),
+                trace_route::BINARY_FRAME,
+            );
             // Sends queue without waiting; anything else first answers the sends before it.
             let (msg, trace) = match dispatch_send(ctx, s, msg, trace) {
                 Ok(p) => {

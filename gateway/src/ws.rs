@@ -411,6 +411,30 @@ enum Dispatched {
     Other(ClientMessage),
 }
 
+/// A client message's eBPF trace record, started now, while a tracer is attached (WebSocket
+/// and binary-protocol sessions).
+pub fn message_trace(
+    ctx: &ShardCtx,
+    conn_id: u64,
+    fd: i32,
+    route: u16,
+) -> Option<Box<RefCell<RequestRecord>>> {
+    kefu_trace_common::trace_enabled().then(|| {
+        let mut rec = RequestRecord {
+            request_id: (u64::from(ctx.id) << 48) | ctx.next_conn_id(),
+            connection_id: conn_id,
+            shard: ctx.id,
+            fd,
+            route,
+            ..Default::default()
+        };
+        let now = now_ns();
+        rec.set(TraceStage::Accepted, now);
+        rec.set(TraceStage::Parsed, now);
+        Box::new(RefCell::new(rec))
+    })
+}
+
 /// Ends a client message's trace record (status and answer time) and hands it to the tracer.
 fn finish_trace(trace: Option<&RefCell<RequestRecord>>, verdict: &Verdict) {
     if let Some(rec) = trace {
@@ -673,20 +697,12 @@ impl Socket {
         let mut pending: Vec<(PendingSend, Option<Box<RefCell<RequestRecord>>>)> = Vec::new();
         for text in texts {
             // The eBPF request marker, one per client message (route WS_FRAME).
-            let trace = kefu_trace_common::trace_enabled().then(|| {
-                let mut rec = RequestRecord {
-                    request_id: (u64::from(ctx.id) << 48) | ctx.next_conn_id(),
-                    connection_id: self.conn_id,
-                    shard: ctx.id,
-                    fd: self.conn.stream.as_raw_fd(),
-                    route: trace_route::WS_FRAME,
-                    ..Default::default()
-                };
-                let now = now_ns();
-                rec.set(TraceStage::Accepted, now);
-                rec.set(TraceStage::Parsed, now);
-                Box::new(RefCell::new(rec))
-            });
+            let trace = message_trace(
+                &ctx,
+                self.conn_id,
+                self.conn.stream.as_raw_fd(),
+                trace_route::WS_FRAME,
+            );
             let trace_ref = trace.as_deref();
             let verdict = match self.session.parse(&text) {
                 Err(why) => {

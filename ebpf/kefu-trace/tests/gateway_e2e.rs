@@ -34,21 +34,20 @@ fn kefu_bin() -> Option<PathBuf> {
     bin.is_file().then_some(bin)
 }
 
-#[test]
-fn traces_every_request_of_a_real_gateway_with_io_uring_joined() {
+/// A one-shard gateway under `always` on a fresh data dir below `dir`, or why this machine
+/// cannot run the test (printed as a skip).
+fn start_kefu(name: &str) -> Option<(Kefu, PathBuf, PathBuf)> {
     if let Some(reason) = unavailable_reason() {
         eprintln!("skipped: {reason}");
-        return;
+        return None;
     }
     let Some(bin) = kefu_bin() else {
         eprintln!(
             "skipped: no kefu binary next to this test; run `cargo xtask test` (or `cargo test --workspace`), which builds it, or set KEFU_BIN"
         );
-        return;
+        return None;
     };
-    const CONVERSATIONS: usize = 3;
-    const N: usize = 30;
-    let dir = std::env::temp_dir().join(format!("kefu-trace-e2e-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let kefu = Kefu::start(
@@ -56,6 +55,16 @@ fn traces_every_request_of_a_real_gateway_with_io_uring_joined() {
         &dir.join("data"),
         &["--shards", "1", "--durability", "always"],
     );
+    Some((kefu, bin, dir))
+}
+
+#[test]
+fn traces_every_request_of_a_real_gateway_with_io_uring_joined() {
+    const CONVERSATIONS: usize = 3;
+    const N: usize = 30;
+    let Some((kefu, bin, dir)) = start_kefu("kefu-trace-e2e") else {
+        return;
+    };
     let pid = kefu.pid();
     let hooks = find_hooks(Path::new(&bin)).expect("kefu carries the request marker");
     let semaphore =
@@ -155,25 +164,10 @@ fn traces_every_request_of_a_real_gateway_with_io_uring_joined() {
 
 #[test]
 fn traces_each_frame_of_the_binary_protocol() {
-    if let Some(reason) = unavailable_reason() {
-        eprintln!("skipped: {reason}");
-        return;
-    }
-    let Some(bin) = kefu_bin() else {
-        eprintln!(
-            "skipped: no kefu binary next to this test; run `cargo xtask test` (or `cargo test --workspace`), which builds it, or set KEFU_BIN"
-        );
+    const SENDS: usize = 5;
+    let Some((kefu, _, dir)) = start_kefu("kefu-trace-bin") else {
         return;
     };
-    const SENDS: usize = 5;
-    let dir = std::env::temp_dir().join(format!("kefu-trace-bin-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let kefu = Kefu::start(
-        &bin,
-        &dir.join("data"),
-        &["--shards", "1", "--durability", "always"],
-    );
     let mut http = kefu.http();
     let (conversation, token) = create_conversation(&mut http, None);
     let conversation_id = parse_conversation(&conversation).expect("c<16 hex>");
