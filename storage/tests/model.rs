@@ -16,13 +16,36 @@ use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { conv: u64, len: usize, event: bool },
+    Append {
+        conv: u64,
+        len: usize,
+        event: bool,
+    },
     Sync,
-    ReadRange { from: u64, max: usize },
-    ReadConv { conv: u64, after: u64, limit: usize },
-    FileRuns { from: u64, max_bytes: u64 },
+    /// Start a group-commit sync without running it (pipelined: up to two in flight).
+    Prepare,
+    /// Run and complete one of the syncs in flight, in any order.
+    Complete {
+        pick: usize,
+    },
+    ReadRange {
+        from: u64,
+        max: usize,
+    },
+    ReadConv {
+        conv: u64,
+        after: u64,
+        limit: usize,
+    },
+    FileRuns {
+        from: u64,
+        max_bytes: u64,
+    },
     Reopen,
-    Crash { seed: u64, mode: u8 },
+    Crash {
+        seed: u64,
+        mode: u8,
+    },
     Retention,
     Compress,
 }
@@ -32,6 +55,8 @@ fn op() -> impl Strategy<Value = Op> {
         12 => (0u64..4, 0usize..300, proptest::bool::weighted(0.2))
             .prop_map(|(conv, len, event)| Op::Append { conv, len, event }),
         3 => Just(Op::Sync),
+        2 => Just(Op::Prepare),
+        2 => any::<usize>().prop_map(|pick| Op::Complete { pick }),
         2 => (0u64..400, 1usize..50).prop_map(|(from, max)| Op::ReadRange { from, max }),
         2 => (0u64..4, 0u64..60, 1usize..20)
             .prop_map(|(conv, after, limit)| Op::ReadConv { conv, after, limit }),
@@ -182,8 +207,38 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         durable: 0,
         start: 0,
     };
+    // Syncs in flight, oldest first: the job (None once completed) and its target.
+    let mut in_flight: Vec<(Option<kefu_storage::SyncJob>, u64)> = Vec::new();
+    // Durability advances over the completed prefix only.
+    let apply = |in_flight: &mut Vec<(Option<kefu_storage::SyncJob>, u64)>, m: &mut Model| {
+        while in_flight.first().is_some_and(|(job, _)| job.is_none()) {
+            let (_, target) = in_flight.remove(0);
+            m.durable = m.durable.max(target);
+        }
+    };
     for op in ops {
         match op {
+            Op::Prepare => {
+                if let Some(job) = log.prepare_sync(0).unwrap() {
+                    prop_assert!(in_flight.len() < 2, "at most syncs_in_flight_max");
+                    prop_assert_eq!(job.target_offset(), m.recs.len() as u64);
+                    let target = job.target_offset();
+                    in_flight.push((Some(job), target));
+                }
+            }
+            Op::Complete { pick } => {
+                let open: Vec<usize> = (0..in_flight.len())
+                    .filter(|&i| in_flight[i].0.is_some())
+                    .collect();
+                if !open.is_empty() {
+                    let i = open[pick % open.len()];
+                    let job = in_flight[i].0.take().unwrap();
+                    let r = job.run();
+                    let durable = log.complete_sync(job, r).unwrap();
+                    apply(&mut in_flight, &mut m);
+                    prop_assert_eq!(durable, m.durable);
+                }
+            }
             Op::Append { conv, len, event } => {
                 let seq = if event { 0 } else { m.next_seq(conv) };
                 let kind = if event { Kind::Event } else { Kind::Message };
@@ -193,6 +248,14 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 m.recs.push(Rec { conv, seq, len });
             }
             Op::Sync => {
+                // The caller's syncs in flight end first (in order), then one covers the rest.
+                for i in 0..in_flight.len() {
+                    if let Some(job) = in_flight[i].0.take() {
+                        let r = job.run();
+                        log.complete_sync(job, r).unwrap();
+                    }
+                }
+                apply(&mut in_flight, &mut m);
                 m.durable = log.sync(0).unwrap();
                 prop_assert_eq!(m.durable, m.recs.len() as u64);
             }
@@ -266,6 +329,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Reopen => {
                 // A process crash: the page cache keeps every appended byte.
+                in_flight.clear();
                 drop(log);
                 let (l, report) = Log::open(cfg(dir.path())).unwrap();
                 log = l;
@@ -273,6 +337,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 m.durable = m.recs.len() as u64;
             }
             Op::Crash { seed, mode } => {
+                // Syncs in flight never ran: their records may be lost like any unsynced tail.
+                in_flight.clear();
                 drop(log);
                 lose_unsynced_tail(dir.path(), m.durable, seed, mode);
                 let (l, report) = Log::open(cfg(dir.path())).unwrap();
