@@ -249,8 +249,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Sync => {
                 // The caller's syncs in flight end first (in order), then one covers the rest.
-                for i in 0..in_flight.len() {
-                    if let Some(job) = in_flight[i].0.take() {
+                for (slot, _) in in_flight.iter_mut() {
+                    if let Some(job) = slot.take() {
                         let r = job.run();
                         log.complete_sync(job, r).unwrap();
                     }
