@@ -167,7 +167,7 @@ impl Default for Limits {
             stream_chunk_bytes_max: 1 << 20,
             overload_inflight_per_shard_max: 4096,
             segment_bytes_max: 64 << 20,
-            syncs_in_flight_max: 2,
+            syncs_in_flight_max: 1,
         }
     }
 }

@@ -41,7 +41,17 @@ fn config(dir: &Path, replace: &[(&str, &str)]) -> String {
 }
 
 fn start(dir: &tempfile::TempDir, shards: &str, durability: &str) -> Kefu {
-    let cfg = config(dir.path(), &[]);
+    start_with(dir, shards, durability, &[])
+}
+
+/// [`start`] with lines of the default config replaced.
+fn start_with(
+    dir: &tempfile::TempDir,
+    shards: &str,
+    durability: &str,
+    replace: &[(&str, &str)],
+) -> Kefu {
+    let cfg = config(dir.path(), replace);
     let data = dir.path().join("data");
     Kefu::start(
         Path::new(BIN),
@@ -405,7 +415,10 @@ fn bad_input_gets_documented_errors_and_the_gateway_keeps_serving() {
 #[test]
 fn sigkill_under_load_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
-    let mut kefu = start(&dir, "2", "always");
+    // Pipelined group commit (the default is one sync at a time, which the other tests use):
+    // replies released in log order must still mean durable.
+    let pipelined = [("syncs_in_flight_max = 1 ", "syncs_in_flight_max = 4 ")];
+    let mut kefu = start_with(&dir, "2", "always", &pipelined);
     let mut http = kefu.http();
     let convs: Vec<(String, String)> = (0..4)
         .map(|_| create_conversation(&mut http, None))
@@ -456,7 +469,7 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
         acked.len()
     );
 
-    let kefu = start(&dir, "2", "always");
+    let kefu = start_with(&dir, "2", "always", &pipelined);
     let mut http = kefu.http();
     for (id, token) in &convs {
         let mut after = 0;

@@ -75,9 +75,12 @@ pub struct LogConfig {
     /// Largest record (header + payload) an append accepts.
     pub record_bytes_max: u32,
     pub durability: Durability,
-    /// Group-commit syncs that may run at once (1 = strictly one after the other). With 2,
-    /// records appended while a sync runs start their own sync at once instead of waiting
-    /// for it to end; durability still advances in order (see [`crate::Log::complete_sync`]).
+    /// Group-commit syncs that may run at once (1, the default: strictly one after the other).
+    /// With 2, records appended while a sync runs start their own sync at once instead of
+    /// waiting for it to end; durability still advances in order (see
+    /// [`crate::Log::complete_sync`]). Worth it where a sync is slow next to its CPU cost
+    /// (a busy or remote disk); on a quiet local disk the second sync mostly waits for the
+    /// first's write of the shared tail page and only adds CPU.
     pub syncs_in_flight_max: usize,
     /// Delete the oldest segments while the log is larger than this (the active segment is
     /// never deleted).
@@ -113,7 +116,7 @@ impl LogConfig {
             segment_bytes_max: 64 << 20,
             record_bytes_max: 1 << 20,
             durability: Durability::default(),
-            syncs_in_flight_max: 2,
+            syncs_in_flight_max: 1,
             retention_bytes_max: None,
             retention_age_ms: None,
             index_interval_bytes: 4096,

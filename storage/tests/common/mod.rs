@@ -19,6 +19,8 @@ pub fn small_cfg(dir: &Path) -> LogConfig {
     cfg.index_interval_bytes = 256;
     cfg.durability = Durability::Always;
     cfg.mapped_segments_max = 3;
+    // Pipelined syncs, so the tests see jobs completing out of order.
+    cfg.syncs_in_flight_max = 2;
     cfg
 }
 
