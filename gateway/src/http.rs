@@ -132,7 +132,7 @@ pub fn dispatch(
         .inboxes
         .get(shard as usize)
         .ok_or_else(|| HttpError::new(404, "conversation not found"))?;
-    let reply = ReplySlot::new();
+    let reply = ReplySlot::pooled();
     let started = Instant::now();
     // Shed load before the queue is full, so commands already queued still finish in time.
     if inbox.len() >= ctx.shared.config.limits.overload_inflight_per_shard_max {
@@ -171,6 +171,7 @@ impl Pending {
         }
         ctx.metrics
             .latency(Stage::Command, self.started.elapsed().as_micros() as u64);
+        ReplySlot::recycle(self.reply);
         outcome
     }
 }

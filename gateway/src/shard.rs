@@ -110,6 +110,44 @@ pub enum Outcome {
 
 pub type Reply = Arc<ReplySlot<Outcome>>;
 
+/// Reply slots kept per thread for reuse (a slot is one allocation with its one-element queue).
+const REPLY_POOL_MAX: usize = 1024;
+
+thread_local! {
+    static REPLY_POOL: RefCell<Vec<Reply>> = const { RefCell::new(Vec::new()) };
+}
+
+impl ReplySlot<Outcome> {
+    /// An empty slot, from this thread's pool when it has one: no allocation per command in
+    /// steady state.
+    pub fn pooled() -> Reply {
+        REPLY_POOL
+            .with(|p| p.borrow_mut().pop())
+            .unwrap_or_else(ReplySlot::new)
+    }
+
+    /// Returns a slot whose reply was taken to this thread's pool, unless another holder
+    /// (the committer, about to drop its clone) still has it: then it is simply freed.
+    pub fn recycle(mut reply: Reply) {
+        let Some(slot) = Arc::get_mut(&mut reply) else {
+            return;
+        };
+        if !slot.value.is_empty() {
+            return;
+        }
+        *slot.appended_ns.get_mut() = 0;
+        *slot.synced_ns.get_mut() = 0;
+        // Forget the last waiter's waker (a later wake must not reach that task).
+        slot.waker = AtomicWaker::new();
+        let _ = REPLY_POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < REPLY_POOL_MAX {
+                p.push(reply);
+            }
+        });
+    }
+}
+
 /// A request to the shard that owns a conversation.
 pub enum Command {
     Create {
@@ -631,5 +669,56 @@ impl BufferPool {
 
     pub fn free_len(&self) -> usize {
         self.free.borrow().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered() -> Reply {
+        let slot = ReplySlot::pooled();
+        slot.put(Outcome::Done(Ok(())));
+        assert!(matches!(slot.value.pop(), Some(Outcome::Done(Ok(())))));
+        slot
+    }
+
+    #[test]
+    fn reply_slots_are_reused_once_nobody_else_holds_them() {
+        let slot = answered();
+        slot.synced_ns.store(5, Ordering::Relaxed);
+        let first = Arc::as_ptr(&slot);
+        ReplySlot::recycle(slot);
+        let again = ReplySlot::pooled();
+        assert_eq!(
+            Arc::as_ptr(&again),
+            first,
+            "the slot came back from the pool"
+        );
+        assert_eq!(
+            again.synced_ns.load(Ordering::Relaxed),
+            0,
+            "reset for its next command"
+        );
+        assert!(again.value.is_empty());
+
+        // The committer may still hold its clone when the waiter is done: not pooled.
+        let slot = answered();
+        let committer = slot.clone();
+        let held = Arc::as_ptr(&slot);
+        ReplySlot::recycle(slot);
+        let next = ReplySlot::pooled();
+        assert_ne!(Arc::as_ptr(&next), held);
+        drop(committer);
+
+        // A slot whose reply was never taken is not pooled either.
+        let pooled = || REPLY_POOL.with(|p| p.borrow().len());
+        let unread = ReplySlot::pooled();
+        unread.put(Outcome::Done(Ok(())));
+        let before = pooled();
+        ReplySlot::recycle(unread);
+        assert_eq!(pooled(), before);
+        ReplySlot::recycle(answered());
+        assert_eq!(pooled(), before + 1);
     }
 }
