@@ -40,6 +40,14 @@ fn config(dir: &Path, replace: &[(&str, &str)]) -> String {
     path.display().to_string()
 }
 
+/// The conversation's last stored seq, as its visitor sees it.
+fn last_seq(http: &mut Http, id: &str, token: &str) -> u64 {
+    http.get(&format!("/v1/conversations/{id}/messages"), Some(token))
+        .json()["last_seq"]
+        .as_u64()
+        .unwrap()
+}
+
 fn start(dir: &tempfile::TempDir, shards: &str, durability: &str) -> Kefu {
     start_with(dir, shards, durability, &[])
 }
@@ -290,11 +298,7 @@ fn long_poll_returns_when_a_message_arrives() {
     let kefu = start(&dir, "2", "always");
     let mut http = kefu.http();
     let (id, visitor) = create_conversation(&mut http, Some("hi"));
-    let last = http
-        .get(&format!("/v1/conversations/{id}/messages"), Some(&visitor))
-        .json()["last_seq"]
-        .as_u64()
-        .unwrap();
+    let last = last_seq(&mut http, &id, &visitor);
     // Empty at the timeout.
     let empty = http.get(
         &format!("/v1/conversations/{id}/poll?after={last}&timeout_ms=200"),
@@ -917,11 +921,7 @@ fn agent_inbox_and_two_parties_over_websocket_and_long_poll() {
     assert!(assigned, "carol's inbox shows the assignment");
     // The visitor follows over WebSocket; carol answers over WebSocket; both see it.
     let mut visitor_ws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).unwrap();
-    let last = http
-        .get(&format!("/v1/conversations/{id}/messages"), Some(&visitor))
-        .json()["last_seq"]
-        .as_u64()
-        .unwrap();
+    let last = last_seq(&mut http, &id, &visitor);
     visitor_ws.send_json(&json!({"type": "subscribe", "conversation_id": id, "after": last}));
     // A subscribe with nothing to replay answers nothing: make sure it is registered by
     // sending a typing notice the visitor's own socket then receives.
@@ -1063,9 +1063,7 @@ fn a_burst_of_websocket_messages_is_answered_in_order() {
     let mut http = kefu.http();
     let (id, visitor) = create_conversation(&mut http, Some("hi"));
     let path = format!("/v1/conversations/{id}/messages");
-    let last = http.get(&path, Some(&visitor)).json()["last_seq"]
-        .as_u64()
-        .unwrap();
+    let last = last_seq(&mut http, &id, &visitor);
     let send = |cmid: &str| {
         json!({"type": "send", "conversation_id": id, "text": format!("text {cmid}"), "client_msg_id": cmid})
             .to_string()
@@ -1118,11 +1116,7 @@ fn a_burst_of_binary_frames_is_answered_in_order() {
     let kefu = start(&dir, "2", "always");
     let mut http = kefu.http();
     let (id, visitor) = create_conversation(&mut http, Some("hi"));
-    let last = http
-        .get(&format!("/v1/conversations/{id}/messages"), Some(&visitor))
-        .json()["last_seq"]
-        .as_u64()
-        .unwrap();
+    let last = last_seq(&mut http, &id, &visitor);
     let conv = ConversationId::parse(&id).unwrap();
     let mut bin = Bin::connect(kefu.tcp);
     let send = |cmid| ClientMsg::Send {

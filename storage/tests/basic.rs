@@ -482,14 +482,22 @@ fn pipelined_syncs_make_records_durable_in_preparation_order() {
     assert_eq!(log.sync(0).unwrap(), 4);
 }
 
-#[test]
-fn a_failed_earlier_sync_keeps_a_later_success_from_counting() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut log, _) = Log::open(small_cfg(dir.path())).unwrap();
+/// A log with one record in each of two prepared syncs.
+fn two_syncs_in_flight(
+    dir: &std::path::Path,
+) -> (Log, kefu_storage::SyncJob, kefu_storage::SyncJob) {
+    let (mut log, _) = Log::open(small_cfg(dir)).unwrap();
     log.append(&header(1, 1, 1), b"a").unwrap();
     let first = log.prepare_sync(0).unwrap().unwrap();
     log.append(&header(1, 2, 1), b"b").unwrap();
     let second = log.prepare_sync(0).unwrap().unwrap();
+    (log, first, second)
+}
+
+#[test]
+fn a_failed_earlier_sync_keeps_a_later_success_from_counting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, first, second) = two_syncs_in_flight(dir.path());
     let r = second.run();
     assert_eq!(log.complete_sync(second, r).unwrap(), 0);
     // The kernel may have dropped the first job's pages: nothing counts, the log poisons.
@@ -502,11 +510,7 @@ fn a_failed_earlier_sync_keeps_a_later_success_from_counting() {
 
     // The other order: the first succeeds alone, the second fails; only the first counts.
     let dir = tempfile::tempdir().unwrap();
-    let (mut log, _) = Log::open(small_cfg(dir.path())).unwrap();
-    log.append(&header(1, 1, 1), b"a").unwrap();
-    let first = log.prepare_sync(0).unwrap().unwrap();
-    log.append(&header(1, 2, 1), b"b").unwrap();
-    let second = log.prepare_sync(0).unwrap().unwrap();
+    let (mut log, first, second) = two_syncs_in_flight(dir.path());
     let r = first.run();
     assert_eq!(log.complete_sync(first, r).unwrap(), 1);
     assert!(
