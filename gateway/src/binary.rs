@@ -16,11 +16,13 @@ use monoio::net::TcpStream;
 
 use crate::conn::Conn;
 use crate::engine::{Actor, Outbox, Sent};
-use crate::http::{HttpError, conversation_id};
+use crate::http::{HttpError, known_shard};
 use crate::metrics::Disconnect;
 use crate::server::{ShardCtx, Woken};
-use crate::shard::{Command, Outcome};
-use crate::ws::{ephemeral, message_trace, register_agent_inbox, replay_step, send_message};
+use crate::ws::{
+    QueuedSend, ephemeral, message_trace, queue_send, register_agent_inbox, replay_step,
+    send_message,
+};
 
 fn error_frame(out: &mut Vec<u8>, conv: u64, code: u16, client_msg_id: Option<&str>, reason: &str) {
     let reason: String = reason.chars().take(200).collect();
@@ -165,7 +167,7 @@ type Trace = Box<RefCell<RequestRecord>>;
 /// A Send queued on its conversation's shard, answered once the session awaits it: a burst
 /// of frames queues its sends together, so one group commit covers them.
 struct PendingSend {
-    pending: crate::http::Pending,
+    queued: QueuedSend,
     conv: ConversationId,
     id: u64,
     client_msg_id: Option<String>,
@@ -191,7 +193,7 @@ fn dispatch_send(
     else {
         return Err((msg, trace));
     };
-    let Ok(id) = conversation_id(ctx, &conv.to_string()) else {
+    let Ok(id) = known_shard(ctx, conv) else {
         return Err((
             Owned::Send {
                 conv,
@@ -204,19 +206,16 @@ fn dispatch_send(
     if let Some(rec) = &trace {
         rec.borrow_mut().conversation_id = id;
     }
-    let cmid = client_msg_id.clone();
-    let dispatched = crate::http::dispatch(ctx, (id >> 48) as u16, trace.as_deref(), |reply| {
-        Command::Send {
-            conv: id,
-            actor,
-            text,
-            client_msg_id: cmid,
-            reply,
-        }
-    });
-    match dispatched {
-        Ok(pending) => Ok(PendingSend {
-            pending,
+    match queue_send(
+        ctx,
+        id,
+        &actor,
+        text,
+        client_msg_id.clone(),
+        trace.as_deref(),
+    ) {
+        Ok(queued) => Ok(PendingSend {
+            queued,
             conv,
             id,
             client_msg_id,
@@ -235,10 +234,7 @@ async fn answer_pending(
 ) -> Option<Disconnect> {
     for p in pending.drain(..) {
         let trace = p.trace.as_deref();
-        let sent = match p.pending.wait(ctx, trace).await {
-            Outcome::Sent(s) => s.map_err(HttpError::from),
-            _ => Err(HttpError::new(500, "unexpected reply")),
-        };
+        let sent = p.queued.sent(ctx, trace).await;
         let before = out.len();
         let verdict = answer_send(out, p.conv, p.id, p.client_msg_id.as_deref(), sent);
         finish_trace(trace, out, before);
@@ -334,7 +330,7 @@ async fn handle(
             client_msg_id,
             text,
         } => {
-            let id = match conversation_id(ctx, &conv.to_string()) {
+            let id = match known_shard(ctx, conv) {
                 Ok(id) => id,
                 Err(e) => return refuse(out, e, conv.0, client_msg_id.as_deref()),
             };
@@ -345,7 +341,7 @@ async fn handle(
             answer_send(out, conv, id, client_msg_id.as_deref(), sent)
         }
         Owned::Subscribe { conv, mut after } => {
-            let id = match conversation_id(ctx, &conv.to_string()) {
+            let id = match known_shard(ctx, conv) {
                 Ok(id) => id,
                 Err(e) => return refuse(out, e, conv.0, None),
             };

@@ -178,13 +178,18 @@ impl Pending {
 
 /// Parses a conversation id from a path segment and checks its shard exists.
 pub fn conversation_id(ctx: &ShardCtx, text: &str) -> Result<u64, HttpError> {
-    let id = ConversationId::parse(text)
-        .map_err(|_| HttpError::new(404, "conversation not found"))?
-        .0;
-    if (id >> 48) as usize >= ctx.shared.shards() {
+    let id =
+        ConversationId::parse(text).map_err(|_| HttpError::new(404, "conversation not found"))?;
+    known_shard(ctx, id)
+}
+
+/// A decoded conversation id whose shard exists (WebSocket and binary messages carry ids
+/// already parsed).
+pub fn known_shard(ctx: &ShardCtx, id: ConversationId) -> Result<u64, HttpError> {
+    if (id.0 >> 48) as usize >= ctx.shared.shards() {
         return Err(HttpError::new(404, "conversation not found"));
     }
-    Ok(id)
+    Ok(id.0)
 }
 
 fn model_limits(ctx: &ShardCtx) -> ModelLimits {

@@ -22,7 +22,7 @@ use kefu_trace_common::{RequestRecord, Stage as TraceStage, emit, now_ns, route 
 
 use crate::conn::Conn;
 use crate::engine::{Actor, Delivery, Outbox, Sent};
-use crate::http::{HttpError, call, call_traced, conversation_id, token};
+use crate::http::{HttpError, call, known_shard, token};
 use crate::metrics::{Disconnect, Stage};
 use crate::server::{DeadlineOrStop, ShardCtx, Woken};
 use crate::shard::{Command, Outcome};
@@ -89,17 +89,46 @@ pub async fn send_message(
     client_msg_id: Option<String>,
     trace: Option<&RefCell<RequestRecord>>,
 ) -> Result<Sent, HttpError> {
-    let outcome = call_traced(ctx, (conv >> 48) as u16, trace, |reply| Command::Send {
+    queue_send(ctx, conv, actor, text, client_msg_id, trace)?
+        .sent(ctx, trace)
+        .await
+}
+
+/// A message's send queued on its conversation's shard and not yet awaited: a session that
+/// read a burst queues all its sends (in order) before it awaits the first, so one group
+/// commit covers them.
+pub struct QueuedSend(crate::http::Pending);
+
+/// The first half of [`send_message`]: queues the send without waiting.
+pub fn queue_send(
+    ctx: &ShardCtx,
+    conv: u64,
+    actor: &Actor,
+    text: String,
+    client_msg_id: Option<String>,
+    trace: Option<&RefCell<RequestRecord>>,
+) -> Result<QueuedSend, HttpError> {
+    crate::http::dispatch(ctx, (conv >> 48) as u16, trace, |reply| Command::Send {
         conv,
         actor: actor.clone(),
         text,
         client_msg_id,
         reply,
     })
-    .await?;
-    match outcome {
-        Outcome::Sent(s) => Ok(s?),
-        _ => Err(HttpError::new(500, "unexpected reply")),
+    .map(QueuedSend)
+}
+
+impl QueuedSend {
+    /// The second half of [`send_message`]: the stored message, or why not.
+    pub async fn sent(
+        self,
+        ctx: &ShardCtx,
+        trace: Option<&RefCell<RequestRecord>>,
+    ) -> Result<Sent, HttpError> {
+        match self.0.wait(ctx, trace).await {
+            Outcome::Sent(s) => Ok(s?),
+            _ => Err(HttpError::new(500, "unexpected reply")),
+        }
     }
 }
 
@@ -224,7 +253,7 @@ impl Session {
         else {
             return Dispatched::Other(msg);
         };
-        let Ok(conv) = conversation_id_checked(&self.ctx, conversation_id) else {
+        let Ok(conv) = known_shard(&self.ctx, conversation_id) else {
             return Dispatched::Other(ClientMessage::Send {
                 conversation_id,
                 text,
@@ -234,19 +263,17 @@ impl Session {
         if let Some(rec) = trace {
             rec.borrow_mut().conversation_id = conv;
         }
-        let actor = self.actor.clone();
-        let cmid = client_msg_id.clone();
-        match crate::http::dispatch(&self.ctx, (conv >> 48) as u16, trace, |reply| {
-            Command::Send {
-                conv,
-                actor,
-                text,
-                client_msg_id: cmid,
-                reply,
-            }
-        }) {
-            Ok(pending) => Dispatched::Pending(PendingSend {
-                pending,
+        let queued = queue_send(
+            &self.ctx,
+            conv,
+            &self.actor,
+            text,
+            client_msg_id.clone(),
+            trace,
+        );
+        match queued {
+            Ok(queued) => Dispatched::Pending(PendingSend {
+                queued,
                 conv,
                 client_msg_id,
             }),
@@ -292,7 +319,7 @@ impl Session {
                 conversation_id,
                 after,
             } => {
-                let conv = match conversation_id_checked(&ctx, conversation_id) {
+                let conv = match known_shard(&ctx, conversation_id) {
                     Ok(c) => c,
                     Err(e) => return self.refuse(out, e, Some(conversation_id.0), None),
                 };
@@ -341,7 +368,7 @@ impl Session {
                 text,
                 client_msg_id,
             } => {
-                let conv = match conversation_id_checked(&ctx, conversation_id) {
+                let conv = match known_shard(&ctx, conversation_id) {
                     Ok(c) => c,
                     Err(e) => return self.refuse(out, e, Some(conversation_id.0), client_msg_id),
                 };
@@ -393,7 +420,7 @@ impl Session {
 
 /// A send queued on its conversation's shard, answered once the session awaits it.
 struct PendingSend {
-    pending: crate::http::Pending,
+    queued: QueuedSend,
     conv: u64,
     client_msg_id: Option<String>,
 }
@@ -447,10 +474,6 @@ fn finish_trace(trace: Option<&RefCell<RequestRecord>>, verdict: &Verdict) {
         rec.set(TraceStage::Answered, now_ns());
         emit(&rec);
     }
-}
-
-fn conversation_id_checked(ctx: &ShardCtx, id: ConversationId) -> Result<u64, HttpError> {
-    conversation_id(ctx, &id.to_string())
 }
 
 /// Runs a WebSocket session until it closes, then accounts for the connection (the caller
@@ -795,10 +818,7 @@ impl Socket {
         let ctx = self.session.ctx.clone();
         for (p, trace) in pending.drain(..) {
             let trace_ref = trace.as_deref();
-            let sent = match p.pending.wait(&ctx, trace_ref).await {
-                Outcome::Sent(s) => s.map_err(HttpError::from),
-                _ => Err(HttpError::new(500, "unexpected reply")),
-            };
+            let sent = p.queued.sent(&ctx, trace_ref).await;
             let verdict = self.session.answer_send(out, p.conv, p.client_msg_id, sent);
             finish_trace(trace_ref, &verdict);
             if let Verdict::Close(code, reason) = verdict {
