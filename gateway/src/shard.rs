@@ -13,7 +13,7 @@
 //! preparation order. Default 1: on this machine's quiet disk a second sync mostly waited for
 //! the first's write of the shared tail page and cost CPU (wrk: 38-41K vs 48-55K req/s).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -264,13 +264,13 @@ struct Held {
 
 /// Sync jobs run on a plain thread so the shard's ring keeps serving while `fdatasync` runs.
 struct Flusher {
-    jobs: ArrayQueue<SyncJob>,
-    done: ArrayQueue<(SyncJob, std::io::Result<()>)>,
+    jobs: ArrayQueue<(SyncJob, Instant)>,
+    done: ArrayQueue<(FinishedSync, Instant)>,
     stop: AtomicBool,
     thread: std::thread::Thread,
 }
 
-/// A sync job and how it ended.
+/// A sync job and how it ended (with when it started, for the sync latency metric).
 type FinishedSync = (SyncJob, std::io::Result<()>);
 
 /// Milliseconds since the Unix epoch.
@@ -316,9 +316,9 @@ pub async fn committer(
             let _ = slot.set(me.clone());
             loop {
                 match me.jobs.pop() {
-                    Some(job) => {
+                    Some((job, started)) => {
                         let result = job.run();
-                        let _ = me.done.push((job, result));
+                        let _ = me.done.push(((job, result), started));
                         inbox_for_flusher.wake();
                     }
                     None if me.stop.load(Ordering::Acquire) => return,
@@ -337,7 +337,6 @@ pub async fn committer(
     let mut held: VecDeque<Held> = VecDeque::new();
     // The flusher thread runs one job at a time; on the ring, the log's
     // `syncs_in_flight_max` run at once.
-    let flusher_started: Cell<Option<Instant>> = Cell::new(None);
     let may_start_sync = |log: &Log| uring_sync || log.syncs_in_flight() == 0;
     loop {
         // Wait for commands, a finished sync, or the next timer (interval sync, routing grace).
@@ -375,10 +374,10 @@ pub async fn committer(
 
         let now = now_ms();
         loop {
-            let finished = match flusher.done.pop() {
-                Some(f) => Some((f, flusher_started.take().unwrap_or_else(Instant::now))),
-                None => uring_done.borrow_mut().pop_front(),
-            };
+            let finished = flusher
+                .done
+                .pop()
+                .or_else(|| uring_done.borrow_mut().pop_front());
             let Some(((job, result), started)) = finished else {
                 break;
             };
@@ -416,8 +415,8 @@ pub async fn committer(
                                 inbox.wake();
                             });
                         } else {
-                            flusher_started.set(Some(started));
-                            assert!(flusher.jobs.push(job).is_ok(), "one sync at a time");
+                            let pushed = flusher.jobs.push((job, started));
+                            assert!(pushed.is_ok(), "one sync at a time");
                             flusher.thread.unpark();
                         }
                     }
