@@ -172,6 +172,16 @@ pub struct Series {
     pub latency: LatencySummary,
 }
 
+impl Series {
+    /// The series `name` summarising `hist`.
+    pub fn of(name: &str, hist: &Histogram) -> Series {
+        Series {
+            name: name.into(),
+            latency: LatencySummary::of(hist),
+        }
+    }
+}
+
 /// The result of one run, printed as a table and written as JSON.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {

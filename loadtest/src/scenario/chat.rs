@@ -23,7 +23,7 @@ use super::{Outcome, TargetCheck};
 use crate::cli::Args;
 use crate::conn;
 use crate::kefu;
-use crate::stats::{self, ErrorCounts, ErrorKind, LatencySummary, Report, Series};
+use crate::stats::{self, ErrorCounts, ErrorKind, Report, Series};
 use crate::ws::{Incoming, WsClient};
 
 struct Shared {
@@ -163,14 +163,8 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
         errors: s.errors.to_map(),
         rps: s.delivered as f64 / elapsed.as_secs_f64().max(1e-9),
         series: vec![
-            Series {
-                name: "visitor->agent".into(),
-                latency: LatencySummary::of(&s.to_agent),
-            },
-            Series {
-                name: "agent->visitor".into(),
-                latency: LatencySummary::of(&s.to_visitor),
-            },
+            Series::of("visitor->agent", &s.to_agent),
+            Series::of("agent->visitor", &s.to_visitor),
         ],
         extra,
     };

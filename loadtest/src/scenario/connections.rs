@@ -24,7 +24,7 @@ use super::{Outcome, TargetCheck};
 use crate::cli::Args;
 use crate::conn;
 use crate::kefu;
-use crate::stats::{self, ErrorCounts, ErrorKind, LatencySummary, Report, Series};
+use crate::stats::{self, ErrorCounts, ErrorKind, Report, Series};
 use crate::ws::{Incoming, OP_PING};
 
 /// Connections one child holds at most: under the 20,000 open files per process, with room
@@ -221,14 +221,8 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
         errors: errors.to_map(),
         rps: pings as f64 / hold_s.max(1e-9),
         series: vec![
-            Series {
-                name: "ping rtt".into(),
-                latency: LatencySummary::of(&ping),
-            },
-            Series {
-                name: "connect+upgrade".into(),
-                latency: LatencySummary::of(&connect),
-            },
+            Series::of("ping rtt", &ping),
+            Series::of("connect+upgrade", &connect),
         ],
         extra,
     };

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::cli::Args;
 use crate::engine::{EngineConfig, EngineResult, Mode};
-use crate::stats::{LatencySummary, Report, Series};
+use crate::stats::{Report, Series};
 
 /// Flags that take no value.
 pub const SWITCHES: &[&str] = &["quiet"];
@@ -58,10 +58,7 @@ pub fn engine_report(scenario: &str, target: &str, cfg: &EngineConfig, r: &Engin
         errors_total: r.errors.total(),
         errors: r.errors.to_map(),
         rps: r.ok as f64 / secs,
-        series: vec![Series {
-            name: "request".into(),
-            latency: LatencySummary::of(&r.hist),
-        }],
+        series: vec![Series::of("request", &r.hist)],
         extra: Default::default(),
     }
 }

@@ -21,7 +21,7 @@ use crate::conn::{self, Conn};
 use crate::engine::exchange;
 use crate::http1::build_request;
 use crate::kefu;
-use crate::stats::{self, ErrorCounts, ErrorKind, LatencySummary, Report, Series};
+use crate::stats::{self, ErrorCounts, ErrorKind, Report, Series};
 
 struct Shared {
     delivery: stats::Histogram,
@@ -163,14 +163,8 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
         errors: s.errors.to_map(),
         rps: s.delivered as f64 / elapsed.as_secs_f64().max(1e-9),
         series: vec![
-            Series {
-                name: "delivery".into(),
-                latency: LatencySummary::of(&s.delivery),
-            },
-            Series {
-                name: "reconnect".into(),
-                latency: LatencySummary::of(&s.resume),
-            },
+            Series::of("delivery", &s.delivery),
+            Series::of("reconnect", &s.resume),
         ],
         extra,
     };
