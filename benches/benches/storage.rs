@@ -13,8 +13,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
+use kefu_benches::{CpuTime, thread_cpu};
 use kefu_protocol::frame::{HEADER_LEN, Header, Kind};
 use kefu_storage::{Durability, Log, LogConfig, RunSource, SyncJob};
 use std::hint::black_box;
@@ -34,43 +34,6 @@ fn cfg(dir: &Path, durability: Durability) -> LogConfig {
     // Keep the disk use of long runs bounded.
     c.retention_bytes_max = Some(512 << 20);
     c
-}
-
-/// Criterion measurement of the benchmark thread's CPU time (ns): for the CPU-bound benches
-/// (appends to the page cache, replay), where wall time on this shared machine mostly
-/// measures descheduling. Benches that wait for the disk (`always`, recovery) stay on wall
-/// time.
-struct CpuTime;
-
-static WALL: WallTime = WallTime;
-
-impl Measurement for CpuTime {
-    type Intermediate = Duration;
-    type Value = u64;
-
-    fn start(&self) -> Duration {
-        thread_cpu()
-    }
-
-    fn end(&self, start: Duration) -> u64 {
-        (thread_cpu() - start).as_nanos() as u64
-    }
-
-    fn add(&self, a: &u64, b: &u64) -> u64 {
-        a + b
-    }
-
-    fn zero(&self) -> u64 {
-        0
-    }
-
-    fn to_f64(&self, v: &u64) -> f64 {
-        *v as f64
-    }
-
-    fn formatter(&self) -> &dyn ValueFormatter {
-        WALL.formatter()
-    }
 }
 
 fn now_ms(start: Instant) -> u64 {
@@ -292,18 +255,6 @@ fn recovery(c: &mut Criterion) {
         })
     });
     g.finish();
-}
-
-/// CPU time of the calling thread.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer for clock_gettime.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0);
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// A loopback TCP connection whose far end a thread drains.
