@@ -748,21 +748,29 @@ impl Engine {
                 reason: Some("position".to_owned()),
             },
         };
-        let Ok(json) = serde_json::to_vec(&kefu_protocol::model::ServerMessage::Event(message))
-        else {
-            return;
-        };
-        let header = Header::new(Kind::Event, id, 0, now_us);
-        let frame = frame::encode(&header, &json);
-        self.pending.push_back((
-            self.appended_end,
-            Arc::new(Delivery {
-                conversation_id: id,
-                seq: 0,
-                frame,
-                json,
-            }),
-        ));
+        // An event that cannot be encoded only costs the listeners this notice.
+        let _ = self.push_unstored(message);
+    }
+
+    /// Queues a live-only event (typing, read, queue position) for the conversation's
+    /// subscribers, in a pooled delivery: released with the records appended before it, so it
+    /// never overtakes them; never stored, so its `seq` is 0.
+    fn push_unstored(
+        &mut self,
+        message: kefu_protocol::model::EventMessage,
+    ) -> Result<(), serde_json::Error> {
+        let (id, ts) = (message.conversation_id.0, message.ts);
+        let mut delivery = self.fresh_delivery();
+        let d = Arc::get_mut(&mut delivery).expect("a fresh delivery is unshared");
+        serde_json::to_writer(
+            &mut d.json,
+            &kefu_protocol::model::ServerMessage::Event(message),
+        )?;
+        d.conversation_id = id;
+        d.seq = 0;
+        frame::encode_into(&Header::new(Kind::Event, id, 0, ts), &d.json, &mut d.frame);
+        self.pending.push_back((self.appended_end, delivery));
+        Ok(())
     }
 
     /// Sends the conversation's latest record to the agents of `group` (an offer).
@@ -1325,21 +1333,8 @@ impl Engine {
             from: Some(from),
             event,
         };
-        let json = serde_json::to_vec(&kefu_protocol::model::ServerMessage::Event(message))
-            .map_err(|e| EngineError::BadRequest(e.to_string()))?;
-        let header = Header::new(Kind::Event, id, 0, now_us);
-        let frame = frame::encode(&header, &json);
-        // Released with the records before it, so it never overtakes them.
-        self.pending.push_back((
-            self.appended_end,
-            Arc::new(Delivery {
-                conversation_id: id,
-                seq: 0,
-                frame,
-                json,
-            }),
-        ));
-        Ok(())
+        self.push_unstored(message)
+            .map_err(|e| EngineError::BadRequest(e.to_string()))
     }
 
     /// The conversation as `GET /v1/conversations/{id}` shows it.
