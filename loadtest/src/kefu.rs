@@ -126,6 +126,22 @@ pub struct Conversation {
     pub visitor_token: String,
 }
 
+impl Conversation {
+    /// The bytes of its visitor's `POST /v1/conversations/{id}/messages` with a JSON `body`.
+    pub fn send_request(&self, host: &str, body: &str) -> Vec<u8> {
+        build_request(
+            "POST",
+            host,
+            &format!("/v1/conversations/{}/messages", self.id),
+            &[
+                ("Authorization", &format!("Bearer {}", self.visitor_token)),
+                ("Content-Type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+    }
+}
+
 pub fn create_conversation(
     addr: SocketAddr,
     visitor: &str,

@@ -31,14 +31,7 @@ struct Checkpoint {
 
 impl Checkpoint {
     fn open(dir: &Path) -> Result<(Checkpoint, Option<u64>)> {
-        let path = dir.join(CHECKPOINT_NAME);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io("open", &path, e))?;
+        let file = open_or_create(&dir.join(CHECKPOINT_NAME))?;
         let mut buf = [0u8; CHECKPOINT_LEN];
         let value = match std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0) {
             Ok(()) => {
@@ -348,16 +341,22 @@ fn check_segment_len(base: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
-/// Takes an exclusive `flock` on the log's lock file, so two processes never write one log.
-fn lock_dir(dir: &Path) -> Result<File> {
-    let path = dir.join(LOCK_NAME);
-    let f = OpenOptions::new()
+/// Opens a small bookkeeping file of the log for reading and writing, creating it empty if
+/// missing (never truncating it).
+fn open_or_create(path: &Path) -> Result<File> {
+    OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
-        .open(&path)
-        .map_err(|e| Error::io("open", &path, e))?;
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))
+}
+
+/// Takes an exclusive `flock` on the log's lock file, so two processes never write one log.
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_NAME);
+    let f = open_or_create(&path)?;
     // SAFETY: plain syscall on a valid descriptor.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {

@@ -19,7 +19,6 @@ use super::{Outcome, TargetCheck};
 use crate::cli::Args;
 use crate::conn::{self, Conn};
 use crate::engine::exchange;
-use crate::http1::build_request;
 use crate::kefu;
 use crate::stats::{self, ErrorCounts, ErrorKind, Report, Series};
 
@@ -201,8 +200,6 @@ async fn writer(
     shared: Rc<RefCell<Shared>>,
     deadline: Instant,
 ) {
-    let path = format!("/v1/conversations/{}/messages", conv.id);
-    let auth = format!("Bearer {}", conv.visitor_token);
     let host = addr.to_string();
     let mut c: Option<Conn> = None;
     // Stagger the writers so their sends do not all land in the same millisecond.
@@ -225,16 +222,7 @@ async fn writer(
         // A 429 is waited out and the same message retried, until the deadline.
         loop {
             let body = serde_json::json!({ "text": wsutil::stamp("w", k) }).to_string();
-            let req = build_request(
-                "POST",
-                &host,
-                &path,
-                &[
-                    ("Authorization", &auth),
-                    ("Content-Type", "application/json"),
-                ],
-                body.as_bytes(),
-            );
+            let req = conv.send_request(&host, &body);
             let cx = c.as_mut().expect("connected above");
             let by = (Instant::now() + Duration::from_secs(5)).min(deadline);
             match exchange(cx, Rc::new(req), by, 16 * 1024).await {

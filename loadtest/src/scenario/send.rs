@@ -21,7 +21,6 @@ use super::{Outcome, TargetCheck, engine_flags, engine_report};
 use crate::cli::Args;
 use crate::compare;
 use crate::engine::{self, EngineConfig, Mode};
-use crate::http1::build_request;
 use crate::kefu;
 
 /// The message every send carries (fixed size, so every request costs the same).
@@ -66,23 +65,7 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
     );
     let host = addr.to_string();
     let body = serde_json::json!({ "text": TEXT }).to_string();
-    let requests: Vec<Vec<u8>> = convs
-        .iter()
-        .map(|c| {
-            let path = format!("/v1/conversations/{}/messages", c.id);
-            let auth = format!("Bearer {}", c.visitor_token);
-            build_request(
-                "POST",
-                &host,
-                &path,
-                &[
-                    ("Authorization", &auth),
-                    ("Content-Type", "application/json"),
-                ],
-                body.as_bytes(),
-            )
-        })
-        .collect();
+    let requests: Vec<Vec<u8>> = convs.iter().map(|c| c.send_request(&host, &body)).collect();
     cfg.requests = std::sync::Arc::new(requests);
     cfg.expect_status = Some(201);
     let target = format!("http://{addr}/v1/conversations/{{id}}/messages");
