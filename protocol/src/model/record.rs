@@ -41,18 +41,7 @@ impl MessageRecord {
     /// Append the WebSocket `message` form of this record to `out`, without copying it into a
     /// [`Message`](super::Message) first.
     pub fn write_ws_json(&self, out: &mut Vec<u8>) {
-        let mut ser = serde_json::Serializer::new(&mut *out);
-        let res = serialize_message(
-            &mut ser,
-            self.conversation_id,
-            self.seq,
-            &self.from,
-            &self.text,
-            self.ts,
-            self.client_msg_id.as_deref(),
-        );
-        // Writing into a Vec cannot fail; the serializer returns no custom errors.
-        assert!(res.is_ok(), "message serialization failed: {res:?}");
+        self.as_borrowed().write_ws_json(out);
     }
 
     pub fn to_message(&self) -> super::Message {
@@ -114,6 +103,7 @@ impl MessageRecordRef<'_> {
             self.ts,
             self.client_msg_id,
         );
+        // Writing into a Vec cannot fail; the serializer returns no custom errors.
         assert!(res.is_ok(), "message serialization failed: {res:?}");
     }
 }
