@@ -12,7 +12,7 @@ WORK=$(mktemp -d)
 cleanup() {
   [[ -n "${KEFU_PID:-}" ]] && kill "$KEFU_PID" 2>/dev/null || true
   [[ -f "$WORK/nginx.pid" ]] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
-  rm -rf "$WORK"
+  [[ -n "${KEEP:-}" ]] && cp -r "$WORK/data" "$KEEP"; rm -rf "$WORK"
 }
 trap cleanup EXIT
 

@@ -453,6 +453,7 @@ async fn shard_main(
     log_config.durability = storage_durability(config.durability);
     log_config.segment_bytes_max = config.limits.segment_bytes_max;
     log_config.syncs_in_flight_max = config.limits.syncs_in_flight_max;
+    log_config.zero_fill_segments = config.limits.zero_fill_segments;
     log_config.record_bytes_max = (config.limits.request_body_bytes_max as u32 + 4096).max(1 << 16);
     let (mut log, report) = Log::open(log_config).context("opening the shard log")?;
     if let Some(t) = &report.truncated {

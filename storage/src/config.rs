@@ -102,6 +102,12 @@ pub struct LogConfig {
     /// Entries (one per record with `seq > 0`) of the in-memory conversation index, 24 bytes
     /// each; an append past it fails until retention frees entries.
     pub conversation_index_entries_max: usize,
+    /// Write the next segment full of zeros ahead of time, on a background thread, and move
+    /// appends into it (see [`crate::Log`]'s "Spare segment"). A `fallocate`d segment holds
+    /// unwritten extents: each sync that covers a newly written block must also convert the
+    /// extent and write the inode, an extra device round trip. Costs one segment of disk and
+    /// of background writes per `segment_bytes_max` of records.
+    pub zero_fill_segments: bool,
     /// The file-system calls that can fail in interesting ways (sync, allocate), replaceable
     /// to inject faults in tests.
     pub io: Arc<dyn LogIo>,
@@ -109,7 +115,7 @@ pub struct LogConfig {
 
 impl LogConfig {
     /// Defaults: 64 MiB segments, 1 MiB records, `interval:5`, no retention, an index entry
-    /// per 4 KiB, no compression.
+    /// per 4 KiB, no compression, no zero-filled spare segment.
     pub fn new(dir: impl Into<PathBuf>) -> LogConfig {
         LogConfig {
             dir: dir.into(),
@@ -125,6 +131,7 @@ impl LogConfig {
             mapped_segments_max: 16,
             segments_max: 10_000,
             conversation_index_entries_max: 16 << 20,
+            zero_fill_segments: false,
             io: Arc::new(StdIo),
         }
     }

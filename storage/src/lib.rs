@@ -42,6 +42,7 @@
 //! <dir>/00000000000000000000.log        sealed segment: records [0, 1234)
 //! <dir>/00000000000000001234.log.zst    sealed segment, zstd-compressed (optional)
 //! <dir>/00000000000000005678.log        active segment: pre-allocated, mapped, appended to
+//! <dir>/next-segment.tmp                the next segment, being zero-filled or ready (optional)
 //! ```
 //!
 //! A segment file is named by the offset of its first record, zero-padded to 20 digits, and
@@ -56,6 +57,18 @@
 //! 4 KiB folios and a sync writes back only the blocks written since the last one); its
 //! unwritten tail reads as zeros. When the next
 //! record does not fit, the segment is sealed (shrunk to its records) and a new one created.
+//!
+//! Spare segment (`zero_fill_segments`, on in the gateway): a `fallocate`d file is all
+//! unwritten extents, so every sync that covers a newly written block must also convert the
+//! extent and write the inode, a third device round trip after data and before the cache
+//! flush. Once the active segment is 1/16 full, a background thread writes the next segment
+//! full of zeros (4 KiB writes, written back chunk by chunk, paced), syncs it, and leaves it
+//! as `next-segment.tmp`. The next roll renames it into place (`RENAME_NOREPLACE`, directory
+//! synced with the next group commit); a `fallocate`d active segment (the first, or one made
+//! while no spare was ready) is sealed early as soon as a spare is ready. Measured here: a 4 KiB
+//! append plus `fdatasync` takes p50 0.09 ms instead of 0.14-0.18 ms, and the gateway's
+//! open-loop capacity went from 55-58K to 61-67K sends/s. A failed spare only falls back to
+//! `fallocate`; a leftover spare is deleted at open like any `.tmp`.
 //! Sealed segments may be rewritten as `.log.zst` (one zstd frame with checksum of the
 //! whole segment) via `<name>.log.zst.tmp` + rename; reads decompress transparently.
 //!
@@ -99,5 +112,6 @@ pub use config::{Durability, LogConfig, ParseDurabilityError, SYNCS_IN_FLIGHT_LI
 pub use error::{Error, Result};
 pub use io::{LogIo, SharedIo, StdIo};
 pub use log::{
-    FileRun, Log, RecoveryReport, RetentionReport, RunSource, SealedCorruption, SyncJob, Truncation,
+    FileRun, Log, RecoveryReport, RetentionReport, RunSource, SealedCorruption, SpareStatus,
+    SyncJob, Truncation,
 };

@@ -6,6 +6,9 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kefu_protocol::frame::{self, FLAGS_KNOWN, FrameRef, HEADER_LEN, Header};
 use memmap2::{Mmap, MmapMut};
@@ -20,6 +23,18 @@ const LOCK_NAME: &str = "LOCK";
 /// Name of the checkpoint file: a lower bound of the durable offset (see [`Checkpoint`]).
 const CHECKPOINT_NAME: &str = "CHECKPOINT";
 const CHECKPOINT_LEN: usize = 16;
+/// Name of the zero-filled spare segment while it is prepared or waits to become the active
+/// segment. It ends in `.tmp`, so [`Log::open`] deletes one that a crash left behind.
+const SPARE_NAME: &str = "next-segment.tmp";
+/// The spare is zeroed in chunks of this size, each written back before the next, so the
+/// device never has more than one chunk of it queued ahead of a group-commit sync.
+const ZERO_FILL_CHUNK_BYTES: u64 = 256 << 10;
+/// Pace of zero-filling: at most this many bytes per second (one 64 MiB segment in half a
+/// second), so it takes little of the device from the syncs that acknowledgements wait for.
+const ZERO_FILL_BYTES_PER_S: u64 = 128 << 20;
+/// Start preparing a spare once the active segment is this fraction (1/n) full. Later than
+/// at once, so a log that never grows (a test, a quiet shard) never writes one.
+const SPARE_START_DIVISOR: u64 = 16;
 
 /// The durable offset, recorded after each completed sync without a sync of its own, so it
 /// is a lower bound: every record below it was acknowledged. Recovery uses it to tell a torn
@@ -119,7 +134,12 @@ impl ConvIndex {
 /// Where a segment's bytes are, if they are loaded.
 enum SegState {
     /// The segment appends go to: pre-allocated, mapped writable, always loaded.
-    Active { file: Arc<File>, map: MmapMut },
+    /// `zero_filled`: it was a spare whose blocks are all written (no unwritten extents).
+    Active {
+        file: Arc<File>,
+        map: MmapMut,
+        zero_filled: bool,
+    },
     /// A sealed plain segment; mapped on demand, bounded by `mapped_segments_max`.
     Plain { cache: Option<PlainCache> },
     /// A sealed zstd segment; decompressed on demand, bounded like `Plain`.
@@ -308,6 +328,31 @@ fn advise_active(map: &MmapMut) {
     let _ = map.advise(memmap2::Advice::Random);
 }
 
+/// `rename` that fails instead of replacing an existing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with a NUL byte"))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two valid NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Decompresses a `.log.zst` segment into exactly its recorded size (which compression
 /// always writes), refusing anything over the 4 GiB a segment can hold.
 fn decompress_segment(raw: &[u8]) -> io::Result<Vec<u8>> {
@@ -391,6 +436,108 @@ pub struct Log {
     poisoned: Option<Arc<io::Error>>,
     /// Bases of loaded sealed segments, least recently used first.
     loaded: VecDeque<u64>,
+    /// The next segment, zero-filled in the background (`zero_fill_segments`).
+    spare: Spare,
+}
+
+/// See [`Log::spare_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpareStatus {
+    /// None prepared: the feature is off, or the active segment is not yet
+    /// 1/16 full.
+    None,
+    /// A background thread is writing zeros into it.
+    Filling,
+    /// Zero-filled and synced; the next roll moves appends into it.
+    Ready,
+    /// The last attempt failed (for example a full disk); none until the next roll.
+    Failed,
+}
+
+/// The spare segment's life: a background thread writes it full of zeros, then it waits until
+/// a roll renames it to the new active segment.
+enum Spare {
+    None,
+    /// A spare failed; no new attempt until the next roll (a full disk would otherwise
+    /// start a thread per append).
+    Failed,
+    Filling {
+        stop: Arc<AtomicBool>,
+        thread: JoinHandle<io::Result<File>>,
+    },
+    Ready(File),
+}
+
+/// The spare thread's work: create [`SPARE_NAME`], reserve `len` bytes, write zeros over all
+/// of them in 4 KiB writes (so the page cache holds 4 KiB folios, see [`advise_active`], and
+/// the pages stay cached for the appender's faults), each chunk written back before the next
+/// and paced to [`ZERO_FILL_BYTES_PER_S`], then `fdatasync` (the extent conversions).
+fn fill_spare(path: &Path, len: u64, io: &SharedIo, stop: &AtomicBool) -> io::Result<File> {
+    use std::os::unix::fs::FileExt;
+    // Background work: give way to the shards. Best effort.
+    // SAFETY: plain syscalls on the calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    io.allocate(&file, len)?;
+    let zeros = [0u8; 4096];
+    let started = Instant::now();
+    let mut pos = 0u64;
+    while pos < len {
+        if stop.load(Ordering::Relaxed) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "log closed"));
+        }
+        let chunk_end = (pos + ZERO_FILL_CHUNK_BYTES).min(len);
+        let chunk_start = pos;
+        while pos < chunk_end {
+            let n = (chunk_end - pos).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        // SAFETY: plain syscall on a valid descriptor; no memory is passed.
+        let rc = unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                chunk_start as libc::off64_t,
+                (chunk_end - chunk_start) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let due = Duration::from_secs_f64(pos as f64 / ZERO_FILL_BYTES_PER_S as f64);
+        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(ahead);
+        }
+    }
+    io.sync_data(&file)?;
+    Ok(file)
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        // Stop and join a spare thread (it checks between chunks), so no thread writes in
+        // this directory once the log is gone; then delete the spare, best effort (a
+        // leftover is deleted by the next open).
+        match std::mem::replace(&mut self.spare, Spare::None) {
+            Spare::Filling { stop, thread } => {
+                stop.store(true, Ordering::Relaxed);
+                let _ = thread.join();
+            }
+            Spare::Ready(_) => {}
+            Spare::None | Spare::Failed => return,
+        }
+        let _ = fs::remove_file(self.cfg.dir.join(SPARE_NAME));
+    }
 }
 
 impl Log {
@@ -465,6 +612,7 @@ impl Log {
             last_sync_ms: 0,
             poisoned: None,
             loaded: VecDeque::new(),
+            spare: Spare::None,
             cfg,
         };
         let bases: Vec<(u64, bool)> = found.iter().map(|(&b, &(plain, _))| (b, plain)).collect();
@@ -737,13 +885,19 @@ impl Log {
             state: SegState::Active {
                 file: Arc::new(file),
                 map,
+                zero_filled: false,
             },
         })
     }
 
-    /// Creates, pre-allocates and maps a new active segment at `base`.
+    /// Creates, pre-allocates and maps a new active segment at `base`: the zero-filled spare
+    /// if one is ready, else a new `fallocate`d file.
     fn create_active(&mut self, base: u64) -> Result<()> {
         let path = segment::log_path(&self.cfg.dir, base);
+        if let Some((file, map)) = self.take_spare(&path) {
+            self.insert_active(base, file, map, true);
+            return Ok(());
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -766,6 +920,11 @@ impl Log {
                 return Err(Error::io("allocate", &path, e));
             }
         };
+        self.insert_active(base, file, map, false);
+        Ok(())
+    }
+
+    fn insert_active(&mut self, base: u64, file: File, map: MmapMut, zero_filled: bool) {
         self.segments.insert(
             base,
             Segment {
@@ -778,11 +937,96 @@ impl Log {
                 state: SegState::Active {
                     file: Arc::new(file),
                     map,
+                    zero_filled,
                 },
             },
         );
         self.dir_dirty = true;
-        Ok(())
+    }
+
+    /// Renames a ready spare to `path` (never over an existing file) and maps it. `None` if
+    /// there is none, or if that failed: then the spare is deleted and no new one is made
+    /// until the next roll.
+    fn take_spare(&mut self, path: &Path) -> Option<(File, MmapMut)> {
+        if !matches!(self.spare, Spare::Ready(_)) {
+            return None;
+        }
+        let Spare::Ready(file) = std::mem::replace(&mut self.spare, Spare::Failed) else {
+            unreachable!("checked above")
+        };
+        let spare_path = self.cfg.dir.join(SPARE_NAME);
+        if let Err(_e) = rename_noreplace(&spare_path, path) {
+            let _ = fs::remove_file(&spare_path);
+            return None;
+        }
+        // SAFETY: our own file, under the directory lock.
+        match unsafe { MmapMut::map_mut(&file) } {
+            Ok(map) => {
+                advise_active(&map);
+                self.spare = Spare::None;
+                Some((file, map))
+            }
+            Err(_) => {
+                // Only zeros, and no record refers to it yet.
+                let _ = fs::remove_file(path);
+                None
+            }
+        }
+    }
+
+    /// Advances the spare segment (only with `zero_fill_segments`): collects a finished
+    /// spare thread, starts one once the active segment is 1/[`SPARE_START_DIVISOR`] full,
+    /// and moves appends out of a `fallocate`d active segment (the first one, or one recovered
+    /// or made while no spare was ready) as soon as a spare is ready.
+    fn tend_spare(&mut self) {
+        match &self.spare {
+            Spare::Filling { thread, .. } if thread.is_finished() => {
+                let Spare::Filling { thread, .. } = std::mem::replace(&mut self.spare, Spare::None)
+                else {
+                    unreachable!("matched above")
+                };
+                self.spare = match thread.join() {
+                    Ok(Ok(file)) => Spare::Ready(file),
+                    _ => {
+                        let _ = fs::remove_file(self.cfg.dir.join(SPARE_NAME));
+                        Spare::Failed
+                    }
+                };
+            }
+            Spare::None
+                if self.active().len >= self.cfg.segment_bytes_max / SPARE_START_DIVISOR =>
+            {
+                let stop = Arc::new(AtomicBool::new(false));
+                let (path, len, io) = (
+                    self.cfg.dir.join(SPARE_NAME),
+                    self.cfg.segment_bytes_max,
+                    self.cfg.io.clone(),
+                );
+                let thread_stop = stop.clone();
+                self.spare = match std::thread::Builder::new()
+                    .name("log-zero-fill".into())
+                    .spawn(move || fill_spare(&path, len, &io, &thread_stop))
+                {
+                    Ok(thread) => Spare::Filling { stop, thread },
+                    Err(_) => Spare::Failed,
+                };
+            }
+            Spare::Ready(_)
+                if self.active().len > 0
+                    && self.segments.len() < self.cfg.segments_max
+                    && matches!(
+                        self.active().state,
+                        SegState::Active {
+                            zero_filled: false,
+                            ..
+                        }
+                    ) =>
+            {
+                // Best effort: on failure the active segment simply stays.
+                let _ = self.roll();
+            }
+            _ => {}
+        }
     }
 
     fn active(&self) -> &Segment {
@@ -827,7 +1071,7 @@ impl Log {
             .get_mut(&old_base)
             .expect("old active segment present");
         let state = std::mem::replace(&mut old.state, SegState::Plain { cache: None });
-        let SegState::Active { file, map } = state else {
+        let SegState::Active { file, map, .. } = state else {
             unreachable!("old segment was active")
         };
         drop(map);
@@ -842,6 +1086,9 @@ impl Log {
             self.dirty_files.push(file);
         }
         self.active_dirty = false;
+        if matches!(self.spare, Spare::Failed) {
+            self.spare = Spare::None;
+        }
         Ok(())
     }
 
@@ -886,6 +1133,9 @@ impl Log {
                     self.cfg.conversation_index_entries_max
                 )));
             }
+        }
+        if self.cfg.zero_fill_segments {
+            self.tend_spare();
         }
         let capacity = match &self.active().state {
             SegState::Active { map, .. } => (map.len() as u64).min(self.cfg.segment_bytes_max),
@@ -984,6 +1234,28 @@ impl Log {
 
     pub fn segment_count(&self) -> usize {
         self.segments.len()
+    }
+
+    /// Where the zero-filled spare segment stands (always [`SpareStatus::None`] without
+    /// `zero_fill_segments`).
+    pub fn spare_status(&self) -> SpareStatus {
+        match self.spare {
+            Spare::None => SpareStatus::None,
+            Spare::Failed => SpareStatus::Failed,
+            Spare::Filling { .. } => SpareStatus::Filling,
+            Spare::Ready(_) => SpareStatus::Ready,
+        }
+    }
+
+    /// Whether the active segment is a zero-filled spare (no unwritten extents).
+    pub fn active_is_zero_filled(&self) -> bool {
+        matches!(
+            self.active().state,
+            SegState::Active {
+                zero_filled: true,
+                ..
+            }
+        )
     }
 
     /// Whether appends wait for a sync.

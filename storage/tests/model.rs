@@ -100,6 +100,9 @@ fn cfg(dir: &Path) -> LogConfig {
     c.retention_bytes_max = Some(4 * 4096);
     c.compress_sealed = true;
     c.mapped_segments_max = 2;
+    // Spare segments too: rolls into a zero-filled spare, and early rolls out of a fallocated
+    // segment, whenever the background thread happens to be done.
+    c.zero_fill_segments = true;
     c
 }
 
