@@ -2,6 +2,7 @@
 # Side-by-side wrk run: nginx `return 200`, kefu GET /healthz, kefu durable POST send.
 # Usage: [KEFU_FLAGS='--durability never'] [PERF_OUT=perf.data] [KEFU_TENANT_EXTRA='route_on_one_shard = false']
 #        [KEFU_SET='syncs_in_flight_max=4 buffer_bytes=8192'] (replaces those keys' lines of the default config)
+#        [KEEP=DIR] (copy the data dir there at the end)
 #        gateway/scripts/wrk-compare.sh [KEFU_BIN] [CONNECTIONS] [SECONDS]
 # Needs wrk, nginx, curl, python3. Starts everything on loopback (free ports), stops it after.
 set -euo pipefail
@@ -65,6 +66,10 @@ PY
 
 # CPU time (user+sys, clock ticks) of the given pids and their threads.
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+# Idle and total jiffies of the whole machine (/proc/stat "cpu" line).
+idle() { awk '/^cpu / {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
+# Context switches (voluntary + involuntary) of the given pids' threads, io_uring workers included.
+ctxsw() { local p; for p in "$@"; do cat /proc/$p/task/*/status 2>/dev/null; done | awk '/ctxt_switches/ {n += $2} END {print n}'; }
 NGINX_PIDS=$(cat "$WORK/nginx.pid"; pgrep -P "$(cat "$WORK/nginx.pid")")
 # Prints wrk's rate and percentiles, and the server's CPU time per request: on a machine shared
 # with other work the CPU cost is steadier than the rate. $1 label, $2 "nginx" or "kefu".
@@ -74,13 +79,22 @@ run() {
   if [[ $who == nginx ]]; then pids=$NGINX_PIDS; else pids=$KEFU_PID; fi
   echo "== $label"
   before=$(ticks $pids)
+  local sw0 idle0
+  sw0=$(ctxsw $pids)
+  idle0=$(idle)
   wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$@" > "$WORK/wrk.out"
   after=$(ticks $pids)
+  local sw1 idle1
+  sw1=$(ctxsw $pids)
+  idle1=$(idle)
   grep -E 'Requests/sec|  50%|  99%|Non-2xx|Socket errors' "$WORK/wrk.out"
   local reqs
   reqs=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
   python3 -c "import sys; t, n, hz = map(int, sys.argv[1:]); print(f'server CPU per request: {t / hz * 1e6 / max(n, 1):.1f} us')" \
     "$((after - before))" "${reqs:-0}" "$(getconf CLK_TCK)"
+  python3 -c "import sys; i0, t0, i1, t1 = map(int, sys.argv[1:]); print(f'machine idle during the run: {100 * (i1 - i0) / max(t1 - t0, 1):.0f}%')" $idle0 $idle1
+  # Threads that exited during the run (io_uring workers) are not counted.
+  python3 -c "import sys; s, n = map(int, sys.argv[1:]); print(f'server context switches per request: {s / max(n, 1):.2f}')" "$((sw1 - sw0))" "${reqs:-0}"
 }
 run "nginx return 200" nginx "http://127.0.0.1:$NGINX_PORT/"
 run "kefu GET /healthz" kefu "http://127.0.0.1:$PORT/healthz"

@@ -4,7 +4,7 @@ use std::cell::{Cell, RefCell};
 use std::fmt::Write;
 
 use hdrhistogram::Histogram;
-use kefu_storage::Log;
+use kefu_storage::{Log, SpareStatus};
 
 /// Why a connection ended (label values of `kefu_disconnects_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +210,25 @@ impl ShardMetrics {
         line("kefu_log_durable_offset", "", log.durable_offset());
         line("kefu_log_disk_bytes", "", log.disk_bytes());
         line("kefu_log_syncs_in_flight", "", log.syncs_in_flight() as u64);
+        // The zero-filled spare segment (`limits.zero_fill_segments`), one line per state.
+        let spare = log.spare_status();
+        for (state, name) in [
+            (SpareStatus::None, "none"),
+            (SpareStatus::Filling, "filling"),
+            (SpareStatus::Ready, "ready"),
+            (SpareStatus::Failed, "failed"),
+        ] {
+            line(
+                "kefu_log_spare_segment",
+                &format!("state=\"{name}\""),
+                u64::from(spare == state),
+            );
+        }
+        line(
+            "kefu_log_active_segment_zero_filled",
+            "",
+            u64::from(log.active_is_zero_filled()),
+        );
         for (i, (_, stage)) in STAGES.iter().enumerate() {
             let h = &self.latency.borrow()[i];
             for q in [0.5, 0.9, 0.99, 0.999] {

@@ -1153,3 +1153,77 @@ fn a_burst_of_binary_frames_is_answered_in_order() {
     assert!(matches!(bin.recv(), Some(BinMsg::Error { code: 404, .. })));
     ack(&mut bin, last + 4, false);
 }
+
+/// The value of a metric line of shard 0 (`name{shard="0"...} value`), if present.
+fn shard0_metric(http: &mut Http, name_and_labels: &str) -> Option<u64> {
+    let text = String::from_utf8(http.get("/metrics", None).body).unwrap();
+    let prefix = format!("{name_and_labels} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn sends_move_into_a_zero_filled_segment_and_survive_sigkill() {
+    // 1 MiB segments: the spare starts once the first holds 64 KiB, and the log moves into
+    // it as soon as it is ready, long before the first is full.
+    let dir = tempfile::tempdir().unwrap();
+    let small = [("segment_bytes_max = 4194304", "segment_bytes_max = 1048576")];
+    let mut kefu = start_with(&dir, "1", "always", &small);
+    let mut http = kefu.http();
+    let zero_filled = "kefu_log_active_segment_zero_filled{shard=\"0\"}";
+    assert_eq!(shard0_metric(&mut http, zero_filled), Some(0));
+    let (id, token) = create_conversation(&mut http, None);
+    let text = "z".repeat(400);
+    let mut sent = 0u64;
+    let start = std::time::Instant::now();
+    while shard0_metric(&mut http, zero_filled) != Some(1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60) && sent < 5000,
+            "no zero-filled segment after {sent} sends"
+        );
+        for _ in 0..20 {
+            let r = http.post(
+                &format!("/v1/conversations/{id}/messages"),
+                Some(&token),
+                &json!({ "text": text }).to_string(),
+            );
+            assert_eq!(r.status, 201);
+            sent += 1;
+        }
+    }
+    let logs = std::fs::read_dir(dir.path().join("data/shard-0"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "log")
+        })
+        .count();
+    assert_eq!(logs, 2, "the first segment was sealed early");
+    let last = last_seq(&mut http, &id, &token);
+    drop(http);
+    kefu.signal_and_wait(SIGKILL);
+
+    let kefu = start_with(&dir, "1", "always", &small);
+    let mut http = kefu.http();
+    assert_eq!(last_seq(&mut http, &id, &token), last);
+    let page = http
+        .get(
+            &format!(
+                "/v1/conversations/{id}/messages?after={}&limit=1000",
+                last - 5
+            ),
+            Some(&token),
+        )
+        .json();
+    let seqs: Vec<u64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (last - 4..=last).collect::<Vec<_>>());
+}
