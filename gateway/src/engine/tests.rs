@@ -539,3 +539,21 @@ fn recovery_keeps_the_auto_close_deadline() {
     let closed = stored_events(&log, id).pop().unwrap();
     assert_eq!(closed["event"], "closed", "{closed}");
 }
+
+#[test]
+fn the_conversation_map_never_grows_on_the_way_to_its_limit() {
+    let mut log = MemLog::default();
+    let mut e = engine(0);
+    let capacity = e.conversations.capacity();
+    assert!(capacity >= e.limits.conversations_max, "{capacity}");
+    for i in 0..e.limits.conversations_max as u64 {
+        e.create(&mut log, 0, "Ann", "web", None, None, 1 + i)
+            .unwrap();
+    }
+    // No insert on the way rehashed (a doubling copies every conversation at once).
+    assert_eq!(e.conversations.capacity(), capacity);
+    assert!(matches!(
+        e.create(&mut log, 0, "Ann", "web", None, None, 1_000),
+        Err(EngineError::Overloaded(_))
+    ));
+}
