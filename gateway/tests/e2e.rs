@@ -1165,33 +1165,41 @@ fn shard0_metric(http: &mut Http, name_and_labels: &str) -> Option<u64> {
 
 #[test]
 fn sends_move_into_a_zero_filled_segment_and_survive_sigkill() {
-    // 1 MiB segments: the spare starts once the first holds 64 KiB, and the log moves into
-    // it as soon as it is ready, long before the first is full.
+    // A new gateway starts in zero-filled segments. One whose log was written without them
+    // (here: `zero_fill_segments = false`) moves into one at the first send after restart.
     let dir = tempfile::tempdir().unwrap();
-    let small = [("segment_bytes_max = 4194304", "segment_bytes_max = 1048576")];
-    let mut kefu = start_with(&dir, "1", "always", &small);
-    let mut http = kefu.http();
     let zero_filled = "kefu_log_active_segment_zero_filled{shard=\"0\"}";
+    let off = [("zero_fill_segments = true", "zero_fill_segments = false")];
+    let mut kefu = start_with(&dir, "1", "always", &off);
+    let mut http = kefu.http();
     assert_eq!(shard0_metric(&mut http, zero_filled), Some(0));
     let (id, token) = create_conversation(&mut http, None);
-    let text = "z".repeat(400);
-    let mut sent = 0u64;
-    let start = std::time::Instant::now();
-    while shard0_metric(&mut http, zero_filled) != Some(1) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60) && sent < 5000,
-            "no zero-filled segment after {sent} sends"
+    let send = |http: &mut Http, i: u64| {
+        let r = http.post(
+            &format!("/v1/conversations/{id}/messages"),
+            Some(&token),
+            &json!({ "text": format!("m{i}") }).to_string(),
         );
-        for _ in 0..20 {
-            let r = http.post(
-                &format!("/v1/conversations/{id}/messages"),
-                Some(&token),
-                &json!({ "text": text }).to_string(),
-            );
-            assert_eq!(r.status, 201);
-            sent += 1;
-        }
+        assert_eq!(r.status, 201);
+    };
+    for i in 0..20 {
+        send(&mut http, i);
     }
+    drop(http);
+    kefu.signal_and_wait(SIGKILL);
+
+    let mut kefu = start_with(&dir, "1", "always", &[]);
+    let mut http = kefu.http();
+    assert_eq!(shard0_metric(&mut http, zero_filled), Some(0));
+    assert_eq!(
+        shard0_metric(
+            &mut http,
+            "kefu_log_spare_segment{shard=\"0\",state=\"ready\"}"
+        ),
+        Some(1)
+    );
+    send(&mut http, 20);
+    assert_eq!(shard0_metric(&mut http, zero_filled), Some(1));
     let logs = std::fs::read_dir(dir.path().join("data/shard-0"))
         .unwrap()
         .filter(|e| {
@@ -1202,28 +1210,29 @@ fn sends_move_into_a_zero_filled_segment_and_survive_sigkill() {
                 .is_some_and(|x| x == "log")
         })
         .count();
-    assert_eq!(logs, 2, "the first segment was sealed early");
+    assert_eq!(logs, 2, "the recovered segment was sealed");
+    for i in 21..30 {
+        send(&mut http, i);
+    }
     let last = last_seq(&mut http, &id, &token);
     drop(http);
     kefu.signal_and_wait(SIGKILL);
 
-    let kefu = start_with(&dir, "1", "always", &small);
+    let kefu = start_with(&dir, "1", "always", &[]);
     let mut http = kefu.http();
     assert_eq!(last_seq(&mut http, &id, &token), last);
     let page = http
         .get(
-            &format!(
-                "/v1/conversations/{id}/messages?after={}&limit=1000",
-                last - 5
-            ),
+            &format!("/v1/conversations/{id}/messages?after=0&limit=1000"),
             Some(&token),
         )
         .json();
-    let seqs: Vec<u64> = page["messages"]
+    let texts: Vec<&str> = page["messages"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
+        .filter_map(|m| m["text"].as_str())
         .collect();
-    assert_eq!(seqs, (last - 4..=last).collect::<Vec<_>>());
+    let want: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, want);
 }

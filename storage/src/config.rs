@@ -102,11 +102,12 @@ pub struct LogConfig {
     /// Entries (one per record with `seq > 0`) of the in-memory conversation index, 24 bytes
     /// each; an append past it fails until retention frees entries.
     pub conversation_index_entries_max: usize,
-    /// Write the next segment full of zeros ahead of time, on a background thread, and move
-    /// appends into it (see [`crate::Log`]'s "Spare segment"). A `fallocate`d segment holds
-    /// unwritten extents: each sync that covers a newly written block must also convert the
-    /// extent and write the inode, an extra device round trip. Costs one segment of disk and
-    /// of background writes per `segment_bytes_max` of records.
+    /// Write segments full of zeros ahead of time (the first in [`crate::Log::open`], the
+    /// next on a background thread) and append into those (see the crate docs' "Spare
+    /// segment"). A `fallocate`d segment holds unwritten extents: each sync that covers a
+    /// newly written block must also convert the extent and write the inode, an extra device
+    /// round trip. Costs one spare segment of disk, one segment of zero writes at open and
+    /// one per `segment_bytes_max` of records.
     pub zero_fill_segments: bool,
     /// The file-system calls that can fail in interesting ways (sync, allocate), replaceable
     /// to inject faults in tests.

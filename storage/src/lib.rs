@@ -61,14 +61,15 @@
 //! Spare segment (`zero_fill_segments`, on in the gateway): a `fallocate`d file is all
 //! unwritten extents, so every sync that covers a newly written block must also convert the
 //! extent and write the inode, a third device round trip after data and before the cache
-//! flush. Once the active segment is 1/16 full, a background thread writes the next segment
-//! full of zeros (4 KiB writes, written back chunk by chunk, paced), syncs it, and leaves it
-//! as `next-segment.tmp`. The next roll renames it into place (`RENAME_NOREPLACE`, directory
-//! synced with the next group commit); a `fallocate`d active segment (the first, or one made
-//! while no spare was ready) is sealed early as soon as a spare is ready. Measured here: a 4 KiB
-//! append plus `fdatasync` takes p50 0.09 ms instead of 0.14-0.18 ms, and the gateway's
-//! open-loop capacity went from 55-58K to 61-67K sends/s. A failed spare only falls back to
-//! `fallocate`; a leftover spare is deleted at open like any `.tmp`.
+//! flush. [`Log::open`] writes a segment full of zeros before it returns (4 KiB writes,
+//! written back chunk by chunk, then synced) and starts in it; once the active segment is half
+//! full, a background thread prepares the next one the same way (paced, at nice 10) and leaves
+//! it as `next-segment.tmp`. The next roll renames it into place (`RENAME_NOREPLACE`, directory
+//! synced with the next group commit); a `fallocate`d active segment (one recovered at open,
+//! or made while no spare was ready) is sealed at the first append after a spare is ready.
+//! Measured here: a 4 KiB append plus `fdatasync` takes p50 0.09 ms instead of 0.14-0.18 ms,
+//! and the gateway's open-loop capacity went from 55-58K to 61-67K sends/s. A failed spare only
+//! falls back to `fallocate`; a leftover spare is deleted at open like any `.tmp`.
 //! Sealed segments may be rewritten as `.log.zst` (one zstd frame with checksum of the
 //! whole segment) via `<name>.log.zst.tmp` + rename; reads decompress transparently.
 //!

@@ -32,9 +32,11 @@ const ZERO_FILL_CHUNK_BYTES: u64 = 256 << 10;
 /// Pace of zero-filling: at most this many bytes per second (one 64 MiB segment in half a
 /// second), so it takes little of the device from the syncs that acknowledgements wait for.
 const ZERO_FILL_BYTES_PER_S: u64 = 128 << 20;
-/// Start preparing a spare once the active segment is this fraction (1/n) full. Later than
-/// at once, so a log that never grows (a test, a quiet shard) never writes one.
-const SPARE_START_DIVISOR: u64 = 16;
+/// Start preparing the next spare once the active segment is this fraction (1/n) full: late
+/// enough that a burst of traffic right after a roll does not share the device with the
+/// zeros, early enough that the spare is ready (it takes half a second) unless records arrive
+/// at over 64 MiB/s. The first spare is made by [`Log::open`] before it returns.
+const SPARE_START_DIVISOR: u64 = 2;
 
 /// The durable offset, recorded after each completed sync without a sync of its own, so it
 /// is a lower bound: every record below it was acknowledged. Recovery uses it to tell a torn
@@ -468,16 +470,25 @@ enum Spare {
     Ready(File),
 }
 
-/// The spare thread's work: create [`SPARE_NAME`], reserve `len` bytes, write zeros over all
-/// of them in 4 KiB writes (so the page cache holds 4 KiB folios, see [`advise_active`], and
-/// the pages stay cached for the appender's faults), each chunk written back before the next
-/// and paced to [`ZERO_FILL_BYTES_PER_S`], then `fdatasync` (the extent conversions).
-fn fill_spare(path: &Path, len: u64, io: &SharedIo, stop: &AtomicBool) -> io::Result<File> {
+/// Makes a spare: create [`SPARE_NAME`], reserve `len` bytes, write zeros over all of them in
+/// 4 KiB writes (so the page cache holds 4 KiB folios, see [`advise_active`], and the pages
+/// stay cached for the appender's faults), each chunk written back before the next, then
+/// `fdatasync` (the extent conversions). In the `background` (the spare thread) at nice 10
+/// and paced to [`ZERO_FILL_BYTES_PER_S`]; at open, as fast as the device goes.
+fn fill_spare(
+    path: &Path,
+    len: u64,
+    io: &SharedIo,
+    stop: &AtomicBool,
+    background: bool,
+) -> io::Result<File> {
     use std::os::unix::fs::FileExt;
-    // Background work: give way to the shards. Best effort.
-    // SAFETY: plain syscalls on the calling thread.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+    if background {
+        // Give way to the shards. Best effort.
+        // SAFETY: plain syscall on the calling thread.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+        }
     }
     let file = OpenOptions::new()
         .read(true)
@@ -515,7 +526,7 @@ fn fill_spare(path: &Path, len: u64, io: &SharedIo, stop: &AtomicBool) -> io::Re
             return Err(io::Error::last_os_error());
         }
         let due = Duration::from_secs_f64(pos as f64 / ZERO_FILL_BYTES_PER_S as f64);
-        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+        if background && let Some(ahead) = due.checked_sub(started.elapsed()) {
             std::thread::sleep(ahead);
         }
     }
@@ -678,6 +689,24 @@ impl Log {
             .values()
             .next_back()
             .is_some_and(|s| matches!(s.state, SegState::Active { .. }));
+        if log.cfg.zero_fill_segments {
+            // The first spare, before traffic: it becomes the new active segment below, or
+            // (after recovery) takes over from the recovered one at the first append.
+            let path = log.cfg.dir.join(SPARE_NAME);
+            log.spare = match fill_spare(
+                &path,
+                log.cfg.segment_bytes_max,
+                &log.cfg.io,
+                &AtomicBool::new(false),
+                false,
+            ) {
+                Ok(file) => Spare::Ready(file),
+                Err(_) => {
+                    let _ = fs::remove_file(&path);
+                    Spare::Failed
+                }
+            };
+        }
         if !active_is_plain_last {
             // Empty directory, or the newest segment is compressed (sealed): start a new one.
             if log.segments.contains_key(&log.next_offset) {
@@ -1005,7 +1034,7 @@ impl Log {
                 let thread_stop = stop.clone();
                 self.spare = match std::thread::Builder::new()
                     .name("log-zero-fill".into())
-                    .spawn(move || fill_spare(&path, len, &io, &thread_stop))
+                    .spawn(move || fill_spare(&path, len, &io, &thread_stop, true))
                 {
                     Ok(thread) => Spare::Filling { stop, thread },
                     Err(_) => Spare::Failed,

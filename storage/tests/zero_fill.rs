@@ -1,6 +1,7 @@
-//! The zero-filled spare segment (`zero_fill_segments`): appends move into it early, nothing
-//! is lost across the switch or a reopen, it holds no unwritten extents, a failed spare only
-//! falls back to `fallocate`, and no spare file outlives the log.
+//! Zero-filled segments (`zero_fill_segments`): a new log starts in one, a recovered
+//! `fallocate`d segment is left at the first append, rolls use the spare, nothing is lost
+//! across a switch or a reopen, no segment holds unwritten extents, a failed spare only falls
+//! back to `fallocate`, and no spare file outlives the log.
 
 mod common;
 
@@ -20,7 +21,7 @@ const WAIT_LIMIT: Duration = Duration::from_secs(30);
 
 fn cfg(dir: &Path) -> LogConfig {
     let mut cfg = LogConfig::new(dir);
-    // 1 MiB segments: the spare starts once the active segment holds 64 KiB.
+    // 1 MiB segments: the next spare starts once the active segment holds 512 KiB.
     cfg.segment_bytes_max = 1 << 20;
     cfg.record_bytes_max = 4096;
     cfg.durability = Durability::Always;
@@ -113,61 +114,92 @@ fn has_unwritten_extent(file: &File) -> Option<bool> {
     )
 }
 
-#[test]
-fn appends_move_into_the_zero_filled_spare_early_and_survive_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut log, _) = Log::open(cfg(dir.path())).unwrap();
-    assert!(
-        !log.active_is_zero_filled(),
-        "the first segment is fallocated"
-    );
-    let n = append_until(&mut log, 0, |l| l.active_is_zero_filled());
-
-    // The switch sealed the first segment long before it was full.
-    let files = segment_files(dir.path());
-    assert_eq!(files.len(), 2, "{files:?}");
-    let first_len = fs::metadata(&files[0]).unwrap().len();
-    assert!(
-        (64 << 10..512 << 10).contains(&first_len),
-        "first segment sealed at {first_len} bytes"
-    );
-    // The new active segment has no unwritten extent; a fallocated file here does (so the
-    // check can see them at all).
-    let control = File::create(dir.path().join("control")).unwrap();
+/// Asserts `file` has no unwritten extent, after checking with a `fallocate`d control file
+/// in `dir` that the file system shows them at all (else says so and skips).
+fn assert_zero_filled(dir: &Path, file: &Path) {
+    let control_path = dir.join("control");
+    let control = File::create(&control_path).unwrap();
     kefu_storage::StdIo.allocate(&control, 1 << 20).unwrap();
     match has_unwritten_extent(&control) {
         Some(true) => {
-            let active = File::open(&files[1]).unwrap();
-            assert_eq!(has_unwritten_extent(&active), Some(false));
+            let f = File::open(file).unwrap();
+            assert_eq!(has_unwritten_extent(&f), Some(false), "{}", file.display());
         }
         other => eprintln!("file system shows no unwritten extents ({other:?}); not checked"),
     }
-    fs::remove_file(dir.path().join("control")).unwrap();
+    fs::remove_file(control_path).unwrap();
+}
 
-    let more = append_until(&mut log, n, |l| l.next_offset() >= n + 50);
-    let check = |log: &mut Log| {
-        let mut i = 0;
-        log.read_range(0, usize::MAX, |r| {
-            assert_eq!(
-                r.payload,
-                &payload(i, RECORD_PAYLOAD_BYTES)[..],
-                "record {i}"
-            );
-            i += 1;
-        })
-        .unwrap();
-        assert_eq!(i, more);
-    };
-    check(&mut log);
+fn read_back(log: &mut Log, records: u64) {
+    let mut i = 0;
+    log.read_range(0, usize::MAX, |r| {
+        assert_eq!(
+            r.payload,
+            &payload(i, RECORD_PAYLOAD_BYTES)[..],
+            "record {i}"
+        );
+        i += 1;
+    })
+    .unwrap();
+    assert_eq!(i, records);
+}
+
+#[test]
+fn a_new_log_starts_in_a_zero_filled_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(cfg(dir.path())).unwrap();
+    assert!(log.active_is_zero_filled());
+    assert_eq!(log.spare_status(), SpareStatus::None);
+    assert!(!dir.path().join(SPARE).exists());
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 1);
+    assert_zero_filled(dir.path(), &files[0]);
+    // No background spare before the segment is half full.
+    let n = append_until(&mut log, 0, |l| l.next_offset() >= 100);
+    assert_eq!(log.spare_status(), SpareStatus::None);
+    read_back(&mut log, n);
+}
+
+#[test]
+fn a_recovered_fallocated_segment_is_left_at_the_first_append_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plain = cfg(dir.path());
+    plain.zero_fill_segments = false;
+    let (mut log, _) = Log::open(plain).unwrap();
+    assert!(!log.active_is_zero_filled());
+    let n = append_until(&mut log, 0, |l| l.next_offset() >= 40);
+    drop(log);
+
+    let (mut log, report) = Log::open(cfg(dir.path())).unwrap();
+    assert_eq!(report.records, n);
+    assert!(
+        !log.active_is_zero_filled(),
+        "the recovered segment stays active"
+    );
+    assert_eq!(
+        log.spare_status(),
+        SpareStatus::Ready,
+        "open made the first spare"
+    );
+    let n = append_until(&mut log, n, |l| l.active_is_zero_filled());
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(
+        fs::metadata(&files[0]).unwrap().len() < 64 << 10,
+        "sealed early"
+    );
+    assert_zero_filled(dir.path(), &files[1]);
+    let n = append_until(&mut log, n, |l| l.next_offset() >= n + 50);
+    read_back(&mut log, n);
     drop(log);
     assert!(
         !dir.path().join(SPARE).exists(),
-        "the spare went with the log"
+        "no spare outlives the log"
     );
     let (mut log, report) = Log::open(cfg(dir.path())).unwrap();
-    assert_eq!(report.records, more);
+    assert_eq!(report.records, n);
     assert!(report.truncated.is_none(), "{report:?}");
-    check(&mut log);
+    read_back(&mut log, n);
 }
 
 #[test]
@@ -270,7 +302,10 @@ fn open_deletes_a_spare_that_a_crash_left() {
     fs::write(dir.path().join(SPARE), vec![0xAB; 8192]).unwrap();
     let (mut log, report) = Log::open(cfg(dir.path())).unwrap();
     assert_eq!(report.removed_files, vec![dir.path().join(SPARE)]);
-    assert!(!dir.path().join(SPARE).exists());
+    // Open made a fresh spare under the same name: all zeros, a whole segment long.
+    let spare = fs::read(dir.path().join(SPARE)).unwrap();
+    assert_eq!(spare.len() as u64, log.config().segment_bytes_max);
+    assert!(spare.iter().all(|&b| b == 0));
     assert_eq!(report.records, 1);
     let mut got = 0;
     log.read_range(0, 10, |_| got += 1).unwrap();
