@@ -438,15 +438,15 @@ pub struct Log {
     poisoned: Option<Arc<io::Error>>,
     /// Bases of loaded sealed segments, least recently used first.
     loaded: VecDeque<u64>,
-    /// The next segment, zero-filled in the background (`zero_fill_segments`).
+    /// The next segment, zero-filled ahead of time (`zero_fill_segments`).
     spare: Spare,
 }
 
 /// See [`Log::spare_status`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpareStatus {
-    /// None prepared: the feature is off, or the active segment is not yet
-    /// 1/16 full.
+    /// None prepared: the feature is off, or the last spare became the active segment and
+    /// that is not yet half full.
     None,
     /// A background thread is writing zeros into it.
     Filling,
@@ -456,8 +456,8 @@ pub enum SpareStatus {
     Failed,
 }
 
-/// The spare segment's life: a background thread writes it full of zeros, then it waits until
-/// a roll renames it to the new active segment.
+/// The spare segment's life: written full of zeros (by [`Log::open`], or later by a background
+/// thread), then it waits until a roll renames it to the new active segment.
 enum Spare {
     None,
     /// A spare failed; no new attempt until the next roll (a full disk would otherwise
@@ -1005,8 +1005,8 @@ impl Log {
 
     /// Advances the spare segment (only with `zero_fill_segments`): collects a finished
     /// spare thread, starts one once the active segment is 1/[`SPARE_START_DIVISOR`] full,
-    /// and moves appends out of a `fallocate`d active segment (the first one, or one recovered
-    /// or made while no spare was ready) as soon as a spare is ready.
+    /// and moves appends out of a `fallocate`d active segment (one recovered at open, or made
+    /// while no spare was ready) as soon as a spare is ready.
     fn tend_spare(&mut self) {
         match &self.spare {
             Spare::Filling { thread, .. } if thread.is_finished() => {
