@@ -23,9 +23,12 @@ const LOCK_NAME: &str = "LOCK";
 /// Name of the checkpoint file: a lower bound of the durable offset (see [`Checkpoint`]).
 const CHECKPOINT_NAME: &str = "CHECKPOINT";
 const CHECKPOINT_LEN: usize = 16;
-/// Name of the zero-filled spare segment while it is prepared or waits to become the active
-/// segment. It ends in `.tmp`, so [`Log::open`] deletes one that a crash left behind.
-const SPARE_NAME: &str = "next-segment.tmp";
+/// Name of the spare segment while it is being zero-filled. It ends in `.tmp`, so
+/// [`Log::open`] deletes one that a crash or a close left half-written.
+const SPARE_FILLING_NAME: &str = "next-segment.tmp";
+/// Name of a finished spare (renamed from [`SPARE_FILLING_NAME`] after its `fdatasync`). It
+/// outlives the log, and the next [`Log::open`] adopts it instead of writing another.
+const SPARE_NAME: &str = "next-segment.spare";
 /// The spare is zeroed in chunks of this size, each written back before the next, so the
 /// device never has more than one chunk of it queued ahead of a group-commit sync.
 const ZERO_FILL_CHUNK_BYTES: u64 = 256 << 10;
@@ -470,7 +473,7 @@ enum Spare {
     Ready(File),
 }
 
-/// Makes a spare: create [`SPARE_NAME`], reserve `len` bytes, write zeros over all of them in
+/// Makes a spare: create [`SPARE_FILLING_NAME`], reserve `len` bytes, write zeros over all of them in
 /// 4 KiB writes (so the page cache holds 4 KiB folios, see [`advise_active`], and the pages
 /// stay cached for the appender's faults), each chunk written back before the next, then
 /// `fdatasync` (the extent conversions). In the `background` (the spare thread) at nice 10
@@ -531,23 +534,35 @@ fn fill_spare(
         }
     }
     io.sync_data(&file)?;
+    fs::rename(path, path.with_file_name(SPARE_NAME))?;
     Ok(file)
+}
+
+/// A finished spare left by an earlier run, if it is whole and unused: `len` bytes, and a
+/// first page of zeros. A spare that became a segment but whose rename a crash undid holds
+/// records from byte 0; taking it again would leave stale records behind new ones.
+fn adopt_spare(path: &Path, len: u64) -> Option<File> {
+    use std::os::unix::fs::FileExt;
+    let file = OpenOptions::new().read(true).write(true).open(path).ok()?;
+    if file.metadata().ok()?.len() != len {
+        return None;
+    }
+    let mut head = vec![0u8; (len as usize).min(4096)];
+    file.read_exact_at(&mut head, 0).ok()?;
+    head.iter().all(|&b| b == 0).then_some(file)
 }
 
 impl Drop for Log {
     fn drop(&mut self) {
         // Stop and join a spare thread (it checks between chunks), so no thread writes in
-        // this directory once the log is gone; then delete the spare, best effort (a
-        // leftover is deleted by the next open).
-        match std::mem::replace(&mut self.spare, Spare::None) {
-            Spare::Filling { stop, thread } => {
-                stop.store(true, Ordering::Relaxed);
-                let _ = thread.join();
-            }
-            Spare::Ready(_) => {}
-            Spare::None | Spare::Failed => return,
+        // this directory once the log is gone, and delete what it left half-written (best
+        // effort: the next open deletes a leftover `.tmp`). A finished spare stays for the
+        // next open.
+        if let Spare::Filling { stop, thread } = std::mem::replace(&mut self.spare, Spare::None) {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+            let _ = fs::remove_file(self.cfg.dir.join(SPARE_FILLING_NAME));
         }
-        let _ = fs::remove_file(self.cfg.dir.join(SPARE_NAME));
     }
 }
 
@@ -689,21 +704,34 @@ impl Log {
             .values()
             .next_back()
             .is_some_and(|s| matches!(s.state, SegState::Active { .. }));
+        let spare_path = log.cfg.dir.join(SPARE_NAME);
+        let kept = adopt_spare(&spare_path, log.cfg.segment_bytes_max)
+            .filter(|_| log.cfg.zero_fill_segments);
+        if kept.is_none() && spare_path.exists() {
+            // Used, torn, of another segment size, or the option is off now.
+            fs::remove_file(&spare_path).map_err(|e| Error::io("remove", &spare_path, e))?;
+        }
         if log.cfg.zero_fill_segments {
-            // The first spare, before traffic: it becomes the new active segment below, or
-            // (after recovery) takes over from the recovered one at the first append.
-            let path = log.cfg.dir.join(SPARE_NAME);
-            log.spare = match fill_spare(
-                &path,
-                log.cfg.segment_bytes_max,
-                &log.cfg.io,
-                &AtomicBool::new(false),
-                false,
-            ) {
-                Ok(file) => Spare::Ready(file),
-                Err(_) => {
-                    let _ = fs::remove_file(&path);
-                    Spare::Failed
+            // The first spare, before traffic (the last run's, if it left one): it becomes
+            // the new active segment below, or (after recovery) takes over from the
+            // recovered one at the first append.
+            log.spare = match kept {
+                Some(file) => Spare::Ready(file),
+                None => {
+                    let filling = log.cfg.dir.join(SPARE_FILLING_NAME);
+                    match fill_spare(
+                        &filling,
+                        log.cfg.segment_bytes_max,
+                        &log.cfg.io,
+                        &AtomicBool::new(false),
+                        false,
+                    ) {
+                        Ok(file) => Spare::Ready(file),
+                        Err(_) => {
+                            let _ = fs::remove_file(&filling);
+                            Spare::Failed
+                        }
+                    }
                 }
             };
         }
@@ -1017,7 +1045,7 @@ impl Log {
                 self.spare = match thread.join() {
                     Ok(Ok(file)) => Spare::Ready(file),
                     _ => {
-                        let _ = fs::remove_file(self.cfg.dir.join(SPARE_NAME));
+                        let _ = fs::remove_file(self.cfg.dir.join(SPARE_FILLING_NAME));
                         Spare::Failed
                     }
                 };
@@ -1027,7 +1055,7 @@ impl Log {
             {
                 let stop = Arc::new(AtomicBool::new(false));
                 let (path, len, io) = (
-                    self.cfg.dir.join(SPARE_NAME),
+                    self.cfg.dir.join(SPARE_FILLING_NAME),
                     self.cfg.segment_bytes_max,
                     self.cfg.io.clone(),
                 );

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use common::{FaultyIo, header, payload};
 use kefu_storage::{Durability, Log, LogConfig, LogIo, SpareStatus};
 
+/// A spare while it is written.
 const SPARE: &str = "next-segment.tmp";
+/// A finished spare.
+const READY: &str = "next-segment.spare";
 const RECORD_PAYLOAD_BYTES: usize = 500;
 /// Every wait for the background thread gives up after this (a failure, not a slow pass).
 const WAIT_LIMIT: Duration = Duration::from_secs(30);
@@ -296,12 +299,61 @@ fn open_deletes_a_spare_that_a_crash_left() {
     fs::write(dir.path().join(SPARE), vec![0xAB; 8192]).unwrap();
     let (mut log, report) = Log::open(cfg(dir.path())).unwrap();
     assert_eq!(report.removed_files, vec![dir.path().join(SPARE)]);
-    // Open made a fresh spare under the same name: all zeros, a whole segment long.
-    let spare = fs::read(dir.path().join(SPARE)).unwrap();
+    // Open made a fresh spare: all zeros, a whole segment long.
+    let spare = fs::read(dir.path().join(READY)).unwrap();
     assert_eq!(spare.len() as u64, log.config().segment_bytes_max);
     assert!(spare.iter().all(|&b| b == 0));
     assert_eq!(report.records, 1);
     let mut got = 0;
     log.read_range(0, 10, |_| got += 1).unwrap();
     assert_eq!(got, 1);
+}
+
+/// Inode and last modification (ns): unchanged only if nobody rewrote the file.
+fn identity(path: &Path) -> (u64, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).unwrap();
+    (m.ino(), m.mtime(), m.mtime_nsec())
+}
+
+#[test]
+fn a_finished_spare_outlives_the_log_and_the_next_open_takes_it_unless_it_was_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(cfg(dir.path())).unwrap();
+    let n = append_until(&mut log, 0, |l| l.spare_status() == SpareStatus::Ready);
+    let ready = dir.path().join(READY);
+    let id = identity(&ready);
+    drop(log);
+    assert_eq!(identity(&ready), id, "kept at close");
+
+    // Adopted as it is: no second fill.
+    let (mut log, _) = Log::open(cfg(dir.path())).unwrap();
+    assert_eq!(log.spare_status(), SpareStatus::Ready);
+    assert_eq!(identity(&ready), id, "not rewritten");
+    read_back(&mut log, n);
+    drop(log);
+
+    // A spare with bytes at its start (it became a segment, but a crash undid the rename) is
+    // replaced, never reused.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&ready).unwrap();
+        f.write_all_at(b"stale record", 0).unwrap();
+    }
+    let (mut log, _) = Log::open(cfg(dir.path())).unwrap();
+    assert_eq!(log.spare_status(), SpareStatus::Ready);
+    assert!(
+        fs::read(&ready).unwrap().iter().all(|&b| b == 0),
+        "a new spare was written"
+    );
+    read_back(&mut log, n);
+    drop(log);
+
+    // With the option off, open deletes a spare.
+    let mut plain = cfg(dir.path());
+    plain.zero_fill_segments = false;
+    let (mut log, _) = Log::open(plain).unwrap();
+    assert!(!ready.exists());
+    assert_eq!(log.spare_status(), SpareStatus::None);
+    read_back(&mut log, n);
 }
