@@ -302,8 +302,8 @@ pub struct Engine {
     shard: u16,
     limits: EngineLimits,
     tenants: Vec<Tenant>,
-    /// Boxed, and sized for `conversations_max` at start (16-byte slots, 2 MiB for 100,000),
-    /// so no create ever rehashes the map. Unboxed and growing, a doubling allocated, copied
+    /// Boxed, and sized for `conversations_max` at start (16-byte slots, 2 MiB for 100,000;
+    /// at most [`crate::routing::PRESIZED_CONVERSATIONS_MAX`]), so no create rehashes it. Unboxed and growing, a doubling allocated, copied
     /// and zero-faulted a table of 208-byte slots (27 MB at 131,072) inside one create: during
     /// a create burst `perf sched` showed shard 0 on the CPU for 61 ms at a time, half of it
     /// clearing fresh huge pages under hashbrown's table allocation.
@@ -379,7 +379,9 @@ impl Engine {
             limits,
             tenants: out,
             conversations: IdMap::with_capacity_and_hasher(
-                limits.conversations_max,
+                limits
+                    .conversations_max
+                    .min(crate::routing::PRESIZED_CONVERSATIONS_MAX),
                 Default::default(),
             ),
             delivery_pool: Vec::new(),

@@ -225,6 +225,12 @@ struct Conv {
     place: Place,
 }
 
+/// Conversation maps (the router's, the engine's) are sized for this many conversations at
+/// start, or for the configured maximum if lower, so they do not rehash on the way there: a
+/// doubling copies the whole map inside one command. Above it they grow as usual, so a huge
+/// configured maximum does not reserve memory it may never use.
+pub const PRESIZED_CONVERSATIONS_MAX: usize = 1 << 20;
+
 /// Queues, agents and who has which conversation. See the module docs.
 #[derive(Debug)]
 pub struct Router {
@@ -274,7 +280,7 @@ impl Router {
             agents: Vec::with_capacity(limits.agents_max),
             group_ids: HashMap::with_capacity(limits.groups_max),
             agent_ids: HashMap::with_capacity(limits.agents_max),
-            convs: HashMap::with_capacity(limits.conversations_max),
+            convs: HashMap::with_capacity(limits.conversations_max.min(PRESIZED_CONVERSATIONS_MAX)),
             dirty_groups: Vec::with_capacity(limits.groups_max),
             blocked: Vec::with_capacity(limits.groups_max),
             agents_lost: 0,
