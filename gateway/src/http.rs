@@ -16,8 +16,8 @@ use kefu_protocol::http::{
 };
 use kefu_protocol::model::{
     AgentStatus, AgentStatusRequest, ConversationId, CreateConversationRequest,
-    CreateConversationResponse, ErrorBody, ModelLimits, SendMessageRequest, TransferRequest,
-    Validate, WriteJson, parse_json,
+    CreateConversationResponse, ErrorBody, ModelLimits, SendMessageRequest, SendMessageRequestRef,
+    TransferRequest, Validate, WriteJson, parse_json, parse_json_borrowed,
 };
 use kefu_trace_common::{RequestRecord, Stage as TraceStage, emit, now_ns, route as trace_route};
 use monoio::net::TcpStream;
@@ -196,10 +196,7 @@ fn model_limits(ctx: &ShardCtx) -> ModelLimits {
     crate::access::model_limits(&ctx.shared.config.limits)
 }
 
-fn body_json<T: serde::de::DeserializeOwned + Validate>(
-    ctx: &ShardCtx,
-    body: &[u8],
-) -> Result<T, HttpError> {
+fn check_body_len(ctx: &ShardCtx, body: &[u8]) -> Result<(), HttpError> {
     if body.len() > ctx.shared.json_body_bytes_max {
         return Err(HttpError::new(
             413,
@@ -209,6 +206,14 @@ fn body_json<T: serde::de::DeserializeOwned + Validate>(
             ),
         ));
     }
+    Ok(())
+}
+
+fn body_json<T: serde::de::DeserializeOwned + Validate>(
+    ctx: &ShardCtx,
+    body: &[u8],
+) -> Result<T, HttpError> {
+    check_body_len(ctx, body)?;
     parse_json::<T>(body, &model_limits(ctx)).map_err(|e| HttpError::new(400, e.to_string()))
 }
 
@@ -969,21 +974,28 @@ async fn send_message(
 ) -> Result<(), HttpError> {
     let id = conversation_id(ctx, id)?;
     let actor = authenticate(ctx, head)?;
-    let req: SendMessageRequest = body_json(ctx, body)?;
+    check_body_len(ctx, body)?;
+    let req: SendMessageRequestRef<'_> =
+        parse_json_borrowed::<_, SendMessageRequest>(body, &model_limits(ctx))
+            .map_err(|e| HttpError::new(400, e.to_string()))?;
     if let Some(rec) = trace {
         rec.borrow_mut().conversation_id = id;
     }
+    // The text goes to the owning shard in a pooled buffer and comes back with the answer.
+    let mut text = crate::shard::text_buffer();
+    text.push_str(&req.text);
     let outcome = call_traced(ctx, (id >> 48) as u16, trace, |reply| Command::Send {
         conv: id,
         actor,
-        text: req.text,
-        client_msg_id: req.client_msg_id,
+        text,
+        client_msg_id: req.client_msg_id.map(std::borrow::Cow::into_owned),
         reply,
     })
     .await?;
-    let Outcome::Sent(sent) = outcome else {
+    let Outcome::Sent(sent, text) = outcome else {
         return Err(internal());
     };
+    crate::shard::recycle_text(text);
     let sent = sent?;
     let status = if sent.duplicate { 200 } else { 201 };
     write_sent(out, status, keep_alive, sent.seq, sent.ts);

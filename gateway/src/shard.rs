@@ -99,7 +99,8 @@ impl<T> ReplySlot<T> {
 #[derive(Debug)]
 pub enum Outcome {
     Created(Result<Created, EngineError>),
-    Sent(Result<Sent, EngineError>),
+    /// With the command's text buffer, handed back for reuse (see [`text_buffer`]).
+    Sent(Result<Sent, EngineError>, String),
     View(Result<ConversationView, EngineError>),
     Replay(Result<Replay, EngineError>),
     State(Result<ConversationState, EngineError>),
@@ -112,9 +113,35 @@ pub type Reply = Arc<ReplySlot<Outcome>>;
 
 /// Reply slots kept per thread for reuse (a slot is one allocation with its one-element queue).
 const REPLY_POOL_MAX: usize = 1024;
+/// Text buffers of sends kept per thread for reuse, and the largest capacity kept (a rare
+/// long message does not stay pinned in a pool).
+const TEXT_POOL_MAX: usize = 1024;
+const TEXT_POOL_CAPACITY_MAX: usize = 4096;
 
 thread_local! {
     static REPLY_POOL: RefCell<Vec<Reply>> = const { RefCell::new(Vec::new()) };
+    static TEXT_POOL: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty buffer for a send's text, from this thread's pool. It travels in the
+/// [`Command::Send`] to the owning shard and comes back in [`Outcome::Sent`]; give it back
+/// with [`recycle_text`], so a send allocates no text in steady state.
+pub fn text_buffer() -> String {
+    TEXT_POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default()
+}
+
+/// Returns a send's text buffer to this thread's pool (bounded; see [`TEXT_POOL_MAX`]).
+pub fn recycle_text(mut text: String) {
+    if text.capacity() == 0 || text.capacity() > TEXT_POOL_CAPACITY_MAX {
+        return;
+    }
+    text.clear();
+    TEXT_POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < TEXT_POOL_MAX {
+            p.push(text);
+        }
+    });
 }
 
 impl ReplySlot<Outcome> {
@@ -553,7 +580,7 @@ fn handle(
             ) {
                 metrics.message_in();
             }
-            hold(reply, Outcome::Sent(r), true, engine);
+            hold(reply, Outcome::Sent(r, text), true, engine);
         }
         Command::View { conv, actor, reply } => {
             let r = engine.view(conv, &actor);

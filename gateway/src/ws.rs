@@ -126,7 +126,10 @@ impl QueuedSend {
         trace: Option<&RefCell<RequestRecord>>,
     ) -> Result<Sent, HttpError> {
         match self.0.wait(ctx, trace).await {
-            Outcome::Sent(s) => Ok(s?),
+            Outcome::Sent(s, text) => {
+                crate::shard::recycle_text(text);
+                Ok(s?)
+            }
             _ => Err(HttpError::new(500, "unexpected reply")),
         }
     }

@@ -29,12 +29,12 @@ mod record;
 mod tests;
 mod ws;
 
-pub use error::{ModelError, ModelLimits, Validate, WriteJson, parse_json};
+pub use error::{ModelError, ModelLimits, Validate, WriteJson, parse_json, parse_json_borrowed};
 pub use event::{Event, EventKind, IllegalTransition, TransferTarget, apply_event};
 pub use http::{
     AgentStatus, AgentStatusRequest, AttachmentResponse, ConversationView,
     CreateConversationRequest, CreateConversationResponse, Entry, ErrorBody, MessagesPage,
-    SendMessageRequest, SendMessageResponse, TransferRequest, Visitor,
+    SendMessageRequest, SendMessageRequestRef, SendMessageResponse, TransferRequest, Visitor,
 };
 pub use id::{ConversationId, IdError};
 pub use record::{EventRecord, MessageRecord, MessageRecordRef, Opened};

@@ -162,6 +162,25 @@ pub fn parse_json<T: DeserializeOwned + Validate>(
     Ok(value)
 }
 
+/// [`parse_json`] for a type that borrows from `bytes` (its strings are `Cow`s, borrowed
+/// unless they hold escapes): no allocation for a well-formed value. `Owned` is the same
+/// shape with owned fields; an error is explained through it.
+pub fn parse_json_borrowed<'a, T, Owned>(
+    bytes: &'a [u8],
+    limits: &ModelLimits,
+) -> Result<T, ModelError>
+where
+    T: serde::Deserialize<'a> + Validate,
+    Owned: DeserializeOwned,
+{
+    let value: T = match serde_json::from_slice::<Object<T>>(bytes) {
+        Ok(v) => v.0,
+        Err(e) => return Err(explain::<Owned>(bytes, e)),
+    };
+    value.validate(limits)?;
+    Ok(value)
+}
+
 /// Turn a serde_json error into a [`ModelError`]. The field path costs a second parse, so it is
 /// computed here, on the error path only.
 fn explain<T: DeserializeOwned>(bytes: &[u8], e: serde_json::Error) -> ModelError {

@@ -115,6 +115,27 @@ impl Validate for SendMessageRequest {
     }
 }
 
+/// [`SendMessageRequest`] borrowed from the request body (see
+/// [`crate::model::parse_json_borrowed`]): the send path's parse, without allocating.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMessageRequestRef<'a> {
+    #[serde(borrow)]
+    pub text: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub client_msg_id: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl Validate for SendMessageRequestRef<'_> {
+    fn validate(&self, limits: &ModelLimits) -> Result<(), ModelError> {
+        check_text("text", &self.text, limits.text_bytes_max)?;
+        if let Some(id) = &self.client_msg_id {
+            check_client_msg_id("client_msg_id", id, limits.client_msg_id_bytes_max)?;
+        }
+        Ok(())
+    }
+}
+
 /// 201 (or 200 on an idempotent retry) answer to a send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SendMessageResponse {
