@@ -107,12 +107,21 @@ pub struct SendMessageRequest {
 
 impl Validate for SendMessageRequest {
     fn validate(&self, limits: &ModelLimits) -> Result<(), ModelError> {
-        check_text("text", &self.text, limits.text_bytes_max)?;
-        if let Some(id) = &self.client_msg_id {
-            check_client_msg_id("client_msg_id", id, limits.client_msg_id_bytes_max)?;
-        }
-        Ok(())
+        validate_send(&self.text, self.client_msg_id.as_deref(), limits)
     }
+}
+
+/// The checks of a send, owned or borrowed.
+fn validate_send(
+    text: &str,
+    client_msg_id: Option<&str>,
+    limits: &ModelLimits,
+) -> Result<(), ModelError> {
+    check_text("text", text, limits.text_bytes_max)?;
+    if let Some(id) = client_msg_id {
+        check_client_msg_id("client_msg_id", id, limits.client_msg_id_bytes_max)?;
+    }
+    Ok(())
 }
 
 /// [`SendMessageRequest`] borrowed from the request body (see
@@ -128,11 +137,7 @@ pub struct SendMessageRequestRef<'a> {
 
 impl Validate for SendMessageRequestRef<'_> {
     fn validate(&self, limits: &ModelLimits) -> Result<(), ModelError> {
-        check_text("text", &self.text, limits.text_bytes_max)?;
-        if let Some(id) = &self.client_msg_id {
-            check_client_msg_id("client_msg_id", id, limits.client_msg_id_bytes_max)?;
-        }
-        Ok(())
+        validate_send(&self.text, self.client_msg_id.as_deref(), limits)
     }
 }
 

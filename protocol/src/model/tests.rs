@@ -818,3 +818,48 @@ proptest! {
         let _ = parse_json::<MessagesPage>(&bytes, &L);
     }
 }
+
+/// The send path parses borrowed (`SendMessageRequestRef`): it must accept, refuse and explain
+/// exactly like the owned `SendMessageRequest`, and borrow unless the text has escapes.
+#[test]
+fn borrowed_send_request_parses_like_the_owned_one() {
+    let long = format!(r#"{{"text":"{}"}}"#, "a".repeat(L.text_bytes_max + 1));
+    let bodies = [
+        r#"{"text":"hello"}"#,
+        r#"{"text":"caf\u00e9 \"q\"","client_msg_id":"k-1"}"#,
+        r#"{"text":"hi","extra":1}"#,
+        r#"{"text": 5}"#,
+        r#"{"text": "a"#,
+        r#"{"text": "a"} x"#,
+        r#"["hi","k1"]"#,
+        r#"{"text":""}"#,
+        r#"{"text":"hi","client_msg_id":""}"#,
+        r#"{}"#,
+        &long,
+    ];
+    for body in bodies {
+        let owned = parse_json::<SendMessageRequest>(body.as_bytes(), &L);
+        let borrowed = parse_json_borrowed::<SendMessageRequestRef<'_>, SendMessageRequest>(
+            body.as_bytes(),
+            &L,
+        );
+        match (&owned, &borrowed) {
+            (Ok(o), Ok(b)) => {
+                assert_eq!(o.text, b.text, "{body}");
+                assert_eq!(
+                    o.client_msg_id.as_deref(),
+                    b.client_msg_id.as_deref(),
+                    "{body}"
+                );
+            }
+            (Err(o), Err(b)) => assert_eq!(o.to_string(), b.to_string(), "{body}"),
+            _ => panic!("{body}: owned {owned:?}, borrowed {borrowed:?}"),
+        }
+    }
+    let plain = parse_json_borrowed::<SendMessageRequestRef<'_>, SendMessageRequest>(
+        br#"{"text":"hello"}"#,
+        &L,
+    )
+    .unwrap();
+    assert!(matches!(plain.text, std::borrow::Cow::Borrowed("hello")));
+}
