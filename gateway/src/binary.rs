@@ -11,7 +11,7 @@ use kefu_protocol::binproto::{
 };
 use kefu_protocol::frame::HEADER_LEN;
 use kefu_protocol::model::{ConversationId, Event};
-use kefu_trace_common::{RequestRecord, Stage as TraceStage, emit, now_ns, route as trace_route};
+use kefu_trace_common::{RequestRecord, route as trace_route};
 use monoio::net::TcpStream;
 
 use crate::conn::Conn;
@@ -20,8 +20,8 @@ use crate::http::{HttpError, known_shard};
 use crate::metrics::Disconnect;
 use crate::server::{ShardCtx, Woken};
 use crate::ws::{
-    QueuedSend, ephemeral, message_trace, queue_send, register_agent_inbox, replay_step,
-    send_message,
+    QueuedSend, ephemeral, finish_message_trace, message_trace, queue_send, register_agent_inbox,
+    replay_step, send_message,
 };
 
 fn error_frame(out: &mut Vec<u8>, conv: u64, code: u16, client_msg_id: Option<&str>, reason: &str) {
@@ -247,19 +247,10 @@ async fn answer_pending(
 
 /// Ends a frame's trace record: 400 when its answer (from `out[before..]`) is an Error frame.
 fn finish_trace(trace: Option<&RefCell<RequestRecord>>, out: &[u8], before: usize) {
-    if let Some(rec) = trace {
-        let mut rec = rec.borrow_mut();
-        rec.status = if out[before..]
-            .get(3)
-            .is_some_and(|&kind| kind == kefu_protocol::frame::Kind::Error as u8)
-        {
-            400
-        } else {
-            200
-        };
-        rec.set(TraceStage::Answered, now_ns());
-        emit(&rec);
-    }
+    let refused = out[before..]
+        .get(3)
+        .is_some_and(|&kind| kind == kefu_protocol::frame::Kind::Error as u8);
+    finish_message_trace(trace, refused);
 }
 
 async fn handle(

@@ -303,9 +303,9 @@ pub fn write_sent(out: &mut Vec<u8>, status: u16, keep_alive: bool, seq: u64, ts
     let mut len = 0;
     for part in [
         &b"{\"seq\":"[..],
-        decimal(seq, &mut [0; 20]),
+        kefu_protocol::http::response::decimal(seq, &mut [0; 20]),
         b",\"ts\":",
-        decimal(ts, &mut [0; 20]),
+        kefu_protocol::http::response::decimal(ts, &mut [0; 20]),
         b"}",
     ] {
         buf[len..len + part.len()].copy_from_slice(part);
@@ -315,19 +315,6 @@ pub fn write_sent(out: &mut Vec<u8>, status: u16, keep_alive: bool, seq: u64, ts
         200 | 201 => SENT_HEADS[usize::from(status == 201)][usize::from(keep_alive)]
             .write_response(out, &buf[..len]),
         _ => write_json(out, status, keep_alive, &buf[..len]),
-    }
-}
-
-/// `n` in decimal, written at the end of `digits`.
-fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &digits[at..];
-        }
     }
 }
 
@@ -984,19 +971,8 @@ async fn send_message(
     // The text goes to the owning shard in a pooled buffer and comes back with the answer.
     let mut text = crate::shard::text_buffer();
     text.push_str(&req.text);
-    let outcome = call_traced(ctx, (id >> 48) as u16, trace, |reply| Command::Send {
-        conv: id,
-        actor,
-        text,
-        client_msg_id: req.client_msg_id.map(std::borrow::Cow::into_owned),
-        reply,
-    })
-    .await?;
-    let Outcome::Sent(sent, text) = outcome else {
-        return Err(internal());
-    };
-    crate::shard::recycle_text(text);
-    let sent = sent?;
+    let client_msg_id = req.client_msg_id.map(std::borrow::Cow::into_owned);
+    let sent = crate::ws::send_message(ctx, id, &actor, text, client_msg_id, trace).await?;
     let status = if sent.duplicate { 200 } else { 201 };
     write_sent(out, status, keep_alive, sent.seq, sent.ts);
     Ok(())

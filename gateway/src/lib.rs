@@ -20,3 +20,10 @@ pub mod stream;
 pub mod tenant;
 pub mod tls;
 pub mod ws;
+
+/// Size of the future a five-argument `fn` returns (an `async fn` or one returning `impl
+/// Future`): what a spawned task of it holds. For the size tests of idle connections.
+#[cfg(test)]
+pub(crate) fn future_size<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
+    std::mem::size_of::<R>()
+}

@@ -655,10 +655,6 @@ pub type Ended = Disconnect;
 
 #[cfg(test)]
 mod tests {
-    fn future_size<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
-        std::mem::size_of::<R>()
-    }
-
     /// An idle WebSocket's memory is one task allocation: monoio's header (state, vtable,
     /// owner thread: 24 bytes), stage tag (8) and join waker (16) around `ws::serve`'s
     /// future. mimalloc rounds it up to its size class (.., 384, 448, 512, 640, ..): this
@@ -666,7 +662,7 @@ mod tests {
     /// classes).
     #[test]
     fn an_idle_websocket_is_one_small_task() {
-        let task = 24 + 8 + future_size(crate::ws::serve) + 16;
+        let task = 24 + 8 + crate::future_size(crate::ws::serve) + 16;
         assert!(task <= 448, "an idle WebSocket's task grew to {task} bytes");
     }
 }

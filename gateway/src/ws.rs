@@ -80,7 +80,7 @@ pub async fn replay_step(
     }
 }
 
-/// Stores a message (shared by WebSocket and binary sessions).
+/// Stores a message (shared by HTTP, WebSocket and binary sessions).
 pub async fn send_message(
     ctx: &ShardCtx,
     conv: u64,
@@ -467,13 +467,15 @@ pub fn message_trace(
 
 /// Ends a client message's trace record (status and answer time) and hands it to the tracer.
 fn finish_trace(trace: Option<&RefCell<RequestRecord>>, verdict: &Verdict) {
+    finish_message_trace(trace, !matches!(verdict, Verdict::Fine));
+}
+
+/// Ends a WebSocket or binary-protocol message's trace record (started by [`message_trace`]):
+/// status 400 if the message was `refused`, else 200, and the answer time.
+pub fn finish_message_trace(trace: Option<&RefCell<RequestRecord>>, refused: bool) {
     if let Some(rec) = trace {
         let mut rec = rec.borrow_mut();
-        rec.status = if matches!(verdict, Verdict::Fine) {
-            200
-        } else {
-            400
-        };
+        rec.status = if refused { 400 } else { 200 };
         rec.set(TraceStage::Answered, now_ns());
         emit(&rec);
     }
@@ -953,17 +955,13 @@ impl<R: std::future::Future<Output = std::io::Result<()>>> std::future::Future f
 mod tests {
     use super::*;
 
-    fn future_size<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
-        std::mem::size_of::<R>()
-    }
-
     /// What an idle WebSocket holds is its task (see `server::tests`): this future plus a few
     /// words. It was 1,232 bytes before the opening step was boxed, the socket's state
     /// gathered in `Socket` and its wait polled by hand; 400 keeps the task in mimalloc's
     /// 448-byte class.
     #[test]
     fn idle_socket_state_is_small() {
-        let serve = future_size(serve);
+        let serve = crate::future_size(serve);
         let socket = std::mem::size_of::<Socket>();
         assert!(socket <= 232, "Socket grew to {socket} bytes");
         assert!(serve <= 400, "ws::serve's future grew to {serve} bytes");

@@ -265,7 +265,7 @@ fn a_failed_spare_falls_back_to_fallocate_and_is_tried_again_after_the_next_roll
 }
 
 #[test]
-fn a_log_closed_while_its_spare_fills_leaves_no_spare_behind() {
+fn a_log_closed_while_its_spare_fills_leaves_no_half_written_spare() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cfg(dir.path());
     // 64 MiB: the spare takes about half a second to fill, so the log closes mid-way.

@@ -274,18 +274,22 @@ fn write_sanitized(out: &mut Vec<u8>, bytes: &[u8]) {
 
 const HEX_LOWER: &[u8; 16] = b"0123456789abcdef";
 
-fn write_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
+fn write_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(decimal(n, &mut [0; 20]));
+}
+
+/// `n` in decimal ASCII, written at the end of `digits` (20 digits hold any `u64`): for
+/// writers that render numbers without allocating.
+pub fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut at = digits.len();
     loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
-            break;
+            return &digits[at..];
         }
     }
-    out.extend_from_slice(&digits[i..]);
 }
 
 fn write_hex(out: &mut Vec<u8>, mut n: u64) {
