@@ -19,9 +19,10 @@ use crate::engine::{Actor, Outbox, Sent};
 use crate::http::{HttpError, known_shard};
 use crate::metrics::Disconnect;
 use crate::server::{ShardCtx, Woken};
+use crate::shard::{SendBody, give_vec, take_vec};
 use crate::ws::{
     QueuedSend, ephemeral, finish_message_trace, message_trace, queue_send, register_agent_inbox,
-    replay_step, send_message,
+    replay_step,
 };
 
 fn error_frame(out: &mut Vec<u8>, conv: u64, code: u16, client_msg_id: Option<&str>, reason: &str) {
@@ -64,10 +65,10 @@ enum Verdict {
 /// Owned copy of a decoded client message, so handling may await without borrowing the buffer.
 enum Owned {
     Hello(String),
+    /// The text and `client_msg_id` in a pooled buffer (see [`SendBody`]).
     Send {
         conv: ConversationId,
-        client_msg_id: Option<String>,
-        text: String,
+        body: SendBody,
     },
     Subscribe {
         conv: ConversationId,
@@ -95,8 +96,7 @@ impl From<ClientMsg<'_>> for Owned {
                 text,
             } => Owned::Send {
                 conv: conversation_id,
-                client_msg_id: client_msg_id.map(str::to_owned),
-                text: text.to_owned(),
+                body: SendBody::pooled(text, client_msg_id),
             },
             ClientMsg::Subscribe {
                 conversation_id,
@@ -164,13 +164,18 @@ fn answer_send(
 /// A frame's eBPF trace record (only while a tracer is attached).
 type Trace = Box<RefCell<RequestRecord>>;
 
+thread_local! {
+    /// Per-round lists of sessions (see [`take_vec`]), so a round allocates none.
+    static MESSAGES_POOL: RefCell<Vec<Vec<Owned>>> = const { RefCell::new(Vec::new()) };
+    static PENDING_POOL: RefCell<Vec<Vec<PendingSend>>> = const { RefCell::new(Vec::new()) };
+}
+
 /// A Send queued on its conversation's shard, answered once the session awaits it: a burst
 /// of frames queues its sends together, so one group commit covers them.
 struct PendingSend {
     queued: QueuedSend,
     conv: ConversationId,
     id: u64,
-    client_msg_id: Option<String>,
     trace: Option<Trace>,
 }
 
@@ -185,43 +190,31 @@ fn dispatch_send(
     let Some(actor) = s.actor.clone() else {
         return Err((msg, trace));
     };
-    let Owned::Send {
-        conv,
-        client_msg_id,
-        text,
-    } = msg
-    else {
+    let Owned::Send { conv, body } = msg else {
         return Err((msg, trace));
     };
     let Ok(id) = known_shard(ctx, conv) else {
-        return Err((
-            Owned::Send {
-                conv,
-                client_msg_id,
-                text,
-            },
-            trace,
-        ));
+        return Err((Owned::Send { conv, body }, trace));
     };
     if let Some(rec) = &trace {
         rec.borrow_mut().conversation_id = id;
     }
-    match queue_send(
-        ctx,
-        id,
-        &actor,
-        text,
-        client_msg_id.clone(),
-        trace.as_deref(),
-    ) {
+    match queue_send(ctx, id, &actor, body, trace.as_deref()) {
         Ok(queued) => Ok(PendingSend {
             queued,
             conv,
             id,
-            client_msg_id,
             trace,
         }),
-        Err(e) => Err((Owned::Refused(conv, id, client_msg_id, e), trace)),
+        Err((e, body)) => {
+            let client_msg_id = body
+                .as_ref()
+                .and_then(|b| b.client_msg_id().map(str::to_owned));
+            if let Some(body) = body {
+                body.recycle();
+            }
+            Err((Owned::Refused(conv, id, client_msg_id, e), trace))
+        }
     }
 }
 
@@ -234,9 +227,13 @@ async fn answer_pending(
 ) -> Option<Disconnect> {
     for p in pending.drain(..) {
         let trace = p.trace.as_deref();
-        let sent = p.queued.sent(ctx, trace).await;
+        let (sent, body) = p.queued.sent(ctx, trace).await;
         let before = out.len();
-        let verdict = answer_send(out, p.conv, p.id, p.client_msg_id.as_deref(), sent);
+        let client_msg_id = body.as_ref().and_then(SendBody::client_msg_id);
+        let verdict = answer_send(out, p.conv, p.id, client_msg_id, sent);
+        if let Some(body) = body {
+            body.recycle();
+        }
         finish_trace(trace, out, before);
         if let Verdict::Close(why) = verdict {
             return Some(why);
@@ -316,20 +313,33 @@ async fn handle(
             let _ = encode_server(&ServerMsg::Pong { nonce }, out);
             Verdict::Fine
         }
-        Owned::Send {
-            conv,
-            client_msg_id,
-            text,
-        } => {
+        Owned::Send { conv, body } => {
             let id = match known_shard(ctx, conv) {
                 Ok(id) => id,
-                Err(e) => return refuse(out, e, conv.0, client_msg_id.as_deref()),
+                Err(e) => {
+                    let verdict = refuse(out, e, conv.0, body.client_msg_id());
+                    body.recycle();
+                    return verdict;
+                }
             };
             if let Some(rec) = trace {
                 rec.borrow_mut().conversation_id = id;
             }
-            let sent = send_message(ctx, id, &actor, text, client_msg_id.clone(), trace).await;
-            answer_send(out, conv, id, client_msg_id.as_deref(), sent)
+            let (sent, body) = match queue_send(ctx, id, &actor, body, trace) {
+                Ok(queued) => queued.sent(ctx, trace).await,
+                Err((e, body)) => (Err(e), body),
+            };
+            let verdict = answer_send(
+                out,
+                conv,
+                id,
+                body.as_ref().and_then(SendBody::client_msg_id),
+                sent,
+            );
+            if let Some(body) = body {
+                body.recycle();
+            }
+            verdict
         }
         Owned::Subscribe { conv, mut after } => {
             let id = match known_shard(ctx, conv) {
@@ -458,7 +468,7 @@ async fn session_loop(
     let mut last_rx = Instant::now();
     loop {
         // Decode and handle every complete frame.
-        let mut messages = Vec::new();
+        let mut messages = take_vec(&MESSAGES_POOL);
         let mut fatal = None;
         if let Some(b) = buf.as_mut() {
             let mut used_total = 0;
@@ -483,8 +493,8 @@ async fn session_loop(
             }
             b.drain(..used_total);
         }
-        let mut pending: Vec<PendingSend> = Vec::new();
-        for msg in messages {
+        let mut pending = take_vec(&PENDING_POOL);
+        for msg in messages.drain(..) {
             // The eBPF request marker, one per client frame (route BINARY_FRAME).
             let trace = message_trace(
                 ctx,
@@ -530,6 +540,8 @@ async fn session_loop(
             let _ = conn.write_all(out).await;
             return Ok(why);
         }
+        give_vec(&MESSAGES_POOL, messages);
+        give_vec(&PENDING_POOL, pending);
         if let Some((code, reason)) = fatal {
             error_frame(&mut out, 0, code, None, &reason);
             let _ = conn.write_all(out).await;

@@ -968,11 +968,9 @@ async fn send_message(
     if let Some(rec) = trace {
         rec.borrow_mut().conversation_id = id;
     }
-    // The text goes to the owning shard in a pooled buffer and comes back with the answer.
-    let mut text = crate::shard::text_buffer();
-    text.push_str(&req.text);
-    let client_msg_id = req.client_msg_id.map(std::borrow::Cow::into_owned);
-    let sent = crate::ws::send_message(ctx, id, &actor, text, client_msg_id, trace).await?;
+    // The strings go to the owning shard in a pooled buffer and come back with the answer.
+    let body = crate::shard::SendBody::pooled(&req.text, req.client_msg_id.as_deref());
+    let sent = crate::ws::send_message(ctx, id, &actor, body, trace).await?;
     let status = if sent.duplicate { 200 } else { 201 };
     write_sent(out, status, keep_alive, sent.seq, sent.ts);
     Ok(())

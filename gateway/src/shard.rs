@@ -19,6 +19,7 @@ use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
+use std::thread::LocalKey;
 use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
@@ -99,8 +100,9 @@ impl<T> ReplySlot<T> {
 #[derive(Debug)]
 pub enum Outcome {
     Created(Result<Created, EngineError>),
-    /// With the command's text buffer, handed back for reuse (see [`text_buffer`]).
-    Sent(Result<Sent, EngineError>, String),
+    /// With the command's text and id, handed back for the answer and for reuse (see
+    /// [`SendBody`]).
+    Sent(Result<Sent, EngineError>, SendBody),
     View(Result<ConversationView, EngineError>),
     Replay(Result<Replay, EngineError>),
     State(Result<ConversationState, EngineError>),
@@ -123,23 +125,89 @@ thread_local! {
     static TEXT_POOL: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An empty buffer for a send's text, from this thread's pool. It travels in the
-/// [`Command::Send`] to the owning shard and comes back in [`Outcome::Sent`]; give it back
-/// with [`recycle_text`], so a send allocates no text in steady state.
-pub fn text_buffer() -> String {
+/// A send's text and `client_msg_id` in one buffer from this thread's pool. It travels in the
+/// [`Command::Send`] to the owning shard and comes back in [`Outcome::Sent`] (the session then
+/// reads the `client_msg_id` for its answer from it); give it back with [`SendBody::recycle`],
+/// so a send allocates nothing for its strings in steady state.
+#[derive(Debug)]
+pub struct SendBody {
+    /// The text, then the `client_msg_id` (if any).
+    buf: String,
+    text_len: usize,
+    has_client_msg_id: bool,
+}
+
+impl SendBody {
+    /// Copies `text` and `client_msg_id` into a pooled buffer.
+    pub fn pooled(text: &str, client_msg_id: Option<&str>) -> SendBody {
+        let mut buf = pooled_string();
+        buf.push_str(text);
+        if let Some(id) = client_msg_id {
+            buf.push_str(id);
+        }
+        SendBody {
+            buf,
+            text_len: text.len(),
+            has_client_msg_id: client_msg_id.is_some(),
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        &self.buf[..self.text_len]
+    }
+
+    pub fn client_msg_id(&self) -> Option<&str> {
+        self.has_client_msg_id.then(|| &self.buf[self.text_len..])
+    }
+
+    /// Returns the buffer to this thread's pool.
+    pub fn recycle(self) {
+        recycle_string(self.buf);
+    }
+}
+
+/// An empty string from this thread's pool: for a send's strings ([`SendBody`]) and a
+/// WebSocket message between its frame and its parse. Give it back with [`recycle_string`].
+pub fn pooled_string() -> String {
     TEXT_POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default()
 }
 
-/// Returns a send's text buffer to this thread's pool (bounded; see [`TEXT_POOL_MAX`]).
-pub fn recycle_text(mut text: String) {
-    if text.capacity() == 0 || text.capacity() > TEXT_POOL_CAPACITY_MAX {
+/// Lists kept per thread for reuse by [`take_vec`], and the largest capacity kept.
+const SCRATCH_POOL_MAX: usize = 64;
+const SCRATCH_CAPACITY_MAX: usize = 256;
+
+/// An empty list from a per-thread pool: per-step scratch of a session (the messages a read
+/// brought, the sends awaiting their answers) that crosses awaits, so it cannot be one
+/// borrowed thread-local. Give it back with [`give_vec`].
+pub fn take_vec<T: 'static>(pool: &'static LocalKey<RefCell<Vec<Vec<T>>>>) -> Vec<T> {
+    pool.with(|p| p.borrow_mut().pop()).unwrap_or_default()
+}
+
+/// Returns a list to its pool (bounded; a list that grew large is freed).
+pub fn give_vec<T: 'static>(pool: &'static LocalKey<RefCell<Vec<Vec<T>>>>, mut v: Vec<T>) {
+    if v.capacity() == 0 || v.capacity() > SCRATCH_CAPACITY_MAX {
         return;
     }
-    text.clear();
-    TEXT_POOL.with(|p| {
+    v.clear();
+    let _ = pool.try_with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < SCRATCH_POOL_MAX {
+            p.push(v);
+        }
+    });
+}
+
+/// Returns a string to this thread's pool (bounded; see [`TEXT_POOL_MAX`]).
+pub fn recycle_string(mut s: String) {
+    if s.capacity() == 0 || s.capacity() > TEXT_POOL_CAPACITY_MAX {
+        return;
+    }
+    s.clear();
+    // `try_with`: a thread being torn down has no pool any more.
+    let _ = TEXT_POOL.try_with(|p| {
         let mut p = p.borrow_mut();
         if p.len() < TEXT_POOL_MAX {
-            p.push(text);
+            p.push(s);
         }
     });
 }
@@ -188,8 +256,7 @@ pub enum Command {
     Send {
         conv: u64,
         actor: Actor,
-        text: String,
-        client_msg_id: Option<String>,
+        body: SendBody,
         reply: Reply,
     },
     View {
@@ -566,11 +633,10 @@ fn handle(
         Command::Send {
             conv,
             actor,
-            text,
-            client_msg_id,
+            body,
             reply,
         } => {
-            let r = engine.send(log, conv, &actor, &text, client_msg_id.as_deref(), now);
+            let r = engine.send(log, conv, &actor, body.text(), body.client_msg_id(), now);
             if matches!(
                 r,
                 Ok(Sent {
@@ -580,7 +646,7 @@ fn handle(
             ) {
                 metrics.message_in();
             }
-            hold(reply, Outcome::Sent(r, text), true, engine);
+            hold(reply, Outcome::Sent(r, body), true, engine);
         }
         Command::View { conv, actor, reply } => {
             let r = engine.view(conv, &actor);

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use kefu_protocol::http::RequestHead;
 use kefu_protocol::model::{
-    Ack, ClientMessage, ConversationId, Event, ServerMessage, WriteJson, parse_json,
+    ClientMessage, ClientMessageRef, ConversationId, Event, ServerMessage, WriteJson,
+    parse_json_borrowed, write_ack_json,
 };
 use kefu_protocol::ws::frame::close_code;
 use kefu_protocol::ws::{WsConnection, WsError, WsEvent, WsLimits, check_upgrade, write_accept};
@@ -25,7 +26,7 @@ use crate::engine::{Actor, Delivery, Outbox, Sent};
 use crate::http::{HttpError, call, known_shard, token};
 use crate::metrics::{Disconnect, Stage};
 use crate::server::{DeadlineOrStop, ShardCtx, Woken};
-use crate::shard::{Command, Outcome};
+use crate::shard::{Command, Outcome, SendBody, give_vec, pooled_string, recycle_string, take_vec};
 
 /// An accepted upgrade: the 101 answer is written; the token was checked (or not).
 pub struct Upgraded {
@@ -80,18 +81,26 @@ pub async fn replay_step(
     }
 }
 
-/// Stores a message (shared by HTTP, WebSocket and binary sessions).
+/// Stores a message (shared by HTTP, WebSocket and binary sessions), and gives `body` back to
+/// its pool.
 pub async fn send_message(
     ctx: &ShardCtx,
     conv: u64,
     actor: &Actor,
-    text: String,
-    client_msg_id: Option<String>,
+    body: SendBody,
     trace: Option<&RefCell<RequestRecord>>,
 ) -> Result<Sent, HttpError> {
-    queue_send(ctx, conv, actor, text, client_msg_id, trace)?
-        .sent(ctx, trace)
-        .await
+    let queued = queue_send(ctx, conv, actor, body, trace).map_err(|(e, body)| {
+        if let Some(body) = body {
+            body.recycle();
+        }
+        e
+    })?;
+    let (sent, body) = queued.sent(ctx, trace).await;
+    if let Some(body) = body {
+        body.recycle();
+    }
+    sent
 }
 
 /// A message's send queued on its conversation's shard and not yet awaited: a session that
@@ -99,38 +108,38 @@ pub async fn send_message(
 /// commit covers them.
 pub struct QueuedSend(crate::http::Pending);
 
-/// The first half of [`send_message`]: queues the send without waiting.
+/// The first half of [`send_message`]: queues the send without waiting. A refused send
+/// (overload) gives its body back, for the refusal's `client_msg_id`, unless the command
+/// was already made.
 pub fn queue_send(
     ctx: &ShardCtx,
     conv: u64,
     actor: &Actor,
-    text: String,
-    client_msg_id: Option<String>,
+    body: SendBody,
     trace: Option<&RefCell<RequestRecord>>,
-) -> Result<QueuedSend, HttpError> {
+) -> Result<QueuedSend, (HttpError, Option<SendBody>)> {
+    let mut body = Some(body);
     crate::http::dispatch(ctx, (conv >> 48) as u16, trace, |reply| Command::Send {
         conv,
         actor: actor.clone(),
-        text,
-        client_msg_id,
+        body: body.take().expect("a command is made once"),
         reply,
     })
     .map(QueuedSend)
+    .map_err(|e| (e, body))
 }
 
 impl QueuedSend {
-    /// The second half of [`send_message`]: the stored message, or why not.
+    /// The second half of [`send_message`]: the stored message, or why not, and the send's
+    /// body back (for its `client_msg_id`; recycle it after).
     pub async fn sent(
         self,
         ctx: &ShardCtx,
         trace: Option<&RefCell<RequestRecord>>,
-    ) -> Result<Sent, HttpError> {
+    ) -> (Result<Sent, HttpError>, Option<SendBody>) {
         match self.0.wait(ctx, trace).await {
-            Outcome::Sent(s, text) => {
-                crate::shard::recycle_text(text);
-                Ok(s?)
-            }
-            _ => Err(HttpError::new(500, "unexpected reply")),
+            Outcome::Sent(s, body) => (s.map_err(HttpError::from), Some(body)),
+            _ => (Err(HttpError::new(500, "unexpected reply")), None),
         }
     }
 }
@@ -173,14 +182,27 @@ pub async fn register_agent_inbox(ctx: &ShardCtx, actor: &Actor, outbox: &Arc<Ou
     }
 }
 
-fn error_json(message: &str, conv: Option<u64>, client_msg_id: Option<String>) -> Vec<u8> {
+fn error_json(message: &str, conv: Option<u64>, client_msg_id: Option<&str>) -> Vec<u8> {
     ServerMessage::Error(kefu_protocol::model::WsError {
         error: message.to_owned(),
         conversation_id: conv.map(ConversationId),
-        client_msg_id,
+        client_msg_id: client_msg_id.map(str::to_owned),
     })
     .to_json_vec()
 }
+
+thread_local! {
+    /// Where an ack's JSON is written before it is framed (no allocation per ack).
+    static ACK_JSON: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Per-step lists of sockets (see [`take_vec`]), so a step allocates none.
+    static TEXTS_POOL: RefCell<Vec<Vec<String>>> = const { RefCell::new(Vec::new()) };
+    static PENDING_POOL: RefCell<Vec<Vec<Queued>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A trace record of one client message (only while a tracer is attached).
+type Trace = Box<RefCell<RequestRecord>>;
+/// A queued send with its trace record.
+type Queued = (PendingSend, Option<Trace>);
 
 /// What handling one client message asks of the socket.
 enum Verdict {
@@ -234,10 +256,10 @@ impl Session {
         self.ws.send_text(out, text);
     }
 
-    /// A client message, or why the text is not one.
-    fn parse(&self, text: &str) -> Result<ClientMessage, String> {
+    /// A client message (borrowing from `text`), or why the text is not one.
+    fn parse<'a>(&self, text: &'a str) -> Result<ClientMessageRef<'a>, String> {
         let limits = crate::access::model_limits(&self.ctx.shared.config.limits);
-        parse_json(text.as_bytes(), &limits).map_err(|e| e.to_string())
+        parse_json_borrowed::<_, ClientMessage>(text.as_bytes(), &limits).map_err(|e| e.to_string())
     }
 
     /// Queues a send on its conversation's shard without waiting for it (see
@@ -245,46 +267,37 @@ impl Session {
     /// to take the ordinary path, answered in order with the rest.
     fn dispatch_send(
         &mut self,
-        msg: ClientMessage,
+        msg: ClientMessageRef<'_>,
         trace: Option<&RefCell<RequestRecord>>,
     ) -> Dispatched {
-        let ClientMessage::Send {
+        let ClientMessageRef::Send {
             conversation_id,
             text,
             client_msg_id,
-        } = msg
+        } = &msg
         else {
-            return Dispatched::Other(msg);
+            return Dispatched::Other(msg.into_owned());
         };
-        let Ok(conv) = known_shard(&self.ctx, conversation_id) else {
-            return Dispatched::Other(ClientMessage::Send {
-                conversation_id,
-                text,
-                client_msg_id,
-            });
+        let Ok(conv) = known_shard(&self.ctx, *conversation_id) else {
+            return Dispatched::Other(msg.into_owned());
         };
         if let Some(rec) = trace {
             rec.borrow_mut().conversation_id = conv;
         }
-        let queued = queue_send(
-            &self.ctx,
-            conv,
-            &self.actor,
-            text,
-            client_msg_id.clone(),
-            trace,
-        );
-        match queued {
-            Ok(queued) => Dispatched::Pending(PendingSend {
-                queued,
-                conv,
-                client_msg_id,
-            }),
-            Err(error) => Dispatched::Refused {
-                conv,
-                client_msg_id,
-                error,
-            },
+        // The strings go to the owning shard in a pooled buffer and come back with the answer.
+        let body = SendBody::pooled(text, client_msg_id.as_deref());
+        match queue_send(&self.ctx, conv, &self.actor, body, trace) {
+            Ok(queued) => Dispatched::Pending(PendingSend { queued, conv }),
+            Err((error, body)) => {
+                if let Some(body) = body {
+                    body.recycle();
+                }
+                Dispatched::Refused {
+                    conv,
+                    client_msg_id: client_msg_id.as_deref().map(str::to_owned),
+                    error,
+                }
+            }
         }
     }
 
@@ -293,21 +306,41 @@ impl Session {
         &mut self,
         out: &mut Vec<u8>,
         conv: u64,
-        client_msg_id: Option<String>,
+        client_msg_id: Option<&str>,
         sent: Result<Sent, HttpError>,
     ) -> Verdict {
         match sent {
             Ok(sent) => {
-                let ack = ServerMessage::Ack(Ack {
-                    client_msg_id,
-                    conversation_id: ConversationId(conv),
-                    seq: sent.seq,
+                ACK_JSON.with(|json| {
+                    let mut json = json.borrow_mut();
+                    json.clear();
+                    write_ack_json(&mut json, client_msg_id, ConversationId(conv), sent.seq);
+                    self.text(out, &json);
                 });
-                self.text(out, &ack.to_json_vec());
                 Verdict::Fine
             }
             Err(e) => self.refuse(out, e, Some(conv), client_msg_id),
         }
+    }
+
+    /// Awaits a queued send and writes its answer.
+    async fn answer_queued(
+        &mut self,
+        out: &mut Vec<u8>,
+        p: PendingSend,
+        trace: Option<&RefCell<RequestRecord>>,
+    ) -> Verdict {
+        let (sent, body) = p.queued.sent(&self.ctx.clone(), trace).await;
+        let verdict = self.answer_send(
+            out,
+            p.conv,
+            body.as_ref().and_then(SendBody::client_msg_id),
+            sent,
+        );
+        if let Some(body) = body {
+            body.recycle();
+        }
+        verdict
     }
 
     async fn handle_msg(
@@ -373,14 +406,31 @@ impl Session {
             } => {
                 let conv = match known_shard(&ctx, conversation_id) {
                     Ok(c) => c,
-                    Err(e) => return self.refuse(out, e, Some(conversation_id.0), client_msg_id),
+                    Err(e) => {
+                        return self.refuse(
+                            out,
+                            e,
+                            Some(conversation_id.0),
+                            client_msg_id.as_deref(),
+                        );
+                    }
                 };
                 if let Some(rec) = trace {
                     rec.borrow_mut().conversation_id = conv;
                 }
-                let sent =
-                    send_message(&ctx, conv, &self.actor, text, client_msg_id.clone(), trace).await;
-                self.answer_send(out, conv, client_msg_id, sent)
+                let body = SendBody::pooled(&text, client_msg_id.as_deref());
+                match queue_send(&ctx, conv, &self.actor, body, trace) {
+                    Ok(queued) => {
+                        self.answer_queued(out, PendingSend { queued, conv }, trace)
+                            .await
+                    }
+                    Err((e, body)) => {
+                        if let Some(body) = body {
+                            body.recycle();
+                        }
+                        self.refuse(out, e, Some(conv), client_msg_id.as_deref())
+                    }
+                }
             }
             ClientMessage::Typing { conversation_id } => {
                 let conv = conversation_id.0;
@@ -408,7 +458,7 @@ impl Session {
         out: &mut Vec<u8>,
         e: HttpError,
         conv: Option<u64>,
-        client_msg_id: Option<String>,
+        client_msg_id: Option<&str>,
     ) -> Verdict {
         match e.status {
             401 => Verdict::Close(close_code::UNAUTHORIZED, e.message),
@@ -421,11 +471,11 @@ impl Session {
     }
 }
 
-/// A send queued on its conversation's shard, answered once the session awaits it.
+/// A send queued on its conversation's shard, answered once the session awaits it (its
+/// `client_msg_id` comes back with the answer).
 struct PendingSend {
     queued: QueuedSend,
     conv: u64,
-    client_msg_id: Option<String>,
 }
 
 /// What [`Session::dispatch_send`] did with a client message.
@@ -673,7 +723,8 @@ impl Socket {
     /// socket's future holds none of this state.
     async fn step(&mut self, work: Work) -> Result<bool, Disconnect> {
         let ctx = self.session.ctx.clone();
-        let mut out = Vec::new();
+        // Pooled, and given back after the write: a step allocates no output buffer.
+        let mut out = ctx.pool.take();
         match work {
             Work::Read => {
                 let b = self.buf.take().unwrap_or_else(|| ctx.pool.take());
@@ -711,8 +762,8 @@ impl Socket {
                     .await);
             }
         }
-        // 1. Decode what arrived.
-        let mut texts: Vec<String> = Vec::new();
+        // 1. Decode what arrived (into pooled strings, in a pooled list).
+        let mut texts = take_vec(&TEXTS_POOL);
         if matches!(work, Work::Read | Work::Decode)
             && let Some(why) = self.decode(&mut out, &mut texts)
         {
@@ -722,8 +773,8 @@ impl Socket {
         // 2. Act on complete messages. Sends are queued on their shards without waiting, so
         // one group commit covers a burst of them, and answered in order; anything else first
         // waits for the sends before it, so answers keep the order of the client's messages.
-        let mut pending: Vec<(PendingSend, Option<Box<RefCell<RequestRecord>>>)> = Vec::new();
-        for text in texts {
+        let mut pending = take_vec(&PENDING_POOL);
+        for text in texts.drain(..) {
             // The eBPF request marker, one per client message (route WS_FRAME).
             let trace = message_trace(
                 &ctx,
@@ -732,7 +783,12 @@ impl Socket {
                 trace_route::WS_FRAME,
             );
             let trace_ref = trace.as_deref();
-            let verdict = match self.session.parse(&text) {
+            let dispatched = self
+                .session
+                .parse(&text)
+                .map(|msg| self.session.dispatch_send(msg, trace_ref));
+            recycle_string(text);
+            let verdict = match dispatched {
                 Err(why) => {
                     if let Some(close) = self.answer_pending(&mut pending, &mut out).await {
                         return Err(self.close_with(out, close).await);
@@ -740,7 +796,7 @@ impl Socket {
                     self.session.text(&mut out, &error_json(&why, None, None));
                     Verdict::Fine
                 }
-                Ok(msg) => match self.session.dispatch_send(msg, trace_ref) {
+                Ok(dispatched) => match dispatched {
                     Dispatched::Pending(p) => {
                         pending.push((p, trace));
                         continue;
@@ -753,8 +809,12 @@ impl Socket {
                         if let Some(close) = self.answer_pending(&mut pending, &mut out).await {
                             return Err(self.close_with(out, close).await);
                         }
-                        self.session
-                            .answer_send(&mut out, conv, client_msg_id, Err(error))
+                        self.session.answer_send(
+                            &mut out,
+                            conv,
+                            client_msg_id.as_deref(),
+                            Err(error),
+                        )
                     }
                     Dispatched::Other(msg) => {
                         if let Some(close) = self.answer_pending(&mut pending, &mut out).await {
@@ -773,6 +833,8 @@ impl Socket {
         if let Some(close) = self.answer_pending(&mut pending, &mut out).await {
             return Err(self.close_with(out, close).await);
         }
+        give_vec(&TEXTS_POOL, texts);
+        give_vec(&PENDING_POOL, pending);
         // 3. Deliveries.
         let mut delivered = 0;
         let started = Instant::now();
@@ -793,8 +855,11 @@ impl Socket {
                     .await);
             }
         }
-        if !out.is_empty() {
-            let (res, _) = self.conn.write_all(out).await;
+        if out.is_empty() {
+            ctx.pool.give(out);
+        } else {
+            let (res, out) = self.conn.write_all(out).await;
+            ctx.pool.give(out);
             if res.is_err() {
                 return Err(Disconnect::IoError);
             }
@@ -817,14 +882,12 @@ impl Socket {
     /// the socket (401/403); the rest are dropped (their commands still complete).
     async fn answer_pending(
         &mut self,
-        pending: &mut Vec<(PendingSend, Option<Box<RefCell<RequestRecord>>>)>,
+        pending: &mut Vec<Queued>,
         out: &mut Vec<u8>,
     ) -> Option<(u16, String)> {
-        let ctx = self.session.ctx.clone();
         for (p, trace) in pending.drain(..) {
             let trace_ref = trace.as_deref();
-            let sent = p.queued.sent(&ctx, trace_ref).await;
-            let verdict = self.session.answer_send(out, p.conv, p.client_msg_id, sent);
+            let verdict = self.session.answer_queued(out, p, trace_ref).await;
             finish_trace(trace_ref, &verdict);
             if let Verdict::Close(code, reason) = verdict {
                 return Some((code, reason));
@@ -859,7 +922,11 @@ impl Socket {
                 Ok((Some(ev), used)) => {
                     used_total += used;
                     match ev {
-                        WsEvent::Text(t) => texts.push(t.to_owned()),
+                        WsEvent::Text(t) => {
+                            let mut text = pooled_string();
+                            text.push_str(t);
+                            texts.push(text);
+                        }
                         WsEvent::Binary(_) => {
                             let msg = error_json("binary messages are not accepted", None, None);
                             self.session.text(out, &msg);

@@ -1,8 +1,11 @@
-//! Allocations per message on the send path, counted by a global allocator: the engine's `send` and `release` (a visitor message with the auto-reply check, as under load), and the HTTP side of a send (parse, token, body, answer).
+//! Allocations per message on the send path, counted by a global allocator: the engine's `send` and `release` (a visitor message with the auto-reply check, as under load), and the protocol side of a send over HTTP, WebSocket and the binary protocol (parse, token, body, answer).
 //!
 //! The issue asks that in steady state the data path allocates nothing per message: these tests
 //! pin that after a warm-up (pools filled, scratch buffers grown, tables sized). The counter is
 //! per thread, so tests running in parallel do not disturb each other.
+//!
+//! The protocol-side tests make the same calls, in the same order, as `http.rs`, `ws.rs` and
+//! `binary.rs` do for a send (the shard's part is the engine test).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -12,12 +15,16 @@ use kefu_gateway::access::Access;
 use kefu_gateway::auth::VisitorKey;
 use kefu_gateway::engine::{Actor, Engine, EngineLimits, RecordLog};
 use kefu_gateway::routing::RouterLimits;
+use kefu_gateway::shard::{SendBody, pooled_string, recycle_string};
 use kefu_gateway::tenant::{Secret, Tenant, TenantRegistry, demo_tenant_config, load_intents};
+use kefu_protocol::binproto::{self, BinLimits, ClientMsg, ServerMsg};
 use kefu_protocol::frame::Header;
 use kefu_protocol::http::{HttpLimits, parse_request};
 use kefu_protocol::model::{
-    ModelLimits, SendMessageRequest, SendMessageRequestRef, parse_json_borrowed,
+    ClientMessage, ClientMessageRef, ConversationId, ModelLimits, SendMessageRequest,
+    SendMessageRequestRef, parse_json_borrowed, write_ack_json,
 };
+use kefu_protocol::ws::{OpCode, WsConnection, WsEvent, WsLimits, encode_frame};
 
 struct Counting;
 
@@ -166,7 +173,7 @@ fn http_side_of_a_send_allocates_nothing() {
         .issue_visitor_token("demo", 0x0000_0000_0000_0001, 1, u64::MAX / 2)
         .unwrap();
     let access = Access::from_registry(registry, 3600);
-    let body = r#"{"text":"hello from wrk"}"#;
+    let body = r#"{"text":"hello from wrk","client_msg_id":"wrk-0000000000000001"}"#;
     let request = format!(
         "POST /v1/conversations/c0000000000000001/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n\
          Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
@@ -186,10 +193,10 @@ fn http_side_of_a_send_allocates_nothing() {
         )
         .unwrap();
         assert_eq!(send.text, "hello from wrk");
-        // The command's text: a pooled buffer that comes back with the answer.
-        let mut text = kefu_gateway::shard::text_buffer();
-        text.push_str(&send.text);
-        kefu_gateway::shard::recycle_text(std::hint::black_box(text));
+        // The command's strings: a pooled buffer that comes back with the answer.
+        let body = SendBody::pooled(&send.text, send.client_msg_id.as_deref());
+        std::hint::black_box(&body).client_msg_id();
+        body.recycle();
         out.clear();
         kefu_gateway::http::write_sent(&mut out, 201, true, 7, 1_700_000_000_000_000);
         assert!(out.starts_with(b"HTTP/1.1 201"));
@@ -207,4 +214,135 @@ fn http_side_of_a_send_allocates_nothing() {
         "http parse + token + body + answer: {allocs} allocations in {MEASURED} requests ({per_request:.2} per request)"
     );
     assert_eq!(allocs, 0, "{per_request:.2} allocations per request");
+}
+
+/// What `ws.rs` does for a `send` message: decode the masked frame, copy its text into a pooled
+/// string, parse it borrowed, move text and `client_msg_id` into the command's pooled body,
+/// and answer with an ack framed from a reused JSON buffer.
+#[test]
+fn websocket_side_of_a_send_allocates_nothing() {
+    let json = r#"{"type":"send","conversation_id":"c0000000000000001","text":"hello from a browser","client_msg_id":"tab-1-0000001"}"#;
+    let mut frame = Vec::new();
+    encode_frame(
+        &mut frame,
+        true,
+        OpCode::Text,
+        json.as_bytes(),
+        Some([1, 2, 3, 4]),
+    );
+    let mut ws = WsConnection::new(WsLimits::default());
+    let mut buf = Vec::with_capacity(4096);
+    let mut out = Vec::with_capacity(4096);
+    let mut ack = Vec::with_capacity(256);
+    let mut texts: Vec<String> = Vec::with_capacity(16);
+    let mut one = || {
+        buf.clear();
+        buf.extend_from_slice(&frame);
+        out.clear();
+        let (event, used) = ws.decode(&mut buf, &mut out).unwrap();
+        assert_eq!(used, frame.len());
+        let Some(WsEvent::Text(t)) = event else {
+            panic!("not a text message: {event:?}");
+        };
+        let mut text = pooled_string();
+        text.push_str(t);
+        texts.push(text);
+        for text in texts.drain(..) {
+            let msg = parse_json_borrowed::<ClientMessageRef<'_>, ClientMessage>(
+                text.as_bytes(),
+                &ModelLimits::DEFAULT,
+            )
+            .unwrap();
+            let ClientMessageRef::Send {
+                conversation_id,
+                text: body_text,
+                client_msg_id,
+            } = &msg
+            else {
+                panic!("not a send: {msg:?}");
+            };
+            let body = SendBody::pooled(body_text, client_msg_id.as_deref());
+            ack.clear();
+            write_ack_json(&mut ack, body.client_msg_id(), *conversation_id, 7);
+            assert!(ws.send_text(&mut out, std::str::from_utf8(&ack).unwrap()));
+            body.recycle();
+            drop(msg);
+            recycle_string(text);
+        }
+    };
+    for _ in 0..100 {
+        one();
+    }
+    let allocs = allocations(|| {
+        for _ in 0..MEASURED {
+            one();
+        }
+    });
+    assert!(out.ends_with(
+        br#""client_msg_id":"tab-1-0000001","conversation_id":"c0000000000000001","seq":7}"#
+    ));
+    let per_message = allocs as f64 / MEASURED as f64;
+    println!(
+        "websocket decode + parse + body + ack: {allocs} allocations in {MEASURED} messages ({per_message:.2} per message)"
+    );
+    assert_eq!(allocs, 0, "{per_message:.2} allocations per message");
+}
+
+/// What `binary.rs` does for a Send frame: decode it, move text and `client_msg_id` into the
+/// command's pooled body, and encode the Ack.
+#[test]
+fn binary_side_of_a_send_allocates_nothing() {
+    let mut frame = Vec::new();
+    binproto::encode_client(
+        &ClientMsg::Send {
+            conversation_id: ConversationId(1),
+            client_msg_id: Some("sdk-0000001"),
+            text: "hello from an SDK",
+        },
+        0,
+        &mut frame,
+    )
+    .unwrap();
+    let limits = BinLimits::default();
+    let mut out = Vec::with_capacity(4096);
+    let mut one = || {
+        let (msg, used) = binproto::decode_client(&frame, &limits).unwrap();
+        assert_eq!(used, frame.len());
+        let ClientMsg::Send {
+            conversation_id,
+            client_msg_id,
+            text,
+        } = msg
+        else {
+            panic!("not a send");
+        };
+        let body = SendBody::pooled(text, client_msg_id);
+        out.clear();
+        binproto::encode_server(
+            &ServerMsg::Ack {
+                conversation_id,
+                seq: 7,
+                log_offset: 4096,
+                timestamp_us: 1_700_000_000_000_000,
+                duplicate: false,
+                client_msg_id: body.client_msg_id(),
+            },
+            &mut out,
+        )
+        .unwrap();
+        body.recycle();
+    };
+    for _ in 0..100 {
+        one();
+    }
+    let allocs = allocations(|| {
+        for _ in 0..MEASURED {
+            one();
+        }
+    });
+    let per_frame = allocs as f64 / MEASURED as f64;
+    println!(
+        "binary decode + body + ack: {allocs} allocations in {MEASURED} frames ({per_frame:.2} per frame)"
+    );
+    assert_eq!(allocs, 0, "{per_frame:.2} allocations per frame");
 }

@@ -38,7 +38,10 @@ pub use http::{
 };
 pub use id::{ConversationId, IdError};
 pub use record::{EventRecord, MessageRecord, MessageRecordRef, Opened};
-pub use ws::{Ack, ClientMessage, EventMessage, Message, ServerMessage, WsError};
+pub use ws::{
+    Ack, ClientMessage, ClientMessageRef, EventMessage, Message, ServerMessage, WsError,
+    write_ack_json,
+};
 
 use serde::{Deserialize, Serialize};
 

@@ -367,3 +367,17 @@ where
 {
     <Option<Object<T>> as serde::Deserialize>::deserialize(d).map(|o| o.map(|o| o.0))
 }
+
+/// `deserialize_with` for an optional string that borrows from the input where it can: serde's
+/// `#[serde(borrow)]` only borrows a `Cow` field itself, so a plain `Option<Cow<str>>` always
+/// comes out owned (serde-rs/serde#1497). Pair it with `#[serde(default)]`.
+pub(crate) fn borrowed_str_opt<'de: 'a, 'a, D>(
+    d: D,
+) -> Result<Option<std::borrow::Cow<'a, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(serde::Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
+    <Option<Borrowed<'a>> as serde::Deserialize>::deserialize(d).map(|o| o.map(|b| b.0))
+}

@@ -111,8 +111,8 @@ impl Validate for SendMessageRequest {
     }
 }
 
-/// The checks of a send, owned or borrowed.
-fn validate_send(
+/// The checks of a send, owned or borrowed, over HTTP or WebSocket.
+pub(crate) fn validate_send(
     text: &str,
     client_msg_id: Option<&str>,
     limits: &ModelLimits,
@@ -131,7 +131,7 @@ fn validate_send(
 pub struct SendMessageRequestRef<'a> {
     #[serde(borrow)]
     pub text: std::borrow::Cow<'a, str>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "super::error::borrowed_str_opt")]
     pub client_msg_id: Option<std::borrow::Cow<'a, str>>,
 }
 

@@ -857,9 +857,69 @@ fn borrowed_send_request_parses_like_the_owned_one() {
         }
     }
     let plain = parse_json_borrowed::<SendMessageRequestRef<'_>, SendMessageRequest>(
-        br#"{"text":"hello"}"#,
+        br#"{"text":"hello","client_msg_id":"k-1"}"#,
         &L,
     )
     .unwrap();
     assert!(matches!(plain.text, std::borrow::Cow::Borrowed("hello")));
+    assert!(matches!(
+        plain.client_msg_id,
+        Some(std::borrow::Cow::Borrowed("k-1"))
+    ));
+}
+
+/// A WebSocket session parses borrowed (`ClientMessageRef`): it must accept, refuse and
+/// explain exactly like the owned `ClientMessage`, and a send's strings are borrowed unless
+/// they hold escapes.
+#[test]
+fn borrowed_client_message_parses_like_the_owned_one() {
+    let long = format!(
+        r#"{{"type":"send","conversation_id":"c0000000000000001","text":"{}"}}"#,
+        "a".repeat(L.text_bytes_max + 1)
+    );
+    let bodies = [
+        r#"{"type":"send","conversation_id":"c0000000000000001","text":"hello"}"#,
+        r#"{"type":"send","conversation_id":"c0000000000000001","text":"caf\u00e9","client_msg_id":"k\n1"}"#,
+        r#"{"type":"send","conversation_id":"c0000000000000001","text":"hi","client_msg_id":null}"#,
+        r#"{"type":"send","conversation_id":"c0000000000000001","text":null}"#,
+        r#"{"type":"send","conversation_id":"c0000000000000001"}"#,
+        r#"{"type":"send","conversation_id":"c0000000000000001","text":5}"#,
+        r#"{"type":"send","conversation_id":"c0000000000000001","text":"hi","client_msg_id":""}"#,
+        r#"{"type":"send","conversation_id":"c0000000000000001","text":"hi","extra":1}"#,
+        r#"{"type":"typing","conversation_id":"c0000000000000001","text":"hi"}"#,
+        r#"{"type":"subscribe","conversation_id":"c0000000000000001","after":3}"#,
+        r#"{"type":"read","conversation_id":"c0000000000000001","seq":2}"#,
+        r#"{"type":"shout","conversation_id":"c0000000000000001"}"#,
+        r#"{"type":"send","conversation_id":"c1","text":"hi"}"#,
+        r#"{"type":"send","#,
+        &long,
+    ];
+    for body in bodies {
+        let owned = parse_json::<ClientMessage>(body.as_bytes(), &L);
+        let borrowed =
+            parse_json_borrowed::<ClientMessageRef<'_>, ClientMessage>(body.as_bytes(), &L);
+        match (&owned, borrowed) {
+            (Ok(o), Ok(b)) => assert_eq!(o, &b.into_owned(), "{body}"),
+            (Err(o), Err(b)) => assert_eq!(o.to_string(), b.to_string(), "{body}"),
+            (_, b) => panic!("{body}: owned {owned:?}, borrowed {b:?}"),
+        }
+    }
+    let plain = parse_json_borrowed::<ClientMessageRef<'_>, ClientMessage>(
+        br#"{"type":"send","conversation_id":"c0000000000000001","text":"hello","client_msg_id":"k-1"}"#,
+        &L,
+    )
+    .unwrap();
+    let ClientMessageRef::Send {
+        text,
+        client_msg_id,
+        ..
+    } = plain
+    else {
+        panic!("not a send: {plain:?}");
+    };
+    assert!(matches!(text, std::borrow::Cow::Borrowed("hello")));
+    assert!(matches!(
+        client_msg_id,
+        Some(std::borrow::Cow::Borrowed("k-1"))
+    ));
 }

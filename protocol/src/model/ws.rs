@@ -1,20 +1,23 @@
 //! WebSocket messages: one JSON object per text frame, tagged by `"type"`.
 
+use std::borrow::Cow;
+
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
 use super::error::{
-    ModelError, ModelLimits, Validate, WriteJson, check_client_msg_id, check_len, check_text,
-    object_opt,
+    ModelError, ModelLimits, Validate, WriteJson, borrowed_str_opt, check_client_msg_id, check_len,
+    check_text, object_opt,
 };
 use super::event::{Event, EventFields, EventKind};
+use super::http::validate_send;
 use super::{ConversationId, Participant};
 
 // ---- client -> server ----------------------------------------------------------------------
 
-/// What a client sends on `/v1/ws`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "RawClient")]
+/// What a client sends on `/v1/ws`. Parsed through [`ClientMessageRef`], so both accept and
+/// refuse exactly the same messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage {
     /// Receive the conversation's messages and events after `after` (default 0: everything).
     Subscribe {
@@ -33,6 +36,74 @@ pub enum ClientMessage {
         conversation_id: ConversationId,
         seq: u64,
     },
+}
+
+/// [`ClientMessage`] borrowing its strings from the frame (`Cow`s, borrowed unless they hold
+/// escapes): a send parses without allocating (see [`crate::model::parse_json_borrowed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessageRef<'a> {
+    Subscribe {
+        conversation_id: ConversationId,
+        after: u64,
+    },
+    Send {
+        conversation_id: ConversationId,
+        text: Cow<'a, str>,
+        client_msg_id: Option<Cow<'a, str>>,
+    },
+    Typing {
+        conversation_id: ConversationId,
+    },
+    Read {
+        conversation_id: ConversationId,
+        seq: u64,
+    },
+}
+
+impl ClientMessageRef<'_> {
+    pub fn into_owned(self) -> ClientMessage {
+        match self {
+            ClientMessageRef::Subscribe {
+                conversation_id,
+                after,
+            } => ClientMessage::Subscribe {
+                conversation_id,
+                after,
+            },
+            ClientMessageRef::Send {
+                conversation_id,
+                text,
+                client_msg_id,
+            } => ClientMessage::Send {
+                conversation_id,
+                text: text.into_owned(),
+                client_msg_id: client_msg_id.map(Cow::into_owned),
+            },
+            ClientMessageRef::Typing { conversation_id } => {
+                ClientMessage::Typing { conversation_id }
+            }
+            ClientMessageRef::Read {
+                conversation_id,
+                seq,
+            } => ClientMessage::Read {
+                conversation_id,
+                seq,
+            },
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for ClientMessageRef<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawClient::<'a>::deserialize(d)?;
+        ClientMessageRef::try_from(raw).map_err(serde::de::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientMessage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ClientMessageRef::deserialize(d).map(ClientMessageRef::into_owned)
+    }
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -57,19 +128,21 @@ impl ClientType {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawClient {
+struct RawClient<'a> {
     #[serde(rename = "type")]
     ty: ClientType,
     conversation_id: ConversationId,
     after: Option<u64>,
-    text: Option<String>,
-    client_msg_id: Option<String>,
+    #[serde(default, borrow, deserialize_with = "borrowed_str_opt")]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "borrowed_str_opt")]
+    client_msg_id: Option<Cow<'a, str>>,
     seq: Option<u64>,
 }
 
-impl TryFrom<RawClient> for ClientMessage {
+impl<'a> TryFrom<RawClient<'a>> for ClientMessageRef<'a> {
     type Error = String;
-    fn try_from(r: RawClient) -> Result<Self, String> {
+    fn try_from(r: RawClient<'a>) -> Result<Self, String> {
         let allowed: &[&str] = match r.ty {
             ClientType::Subscribe => &["after"],
             ClientType::Send => &["text", "client_msg_id"],
@@ -93,17 +166,17 @@ impl TryFrom<RawClient> for ClientMessage {
         let need = |name: &str| format!("`{}` message: missing field `{name}`", r.ty.as_str());
         let conversation_id = r.conversation_id;
         Ok(match r.ty {
-            ClientType::Subscribe => ClientMessage::Subscribe {
+            ClientType::Subscribe => ClientMessageRef::Subscribe {
                 conversation_id,
                 after: r.after.unwrap_or(0),
             },
-            ClientType::Send => ClientMessage::Send {
+            ClientType::Send => ClientMessageRef::Send {
                 conversation_id,
                 text: r.text.ok_or_else(|| need("text"))?,
                 client_msg_id: r.client_msg_id,
             },
-            ClientType::Typing => ClientMessage::Typing { conversation_id },
-            ClientType::Read => ClientMessage::Read {
+            ClientType::Typing => ClientMessageRef::Typing { conversation_id },
+            ClientType::Read => ClientMessageRef::Read {
                 conversation_id,
                 seq: r.seq.ok_or_else(|| need("seq"))?,
             },
@@ -177,10 +250,21 @@ impl Validate for ClientMessage {
             ..
         } = self
         {
-            check_text("text", text, limits.text_bytes_max)?;
-            if let Some(id) = client_msg_id {
-                check_client_msg_id("client_msg_id", id, limits.client_msg_id_bytes_max)?;
-            }
+            validate_send(text, client_msg_id.as_deref(), limits)?;
+        }
+        Ok(())
+    }
+}
+
+impl Validate for ClientMessageRef<'_> {
+    fn validate(&self, limits: &ModelLimits) -> Result<(), ModelError> {
+        if let ClientMessageRef::Send {
+            text,
+            client_msg_id,
+            ..
+        } = self
+        {
+            validate_send(text, client_msg_id.as_deref(), limits)?;
         }
         Ok(())
     }
@@ -269,6 +353,36 @@ pub(crate) fn serialize_message<S: Serializer, P: Serialize + ?Sized>(
     m.end()
 }
 
+fn serialize_ack<S: Serializer>(
+    s: S,
+    client_msg_id: Option<&str>,
+    conversation_id: ConversationId,
+    seq: u64,
+) -> Result<S::Ok, S::Error> {
+    let mut m = s.serialize_map(None)?;
+    m.serialize_entry("type", "ack")?;
+    if let Some(id) = client_msg_id {
+        m.serialize_entry("client_msg_id", id)?;
+    }
+    m.serialize_entry("conversation_id", &conversation_id)?;
+    m.serialize_entry("seq", &seq)?;
+    m.end()
+}
+
+/// Appends the JSON of an ack (`ServerMessage::Ack`) to `out`, from borrowed parts: a send's
+/// answer without building an [`Ack`].
+pub fn write_ack_json(
+    out: &mut Vec<u8>,
+    client_msg_id: Option<&str>,
+    conversation_id: ConversationId,
+    seq: u64,
+) {
+    let mut ser = serde_json::Serializer::new(&mut *out);
+    let res = serialize_ack(&mut ser, client_msg_id, conversation_id, seq);
+    // Writing into a Vec never fails.
+    assert!(res.is_ok(), "ack serialization failed: {res:?}");
+}
+
 pub(crate) fn serialize_event<S: Serializer>(
     s: S,
     conversation_id: ConversationId,
@@ -325,14 +439,7 @@ impl Serialize for ServerMessage {
             ServerMessage::Message(m) => m.serialize(s),
             ServerMessage::Event(e) => e.serialize(s),
             ServerMessage::Ack(a) => {
-                let mut m = s.serialize_map(None)?;
-                m.serialize_entry("type", "ack")?;
-                if let Some(id) = &a.client_msg_id {
-                    m.serialize_entry("client_msg_id", id)?;
-                }
-                m.serialize_entry("conversation_id", &a.conversation_id)?;
-                m.serialize_entry("seq", &a.seq)?;
-                m.end()
+                serialize_ack(s, a.client_msg_id.as_deref(), a.conversation_id, a.seq)
             }
             ServerMessage::Error(e) => {
                 let mut m = s.serialize_map(None)?;
