@@ -250,8 +250,10 @@ struct Conversation {
     /// Highest seq handed to subscribers (durable).
     released_seq: u64,
     order_key: u64,
-    idempotency: HashMap<Box<str>, (u64, u64)>,
-    idempotency_order: VecDeque<Box<str>>,
+    /// Keys and their order share one allocation per key (the only allocation of a keyed
+    /// send: the key is kept).
+    idempotency: HashMap<Arc<str>, (u64, u64)>,
+    idempotency_order: VecDeque<Arc<str>>,
     subscribers: Vec<Arc<Outbox>>,
     /// System auto-replies sent so far (bounded per conversation by the tenant).
     auto_replies_sent: u32,
@@ -1649,8 +1651,9 @@ fn fold_event(conv: &mut Conversation, event: &Event, next: ConversationState) {
 }
 
 fn remember_key(conv: &mut Conversation, key: &str, seq: u64, ts: u64, keys_max: usize) {
-    if conv.idempotency.insert(key.into(), (seq, ts)).is_none() {
-        conv.idempotency_order.push_back(key.into());
+    let key: Arc<str> = key.into();
+    if conv.idempotency.insert(key.clone(), (seq, ts)).is_none() {
+        conv.idempotency_order.push_back(key);
         // The oldest keys go first: a retry long after is a new message.
         while conv.idempotency_order.len() > keys_max {
             if let Some(old) = conv.idempotency_order.pop_front() {

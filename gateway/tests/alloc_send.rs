@@ -111,8 +111,9 @@ fn registry() -> Arc<TenantRegistry> {
 const WARM_UP: u64 = 2_000;
 const MEASURED: u64 = 1_000;
 
-#[test]
-fn engine_send_allocates_nothing_per_message_in_steady_state() {
+/// Allocations per send of the engine's `send` + `release` in steady state; with `keyed`, every
+/// send carries a new `client_msg_id`.
+fn engine_allocations_per_send(keyed: bool) -> f64 {
     let limits = EngineLimits {
         conversations_max: 100,
         idempotency_keys_per_conversation_max: 4,
@@ -138,12 +139,17 @@ fn engine_send_allocates_nothing_per_message_in_steady_state() {
             conversation_id: id,
         })
         .collect();
+    // Made before the count: a UUID-sized key per send.
+    let keys: Vec<String> = (0..WARM_UP + MEASURED)
+        .map(|n| format!("8c0ffee0-0000-4000-8000-{n:012}"))
+        .collect();
     // What the committer does per command: run it, sync, release.
     let mut send = |n: u64| {
         let i = (n % ids.len() as u64) as usize;
         now_us += 1_000;
+        let key = keyed.then(|| keys[n as usize].as_str());
         let sent = engine
-            .send(&mut log, ids[i], &actors[i], "hello from wrk", None, now_us)
+            .send(&mut log, ids[i], &actors[i], "hello from wrk", key, now_us)
             .unwrap();
         assert!(!sent.duplicate);
         engine.release(engine.appended_end());
@@ -158,9 +164,22 @@ fn engine_send_allocates_nothing_per_message_in_steady_state() {
     });
     let per_send = allocs as f64 / MEASURED as f64;
     println!(
-        "engine send + release: {allocs} allocations in {MEASURED} sends ({per_send:.2} per send)"
+        "engine send + release (keyed: {keyed}): {allocs} allocations in {MEASURED} sends ({per_send:.2} per send)"
     );
-    assert_eq!(allocs, 0, "{per_send:.2} allocations per send");
+    per_send
+}
+
+#[test]
+fn engine_send_allocates_nothing_per_message_in_steady_state() {
+    assert_eq!(engine_allocations_per_send(false), 0.0);
+}
+
+/// A send with a `client_msg_id` keeps its key (up to the per-conversation limit, the oldest
+/// going first): that one allocation, shared by the key's map entry and its place in the
+/// eviction order, and nothing else.
+#[test]
+fn engine_keyed_send_allocates_only_the_kept_key() {
+    assert_eq!(engine_allocations_per_send(true), 1.0);
 }
 
 /// What `http.rs` does for a send before and after the shard: parse the request, resolve the
