@@ -19,7 +19,7 @@ use crate::config::{Config, Durability};
 use crate::engine::{Engine, EngineLimits};
 use crate::metrics::{Disconnect, ShardMetrics};
 use crate::routing::RouterLimits;
-use crate::shard::{BufferPool, Inbox, committer, now_ms};
+use crate::shard::{BufferPool, Inbox, SyncWay, committer, now_ms};
 
 /// How long shutdown waits for open connections to finish before closing them.
 pub const SHUTDOWN_DRAIN_MS: u64 = 3000;
@@ -320,6 +320,7 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
         config,
     });
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pin_threads = shared.config.pin_threads;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<u16, String>>();
     let mut threads = Vec::with_capacity(shards);
     for (id, (http, tcp)) in http_listeners.into_iter().zip(tcp_listeners).enumerate() {
@@ -328,7 +329,9 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
         let thread = std::thread::Builder::new()
             .name(format!("kefu-shard-{id}"))
             .spawn(move || {
-                pin_to_cpu(id % cpus);
+                if pin_threads {
+                    pin_to_cpu(id % cpus);
+                }
                 let id = id as u16;
                 if let Err(e) = shard_thread(id, shared, http, tcp, ready_tx.clone()) {
                     let _ = ready_tx.send(Err(format!("shard {id}: {e:#}")));
@@ -500,7 +503,13 @@ async fn shard_main(
         next_conn_id: Cell::new(1),
     });
     let inbox = shared.inboxes[id as usize].clone();
-    let committer_task = monoio::spawn(committer(inbox.clone(), engine, log, metrics, !legacy));
+    // Under the legacy driver, `ring` syncs run on a flusher thread.
+    let sync = match config.sync {
+        crate::config::SyncMode::Inline => SyncWay::Inline,
+        crate::config::SyncMode::Ring if legacy => SyncWay::Thread,
+        crate::config::SyncMode::Ring => SyncWay::Ring,
+    };
+    let committer_task = monoio::spawn(committer(inbox.clone(), engine, log, metrics, sync));
     if legacy {
         http.set_nonblocking(true)?;
         tcp.set_nonblocking(true)?;

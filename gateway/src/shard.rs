@@ -383,13 +383,49 @@ pub fn now_us() -> u64 {
 /// long queue adds to the first command's reply.
 const BATCH_COMMANDS_MAX: usize = 512;
 
+/// Waits for the runtime's next pass through its ring: a poll on a socket that always has a
+/// byte to read completes at the next submission.
+struct NextTick {
+    ready: monoio::net::UnixStream,
+    _writer: std::os::unix::net::UnixStream,
+}
+
+impl NextTick {
+    fn new() -> std::io::Result<Self> {
+        use std::io::Write;
+        let (ready, mut writer) = std::os::unix::net::UnixStream::pair()?;
+        writer.write_all(&[1])?;
+        ready.set_nonblocking(true)?;
+        Ok(Self {
+            ready: monoio::net::UnixStream::from_std(ready)?,
+            _writer: writer,
+        })
+    }
+
+    async fn wait(&self) {
+        // The byte is never read, so the socket stays readable; an error only means no wait.
+        let _ = self.ready.readable(false).await;
+    }
+}
+
+/// Where the committer runs a group commit's sync (see [`crate::config::SyncMode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncWay {
+    /// `fdatasync` on the shard thread, between rounds.
+    Inline,
+    /// fsync ops on the shard's io_uring ring, up to the log's `syncs_in_flight_max` at once.
+    Ring,
+    /// One at a time on a flusher thread (the legacy driver has no fsync op).
+    Thread,
+}
+
 /// Runs the shard's engine until `inbox.stop()` and the inbox is drained; then syncs.
 pub async fn committer(
     inbox: Arc<Inbox>,
     engine: Rc<RefCell<Engine>>,
     log: Rc<RefCell<Log>>,
     metrics: Rc<ShardMetrics>,
-    uring_sync: bool,
+    sync: SyncWay,
 ) {
     // With io_uring the syncs are fsync ops on the shard's own ring (the kernel's workers run
     // them; the completion lands in the ring): no user-space hand-off. The legacy driver
@@ -429,9 +465,13 @@ pub async fn committer(
     };
 
     let mut held: VecDeque<Held> = VecDeque::new();
+    let next_tick = match sync {
+        SyncWay::Inline => Some(NextTick::new().expect("a socketpair for the committer")),
+        SyncWay::Ring | SyncWay::Thread => None,
+    };
     // The flusher thread runs one job at a time; on the ring, the log's
     // `syncs_in_flight_max` run at once.
-    let may_start_sync = |log: &Log| uring_sync || log.syncs_in_flight() == 0;
+    let may_start_sync = |log: &Log| sync == SyncWay::Ring || log.syncs_in_flight() == 0;
     loop {
         // Wait for commands, a finished sync, or the next timer (interval sync, routing grace).
         let timeout_ms = {
@@ -494,13 +534,21 @@ pub async fn committer(
             engine.tick(&mut *log, now);
         }
         metrics.commands(handled as u64);
+        let mut synced_inline = false;
         {
             let mut log = log.borrow_mut();
             if may_start_sync(&log) && log.sync_due(now) {
                 match log.prepare_sync(now) {
                     Ok(Some(job)) => {
                         let started = Instant::now();
-                        if uring_sync {
+                        if sync == SyncWay::Inline {
+                            let result = job.run();
+                            metrics.sync_latency_us(started.elapsed().as_micros() as u64);
+                            if let Err(e) = log.complete_sync(job, result) {
+                                engine.borrow_mut().poison(format!("log sync failed: {e}"));
+                            }
+                            synced_inline = true;
+                        } else if sync == SyncWay::Ring {
                             let done = uring_done.clone();
                             let inbox = inbox.clone();
                             monoio::spawn(async move {
@@ -540,6 +588,13 @@ pub async fn committer(
             h.reply.put(outcome);
         }
         metrics.set_pending(engine.borrow().pending_len() as u64, held.len() as u64);
+        // After a sync on this thread, let the runtime pass through its ring before the next
+        // round: the shard's own connections (answers to write, requests that arrived during
+        // the sync) run first, so commands from other shards cannot keep the committer busy
+        // round after round while this shard's sockets wait.
+        if synced_inline && let Some(tick) = &next_tick {
+            tick.wait().await;
+        }
         if inbox.stop.load(Ordering::Acquire) && inbox.queue.is_empty() {
             if log.borrow().syncs_in_flight() > 0 {
                 continue;
