@@ -61,6 +61,27 @@ impl SyncMode {
     }
 }
 
+/// Which monoio driver the shards run on (`server.driver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverChoice {
+    /// io_uring with `setup_single_issuer` + `setup_defer_taskrun`, then plain io_uring, then
+    /// the legacy epoll driver, each fallback logged.
+    Auto,
+    /// The legacy epoll driver (syncs on a flusher thread): for kernels or sandboxes where
+    /// io_uring is set up but its ops are refused.
+    Legacy,
+}
+
+impl DriverChoice {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "legacy" => Ok(Self::Legacy),
+            _ => Err(format!("`{text}`: expected auto or legacy")),
+        }
+    }
+}
+
 impl Durability {
     pub fn parse(text: &str) -> Result<Self, String> {
         match text {
@@ -117,6 +138,7 @@ pub struct ServerFile {
     pub durability: String,
     pub sync: String,
     pub pin_threads: bool,
+    pub driver: String,
     pub uring_entries: u32,
 }
 
@@ -131,6 +153,7 @@ impl Default for ServerFile {
             durability: "always".into(),
             sync: "ring".into(),
             pin_threads: true,
+            driver: "auto".into(),
             uring_entries: 1024,
         }
     }
@@ -448,6 +471,7 @@ pub struct Config {
     pub sync: SyncMode,
     /// Pin shard `i` to CPU `i % cpus` (`server.pin_threads`).
     pub pin_threads: bool,
+    pub driver: DriverChoice,
     pub uring_entries: u32,
     pub limits: Limits,
     pub visitor_token_ttl_ms: u64,
@@ -541,6 +565,8 @@ pub fn resolve(file: FileConfig, flags: &Flags) -> Result<Config, ConfigError> {
     };
     let sync =
         SyncMode::parse(&file.server.sync).map_err(|p| ConfigError::new("server.sync", p))?;
+    let driver = DriverChoice::parse(&file.server.driver)
+        .map_err(|p| ConfigError::new("server.driver", p))?;
     if !(1..=65_535).contains(&file.server.backlog) {
         return Err(ConfigError::new("server.backlog", "must be in 1..=65535"));
     }
@@ -578,6 +604,7 @@ pub fn resolve(file: FileConfig, flags: &Flags) -> Result<Config, ConfigError> {
         durability,
         sync,
         pin_threads: file.server.pin_threads,
+        driver,
         uring_entries: file.server.uring_entries,
         limits: file.limits,
         visitor_token_ttl_ms: file.auth.visitor_token_ttl_ms,
@@ -605,10 +632,11 @@ mod tests {
         assert!(config.shards >= 1);
         assert_eq!(config.sync, SyncMode::Ring);
         assert!(config.pin_threads);
+        assert_eq!(config.driver, DriverChoice::Auto);
     }
 
     #[test]
-    fn sync_mode_and_pinning_come_from_the_file() {
+    fn sync_mode_pinning_and_driver_come_from_the_file() {
         let text = DEFAULT_CONFIG_TOML
             .replace("sync = \"ring\" ", "sync = \"inline\" ")
             .replace("pin_threads = true", "pin_threads = false");
@@ -619,6 +647,12 @@ mod tests {
         let err = resolve(parse_toml(&text, "x").unwrap(), &Flags::default()).unwrap_err();
         assert_eq!(err.key, "server.sync");
         assert!(err.to_string().contains("expected inline or ring"), "{err}");
+        let text = DEFAULT_CONFIG_TOML.replace("driver = \"auto\"", "driver = \"legacy\"");
+        let config = resolve(parse_toml(&text, "x").unwrap(), &Flags::default()).unwrap();
+        assert_eq!(config.driver, DriverChoice::Legacy);
+        let text = DEFAULT_CONFIG_TOML.replace("driver = \"auto\"", "driver = \"kqueue\"");
+        let err = resolve(parse_toml(&text, "x").unwrap(), &Flags::default()).unwrap_err();
+        assert_eq!(err.key, "server.driver");
     }
 
     #[test]

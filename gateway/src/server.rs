@@ -394,6 +394,10 @@ fn shard_thread(
     ready: std::sync::mpsc::Sender<Result<u16, String>>,
 ) -> anyhow::Result<()> {
     let entries = shared.config.uring_entries;
+    if shared.config.driver == crate::config::DriverChoice::Legacy {
+        eprintln!("kefu: shard {id}: using the legacy epoll driver (server.driver = \"legacy\")");
+        return legacy_runtime()?.block_on(shard_main(id, shared, http, tcp, ready, true));
+    }
     let mut urb = io_uring::IoUring::builder();
     urb.setup_single_issuer().setup_defer_taskrun();
     let tuned = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
@@ -417,11 +421,15 @@ fn shard_thread(
             eprintln!("kefu: shard {id}: io_uring unavailable ({e}); using the legacy epoll driver")
         }
     }
-    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+    legacy_runtime()?.block_on(shard_main(id, shared, http, tcp, ready, true))
+}
+
+fn legacy_runtime()
+-> anyhow::Result<monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>>> {
+    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
         .enable_timer()
         .build()
-        .context("building the legacy runtime")?;
-    rt.block_on(shard_main(id, shared, http, tcp, ready, true))
+        .context("building the legacy runtime")
 }
 
 /// Builds the shard's engine from the config and the tenant registry.

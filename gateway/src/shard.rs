@@ -364,6 +364,46 @@ struct Flusher {
     thread: std::thread::Thread,
 }
 
+impl Flusher {
+    /// Starts the flusher thread of shard `shard`; it wakes the committer through `inbox`
+    /// when a job is done.
+    fn spawn(inbox: &Arc<Inbox>, shard: u16) -> (Arc<Flusher>, std::thread::JoinHandle<()>) {
+        let slot: Arc<std::sync::OnceLock<Arc<Flusher>>> = Arc::new(std::sync::OnceLock::new());
+        let inbox = inbox.clone();
+        let slot_for_thread = slot.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("kefu-flush-{shard}"))
+            .spawn(move || {
+                let me = Arc::new(Flusher {
+                    jobs: ArrayQueue::new(1),
+                    done: ArrayQueue::new(1),
+                    stop: AtomicBool::new(false),
+                    thread: std::thread::current(),
+                });
+                let _ = slot_for_thread.set(me.clone());
+                loop {
+                    match me.jobs.pop() {
+                        Some((job, started)) => {
+                            let result = job.run();
+                            let _ = me.done.push(((job, result), started));
+                            inbox.wake();
+                        }
+                        None if me.stop.load(Ordering::Acquire) => return,
+                        None => std::thread::park_timeout(Duration::from_millis(100)),
+                    }
+                }
+            })
+            .expect("spawn flusher thread");
+        let flusher = loop {
+            if let Some(f) = slot.get() {
+                break f.clone();
+            }
+            std::thread::yield_now();
+        };
+        (flusher, thread)
+    }
+}
+
 /// A sync job and how it ended (with when it started, for the sync latency metric).
 type FinishedSync = (SyncJob, std::io::Result<()>);
 
@@ -431,38 +471,9 @@ pub async fn committer(
     // them; the completion lands in the ring): no user-space hand-off. The legacy driver
     // syncs on a flusher thread instead.
     let uring_done: Rc<RefCell<VecDeque<(FinishedSync, Instant)>>> = Rc::default();
-    let flusher_slot: Arc<std::sync::OnceLock<Arc<Flusher>>> = Arc::new(std::sync::OnceLock::new());
-    let inbox_for_flusher = inbox.clone();
-    let slot = flusher_slot.clone();
-    let flusher_thread = std::thread::Builder::new()
-        .name(format!("kefu-flush-{}", engine.borrow().shard()))
-        .spawn(move || {
-            let me = Arc::new(Flusher {
-                jobs: ArrayQueue::new(1),
-                done: ArrayQueue::new(1),
-                stop: AtomicBool::new(false),
-                thread: std::thread::current(),
-            });
-            let _ = slot.set(me.clone());
-            loop {
-                match me.jobs.pop() {
-                    Some((job, started)) => {
-                        let result = job.run();
-                        let _ = me.done.push(((job, result), started));
-                        inbox_for_flusher.wake();
-                    }
-                    None if me.stop.load(Ordering::Acquire) => return,
-                    None => std::thread::park_timeout(Duration::from_millis(100)),
-                }
-            }
-        })
-        .expect("spawn flusher thread");
-    let flusher = loop {
-        if let Some(f) = flusher_slot.get() {
-            break f.clone();
-        }
-        std::thread::yield_now();
-    };
+    // Only the legacy driver needs the thread: an idle one would still wake 10 times a second.
+    let flusher =
+        (sync == SyncWay::Thread).then(|| Flusher::spawn(&inbox, engine.borrow().shard()));
 
     let mut held: VecDeque<Held> = VecDeque::new();
     let next_tick = match sync {
@@ -487,7 +498,7 @@ pub async fn committer(
         };
         let has_work = || {
             !inbox.queue.is_empty()
-                || !flusher.done.is_empty()
+                || flusher.as_ref().is_some_and(|(f, _)| !f.done.is_empty())
                 || !uring_done.borrow().is_empty()
                 || inbox.stop.load(Ordering::Acquire)
         };
@@ -509,8 +520,8 @@ pub async fn committer(
         let now = now_ms();
         loop {
             let finished = flusher
-                .done
-                .pop()
+                .as_ref()
+                .and_then(|(f, _)| f.done.pop())
                 .or_else(|| uring_done.borrow_mut().pop_front());
             let Some(((job, result), started)) = finished else {
                 break;
@@ -556,7 +567,7 @@ pub async fn committer(
                                 done.borrow_mut().push_back(((job, result), started));
                                 inbox.wake();
                             });
-                        } else {
+                        } else if let Some((flusher, _)) = &flusher {
                             let pushed = flusher.jobs.push((job, started));
                             assert!(pushed.is_ok(), "one sync at a time");
                             flusher.thread.unpark();
@@ -615,9 +626,11 @@ pub async fn committer(
             break;
         }
     }
-    flusher.stop.store(true, Ordering::Release);
-    flusher.thread.unpark();
-    let _ = flusher_thread.join();
+    if let Some((flusher, thread)) = flusher {
+        flusher.stop.store(true, Ordering::Release);
+        flusher.thread.unpark();
+        let _ = thread.join();
+    }
 }
 
 /// Runs a group-commit sync as io_uring fsync ops (fdatasync of the segment files, fsync of

@@ -433,6 +433,12 @@ fn sigkill_under_load_with_syncs_on_the_shard_thread_loses_no_acknowledged_messa
     ]);
 }
 
+#[test]
+fn sigkill_under_load_on_the_legacy_driver_loses_no_acknowledged_message() {
+    // `driver = "legacy"`: epoll, and each group commit's sync on the shard's flusher thread.
+    sigkill_under_load(&[("driver = \"auto\"", "driver = \"legacy\"")]);
+}
+
 /// Four visitors send keyed messages on two shards until a SIGKILL; after the restart every
 /// acknowledged message is there at its seq, with no gap or duplicate, a retry finds its
 /// original seq, and a WebSocket resume from the middle continues exactly.
