@@ -181,6 +181,7 @@ pub struct Limits {
     pub history_limit_max: usize,
     pub conversations_per_shard_max: usize,
     pub idempotency_keys_per_conversation_max: usize,
+    pub idempotency_keys_per_shard_max: usize,
     pub buffers_per_shard_max: usize,
     pub buffer_bytes: usize,
     pub stream_chunk_bytes_max: usize,
@@ -217,6 +218,7 @@ impl Default for Limits {
             history_limit_max: 1000,
             conversations_per_shard_max: 100_000,
             idempotency_keys_per_conversation_max: 1024,
+            idempotency_keys_per_shard_max: 1_000_000,
             buffers_per_shard_max: 4096,
             buffer_bytes: 4096,
             stream_chunk_bytes_max: 1 << 20,
@@ -230,7 +232,7 @@ impl Default for Limits {
 
 impl Limits {
     fn check(&self) -> Result<(), ConfigError> {
-        let ranges: [(&str, usize, usize, usize); 21] = [
+        let ranges: [(&str, usize, usize, usize); 22] = [
             (
                 "syncs_in_flight_max",
                 self.syncs_in_flight_max,
@@ -301,6 +303,12 @@ impl Limits {
                 self.idempotency_keys_per_conversation_max,
                 1,
                 1 << 20,
+            ),
+            (
+                "idempotency_keys_per_shard_max",
+                self.idempotency_keys_per_shard_max,
+                1,
+                1 << 28,
             ),
             (
                 "buffers_per_shard_max",

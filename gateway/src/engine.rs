@@ -219,6 +219,9 @@ impl EngineError {
 pub struct EngineLimits {
     pub conversations_max: usize,
     pub idempotency_keys_per_conversation_max: usize,
+    /// Keys kept across the shard's conversations: with only the per-conversation bound, a
+    /// shard at both limits would hold conversations x keys (10^8 by default, ~12 GB).
+    pub idempotency_keys_per_shard_max: usize,
     pub history_limit_max: usize,
     pub subscribers_per_conversation_max: usize,
     pub model: ModelLimits,
@@ -310,6 +313,8 @@ pub struct Engine {
     /// a create burst `perf sched` showed shard 0 on the CPU for 61 ms at a time, half of it
     /// clearing fresh huge pages under hashbrown's table allocation.
     conversations: IdMap<u64, Box<Conversation>>,
+    /// The shard's kept idempotency keys in the order they were stored (see [`ShardKeys`]).
+    keys: ShardKeys,
     /// Released deliveries no subscriber kept, cleared for reuse (bounded by
     /// [`DELIVERY_POOL_MAX`]).
     delivery_pool: Vec<Arc<Delivery>>,
@@ -386,6 +391,7 @@ impl Engine {
                     .min(crate::routing::PRESIZED_CONVERSATIONS_MAX),
                 Default::default(),
             ),
+            keys: ShardKeys::default(),
             delivery_pool: Vec::new(),
             next_local: 1,
             next_order: 1,
@@ -896,11 +902,10 @@ impl Engine {
         let d = Arc::get_mut(&mut delivery).expect("a fresh delivery is unshared");
         record.write_ws_json(&mut d.json);
         let log_offset = self.write(log, Kind::Message, id, seq, now_us, delivery)?;
-        let keys_max = self.limits.idempotency_keys_per_conversation_max;
         let conv = self.conversations.get_mut(&id).expect("checked");
         conv.last_seq = seq;
         if let Some(key) = client_msg_id {
-            remember_key(conv, key, seq, now_us, keys_max);
+            self.remember_key(id, key, seq, now_us);
         }
         Ok(Sent {
             seq,
@@ -1442,7 +1447,6 @@ impl Engine {
             Kind::Message => {
                 let record: MessageRecord =
                     serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-                let keys_max = self.limits.idempotency_keys_per_conversation_max;
                 let conv = self
                     .conversations
                     .get_mut(&id)
@@ -1454,7 +1458,7 @@ impl Engine {
                     conv.auto_replies_sent += 1;
                 }
                 if let Some(key) = &record.client_msg_id {
-                    remember_key(conv, key, header.seq, record.ts, keys_max);
+                    self.remember_key(id, key, header.seq, record.ts);
                 }
             }
             Kind::Event => {
@@ -1650,16 +1654,78 @@ fn fold_event(conv: &mut Conversation, event: &Event, next: ConversationState) {
     }
 }
 
-fn remember_key(conv: &mut Conversation, key: &str, seq: u64, ts: u64, keys_max: usize) {
+/// The idempotency keys a shard keeps, across its conversations: one entry per stored key, in
+/// the order they were stored (which is log order, so recovery keeps the same keys). A key is
+/// kept while it is among the last `idempotency_keys_per_conversation_max` keys of its
+/// conversation and the last `idempotency_keys_per_shard_max` of its shard.
+#[derive(Default)]
+struct ShardKeys {
+    /// (conversation, seq) of each stored key, oldest first. An entry whose key its
+    /// conversation already dropped is skipped when it reaches the front; the queue never
+    /// holds more than the shard's limit, so such entries cannot pile up.
+    order: VecDeque<(u64, u64)>,
+    /// Keys held by the conversations' maps.
+    kept: usize,
+}
+
+/// Stores `key` in conversation `conv` and drops its oldest keys beyond the per-conversation
+/// limit; returns how many it dropped.
+fn remember_key(conv: &mut Conversation, key: &str, seq: u64, ts: u64, keys_max: usize) -> usize {
     let key: Arc<str> = key.into();
+    let mut dropped = 0;
     if conv.idempotency.insert(key.clone(), (seq, ts)).is_none() {
         conv.idempotency_order.push_back(key);
         // The oldest keys go first: a retry long after is a new message.
         while conv.idempotency_order.len() > keys_max {
             if let Some(old) = conv.idempotency_order.pop_front() {
                 conv.idempotency.remove(&old);
+                dropped += 1;
             }
         }
+    } else {
+        // A key stored again (not through `send`, which answers a retry first): one entry.
+        dropped = 1;
+    }
+    dropped
+}
+
+impl Engine {
+    /// Stores an idempotency key of conversation `id` within both limits.
+    fn remember_key(&mut self, id: u64, key: &str, seq: u64, ts: u64) {
+        let per_conversation = self.limits.idempotency_keys_per_conversation_max;
+        let per_shard = self.limits.idempotency_keys_per_shard_max;
+        let Some(conv) = self.conversations.get_mut(&id) else {
+            return;
+        };
+        let dropped = remember_key(conv, key, seq, ts, per_conversation);
+        self.keys.kept = (self.keys.kept + 1).saturating_sub(dropped);
+        self.keys.order.push_back((id, seq));
+        while self.keys.kept > per_shard || self.keys.order.len() > per_shard {
+            let Some((old_id, old_seq)) = self.keys.order.pop_front() else {
+                break;
+            };
+            let Some(old) = self.conversations.get_mut(&old_id) else {
+                continue;
+            };
+            // Only if that conversation still keeps this very key (its oldest).
+            let front_seq = old
+                .idempotency_order
+                .front()
+                .and_then(|k| old.idempotency.get(k))
+                .map(|&(seq, _)| seq);
+            if front_seq == Some(old_seq)
+                && let Some(k) = old.idempotency_order.pop_front()
+            {
+                old.idempotency.remove(&k);
+                self.keys.kept -= 1;
+            }
+        }
+    }
+
+    /// Idempotency keys kept by this shard, and the length of their shard-wide order (for
+    /// tests and metrics).
+    pub fn idempotency_keys(&self) -> (usize, usize) {
+        (self.keys.kept, self.keys.order.len())
     }
 }
 

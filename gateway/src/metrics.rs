@@ -154,7 +154,14 @@ impl ShardMetrics {
     }
 
     /// This shard's series in Prometheus text format.
-    pub fn render(&self, shard: u16, conversations: usize, log: &Log) -> String {
+    /// `idempotency_keys`: the keys the shard's engine keeps (`Engine::idempotency_keys`).
+    pub fn render(
+        &self,
+        shard: u16,
+        conversations: usize,
+        idempotency_keys: usize,
+        log: &Log,
+    ) -> String {
         let mut out = String::with_capacity(4096);
         let s = shard;
         let mut line = |name: &str, labels: &str, value: u64| {
@@ -188,6 +195,7 @@ impl ShardMetrics {
             self.conversations_created.get(),
         );
         line("kefu_conversations", "", conversations as u64);
+        line("kefu_idempotency_keys", "", idempotency_keys as u64);
         line("kefu_commands_total", "", self.commands_handled.get());
         line(
             "kefu_queue_depth",

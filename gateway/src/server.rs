@@ -438,6 +438,7 @@ fn build_engine(id: u16, config: &Config, access: &Access) -> anyhow::Result<Eng
     let limits = EngineLimits {
         conversations_max: l.conversations_per_shard_max,
         idempotency_keys_per_conversation_max: l.idempotency_keys_per_conversation_max,
+        idempotency_keys_per_shard_max: l.idempotency_keys_per_shard_max,
         history_limit_max: l.history_limit_max,
         subscribers_per_conversation_max: 1024,
         model: crate::access::model_limits(l),

@@ -781,7 +781,12 @@ fn handle(
             hold(reply, Outcome::Runs(runs), false, engine);
         }
         Command::Metrics { reply } => {
-            let text = metrics.render(engine.shard(), engine.conversations_len(), log);
+            let text = metrics.render(
+                engine.shard(),
+                engine.conversations_len(),
+                engine.idempotency_keys().0,
+                log,
+            );
             hold(reply, Outcome::Text(text), false, engine);
         }
     }

@@ -117,6 +117,7 @@ fn engine_allocations_per_send(keyed: bool) -> f64 {
     let limits = EngineLimits {
         conversations_max: 100,
         idempotency_keys_per_conversation_max: 4,
+        idempotency_keys_per_shard_max: 1_000,
         history_limit_max: 100,
         subscribers_per_conversation_max: 8,
         model: ModelLimits::DEFAULT,

@@ -57,11 +57,16 @@ fn registry() -> Arc<TenantRegistry> {
 }
 
 fn engine(shard: u16) -> Engine {
+    engine_with_keys(shard, 4, 1_000)
+}
+
+fn engine_with_keys(shard: u16, per_conversation: usize, per_shard: usize) -> Engine {
     Engine::new(
         shard,
         EngineLimits {
             conversations_max: 100,
-            idempotency_keys_per_conversation_max: 4,
+            idempotency_keys_per_conversation_max: per_conversation,
+            idempotency_keys_per_shard_max: per_shard,
             history_limit_max: 100,
             subscribers_per_conversation_max: 8,
             model: ModelLimits::DEFAULT,
@@ -556,4 +561,108 @@ fn the_conversation_map_never_grows_on_the_way_to_its_limit() {
         e.create(&mut log, 0, "Ann", "web", None, None, 1_000),
         Err(EngineError::Overloaded(_))
     ));
+}
+
+/// Sends `key` as visitor of `id` at `ts`: its seq, and whether it was a retry.
+fn send_keyed(e: &mut Engine, log: &mut MemLog, id: u64, key: &str, ts: u64) -> (u64, bool) {
+    let visitor = Actor::Visitor {
+        tenant: 0,
+        conversation_id: id,
+    };
+    let s = e.send(log, id, &visitor, "m", Some(key), ts).unwrap();
+    e.release(u64::MAX);
+    (s.seq, s.duplicate)
+}
+
+#[test]
+fn idempotency_keys_are_bounded_per_shard_oldest_first_across_conversations() {
+    let mut log = MemLog::default();
+    // 4 keys per conversation, 6 per shard.
+    let mut e = engine_with_keys(0, 4, 6);
+    let ids: Vec<u64> = (0..3)
+        .map(|i| {
+            e.create(&mut log, 0, &format!("v{i}"), "web", None, Some("sales"), 1)
+                .unwrap()
+                .conversation_id
+        })
+        .collect();
+    let mut ts = 10;
+    let mut stored = Vec::new();
+    // a0 b0 c0 a1 b1 c1 a2 b2 c2: nine keys, the shard keeps the last six.
+    for round in 0..3 {
+        for (i, &id) in ids.iter().enumerate() {
+            ts += 1;
+            let key = format!("{}{round}", ["a", "b", "c"][i]);
+            let (seq, dup) = send_keyed(&mut e, &mut log, id, &key, ts);
+            assert!(!dup);
+            stored.push((id, key, seq));
+        }
+    }
+    assert_eq!(e.idempotency_keys(), (6, 6));
+    for (n, (id, key, seq)) in stored.iter().enumerate() {
+        ts += 1;
+        let (got, dup) = send_keyed(&mut e, &mut log, *id, key, ts);
+        if n >= 3 {
+            assert_eq!((got, dup), (*seq, true), "{key} is among the last six");
+        } else {
+            // Forgotten: a retry this late is a new message. It is stored, and its key
+            // pushes the next oldest out.
+            assert!(!dup, "{key} was forgotten");
+            break;
+        }
+    }
+    // Recovery keeps exactly the same keys (the order is log order).
+    let (kept, order) = e.idempotency_keys();
+    let mut r = engine_with_keys(0, 4, 6);
+    for (h, p) in &log.frames {
+        r.recover_record(h, p).unwrap();
+    }
+    r.finish_recovery(ts);
+    assert_eq!(r.idempotency_keys(), (kept, order));
+}
+
+#[test]
+fn a_busy_conversation_cannot_grow_the_shards_key_order() {
+    let mut log = MemLog::default();
+    // 2 keys per conversation, 8 per shard: one conversation sends 100 keyed messages, so
+    // 98 of its keys are dropped by the per-conversation bound.
+    let mut e = engine_with_keys(0, 2, 8);
+    let quiet = e
+        .create(&mut log, 0, "q", "web", None, Some("sales"), 1)
+        .unwrap()
+        .conversation_id;
+    let busy = e
+        .create(&mut log, 0, "b", "web", None, Some("sales"), 1)
+        .unwrap()
+        .conversation_id;
+    let (quiet_seq, _) = send_keyed(&mut e, &mut log, quiet, "q-1", 2);
+    for i in 0..5 {
+        send_keyed(&mut e, &mut log, busy, &format!("b-{i}"), 3 + i);
+    }
+    // Within the last 8 keyed sends of the shard: still known.
+    assert_eq!(
+        send_keyed(&mut e, &mut log, quiet, "q-1", 9),
+        (quiet_seq, true)
+    );
+    for i in 5..100 {
+        send_keyed(&mut e, &mut log, busy, &format!("b-{i}"), 10 + i);
+        let (kept, order) = e.idempotency_keys();
+        assert!(order <= 8, "order {order} after {i}");
+        assert_eq!(kept, 3, "the quiet key until it ages out, and the busy two");
+        if order == 8 {
+            break;
+        }
+    }
+    for i in 100..200 {
+        send_keyed(&mut e, &mut log, busy, &format!("b-{i}"), 10 + i);
+    }
+    let (kept, order) = e.idempotency_keys();
+    assert!(order <= 8, "{order}");
+    assert_eq!(kept, 2, "only the busy conversation's last two");
+    // The busy conversation's last two keys are retries, the one before is new.
+    assert!(send_keyed(&mut e, &mut log, busy, "b-199", 300).1);
+    assert!(send_keyed(&mut e, &mut log, busy, "b-198", 301).1);
+    assert!(!send_keyed(&mut e, &mut log, busy, "b-197", 302).1);
+    // The quiet conversation's key aged out of the shard's last 8.
+    assert!(!send_keyed(&mut e, &mut log, quiet, "q-1", 303).1);
 }
