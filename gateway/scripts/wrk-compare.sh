@@ -27,21 +27,22 @@ http { access_log off; server { listen 127.0.0.1:$NGINX_PORT; location / { retur
 CONF
 nginx -c "$WORK/nginx.conf" -p "$WORK"
 
-# The embedded demo tenant with a rate limit above what wrk sends.
-python3 - "$WORK/kefu.toml" <<'PY'
-import os, sys, re, pathlib
-root = pathlib.Path(__file__).resolve().parent if False else pathlib.Path("gateway")
-src = (root / "src/tenant.rs").read_text()
-start = src.index('pub const DEMO_TENANT_TOML: &str = r#"') + len('pub const DEMO_TENANT_TOML: &str = r#"')
-tenant = src[start:src.index('"#;', start)]
-tenant = tenant.replace("\n[[", "\n[[tenant.").replace('name = "demo"', 'name = "demo"\nvisitor_rate_limit = { messages_per_s = 10000, burst = 10000 }\n' + os.environ.get("KEFU_TENANT_EXTRA", ""), 1)
-base = (root / "kefu.default.toml").read_text()
+# The binary's own default config (`--print-default-config`: its defaults and demo tenant, so
+# the keys always match the binary), with a demo visitor rate limit above what wrk sends.
+"$BIN" --print-default-config > "$WORK/default.toml"
+python3 - "$WORK/default.toml" "$WORK/kefu.toml" <<'PY'
+import os, sys, re
+text = open(sys.argv[1]).read()
+head, sep, tenant = text.partition("\n[[tenant]]")
+if not sep:
+    sys.exit("kefu --print-default-config printed no [[tenant]]")
+tenant = tenant.replace('name = "demo"', 'name = "demo"\nvisitor_rate_limit = { messages_per_s = 10000, burst = 10000 }\n' + os.environ.get("KEFU_TENANT_EXTRA", ""), 1)
 for kv in os.environ.get("KEFU_SET", "").split():
     key, value = kv.split("=", 1)
-    base, n = re.subn(r"(?m)^%s\s*=.*$" % re.escape(key), "%s = %s" % (key, value), base, count=1)
+    head, n = re.subn(r"(?m)^%s\s*=.*$" % re.escape(key), "%s = %s" % (key, value), head, count=1)
     if n != 1:
-        sys.exit("KEFU_SET: no key %s in kefu.default.toml" % key)
-open(sys.argv[1], "w").write(base + "\n[[tenant]]" + tenant)
+        sys.exit("KEFU_SET: no key %s in the default config" % key)
+open(sys.argv[2], "w").write(head + sep + tenant)
 PY
 "$BIN" --config "$WORK/kefu.toml" ${KEFU_FLAGS:-} --http 127.0.0.1:0 --tcp 127.0.0.1:0 --data-dir "$WORK/data" > "$WORK/kefu.out" 2> "$WORK/kefu.err" &
 KEFU_PID=$!

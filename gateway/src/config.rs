@@ -419,9 +419,19 @@ pub enum Command {
     Serve(Flags),
     Help,
     Version,
+    /// Print the embedded default config, with its demo tenant written out.
+    PrintDefaultConfig,
 }
 
-pub const USAGE: &str = "usage: kefu [serve] [--config PATH] [--http ADDR] [--tcp ADDR] [--data-dir DIR] [--shards N] [--durability always|interval:MS|never]";
+pub const USAGE: &str = "usage: kefu [serve] [--config PATH] [--http ADDR] [--tcp ADDR] [--data-dir DIR] [--shards N] [--durability always|interval:MS|never]\n       kefu --print-default-config   (the embedded config, a starting point for --config)";
+
+/// The embedded default config as a file would hold it: the defaults, then the demo tenant
+/// that kefu uses when a config names no tenant (`[[tenant]]` and its `[[tenant.agent]]`
+/// sections). `kefu --config` on this text runs the same gateway as no `--config`.
+pub fn default_config_text() -> String {
+    let tenant = crate::tenant::DEMO_TENANT_TOML.replace("\n[[", "\n[[tenant.");
+    format!("{DEFAULT_CONFIG_TOML}\n[[tenant]]{tenant}")
+}
 
 /// Parses the arguments after the program name.
 pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigError> {
@@ -438,6 +448,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         match name.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
+            "--print-default-config" => return Ok(Command::PrintDefaultConfig),
             "--config" | "--http" | "--tcp" | "--data-dir" | "--shards" | "--durability" => {
                 let value = match inline {
                     Some(v) => v,
@@ -663,6 +674,24 @@ mod tests {
         assert_eq!(err.key, "server.driver");
     }
 
+    /// The printed default config is a config file that runs the same gateway.
+    #[test]
+    fn printed_default_config_loads_like_the_embedded_one() {
+        let text = default_config_text();
+        let file = parse_toml(&text, "printed").unwrap();
+        let printed = resolve(file, &Flags::default()).unwrap();
+        let embedded = load(&Flags::default()).unwrap();
+        assert_eq!(printed.http, embedded.http);
+        assert_eq!(printed.shards, embedded.shards);
+        assert_eq!(printed.tenants.len(), 1);
+        assert_eq!(printed.tenants[0].name, embedded.tenants[0].name);
+        assert!(printed.tenants[0].demo);
+        assert_eq!(
+            format!("{:?}", printed.limits),
+            format!("{:?}", embedded.limits)
+        );
+    }
+
     #[test]
     fn flags_override_file() {
         let Command::Serve(flags) = parse_args(args(&[
@@ -739,6 +768,10 @@ mod tests {
             Command::Serve(Flags::default())
         );
         assert_eq!(parse_args(args(&["--help"])).unwrap(), Command::Help);
+        assert_eq!(
+            parse_args(args(&["--print-default-config"])).unwrap(),
+            Command::PrintDefaultConfig
+        );
         assert_eq!(parse_args(args(&["--bogus"])).unwrap_err().key, "--bogus");
         assert_eq!(parse_args(args(&["--http"])).unwrap_err().key, "--http");
     }

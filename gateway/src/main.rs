@@ -25,6 +25,10 @@ fn main() -> ExitCode {
             println!("kefu {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
+        Command::PrintDefaultConfig => {
+            print!("{}", config::default_config_text());
+            return ExitCode::SUCCESS;
+        }
         Command::Serve(flags) => flags,
     };
     let mut config = match config::load(&flags) {

@@ -13,12 +13,12 @@ use kefu_tests::{Bin, BinMsg, Http, Kefu, SIGKILL, SIGTERM, Ws, WsMsg, create_co
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kefu");
-const DEFAULT_CONFIG: &str = include_str!("../kefu.default.toml");
 
 /// Writes the default config with small segments (tests start many gateways) and the given
 /// replacements, and returns its path.
 fn config(dir: &Path, replace: &[(&str, &str)]) -> String {
-    let mut text = DEFAULT_CONFIG.replace(
+    // The embedded default with its demo tenant written out (`kefu --print-default-config`).
+    let mut text = kefu_gateway::config::default_config_text().replace(
         "segment_bytes_max = 67108864",
         "segment_bytes_max = 4194304",
     );
@@ -26,15 +26,12 @@ fn config(dir: &Path, replace: &[(&str, &str)]) -> String {
         assert!(text.contains(from), "config has no {from:?}");
         text = text.replace(from, to);
     }
-    // The embedded demo tenant, with a rate limit the load of these tests stays under.
-    let tenant = kefu_gateway::tenant::DEMO_TENANT_TOML
-        .replace("\n[[", "\n[[tenant.")
-        .replacen(
-            "name = \"demo\"",
-            "name = \"demo\"\nvisitor_rate_limit = { messages_per_s = 10000, burst = 10000 }",
-            1,
-        );
-    text.push_str(&format!("\n[[tenant]]{tenant}"));
+    // The demo tenant with a rate limit the load of these tests stays under.
+    text = text.replacen(
+        "name = \"demo\"",
+        "name = \"demo\"\nvisitor_rate_limit = { messages_per_s = 10000, burst = 10000 }",
+        1,
+    );
     let path = dir.join("kefu.toml");
     std::fs::write(&path, text).unwrap();
     path.display().to_string()
