@@ -1,11 +1,12 @@
 #![no_main]
 //! Fuzz target: every inbound model type parsed from arbitrary bytes must answer a value or a
 //! precise error, never panic; whatever parses must write back to JSON that parses to the same
-//! value.
+//! value. The borrowed parses of the send paths (`SendMessageRequestRef`, `ClientMessageRef`)
+//! must accept, refuse and explain exactly like their owned types.
 use kefu_protocol::model::{
-    AgentStatusRequest, ClientMessage, CreateConversationRequest, EventRecord, MessageRecord,
-    MessagesPage, ModelLimits, SendMessageRequest, ServerMessage, TransferRequest, WriteJson,
-    parse_json,
+    AgentStatusRequest, ClientMessage, ClientMessageRef, CreateConversationRequest, EventRecord,
+    MessageRecord, MessagesPage, ModelLimits, SendMessageRequest, SendMessageRequestRef,
+    ServerMessage, TransferRequest, WriteJson, parse_json, parse_json_borrowed,
 };
 /// Parse `$t` from the input; what parses must write back to JSON that parses to the same value.
 /// (A macro rather than a generic function keeps serde out of this crate's dependencies.)
@@ -46,4 +47,22 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     roundtrip!(MessagesPage, data, &limits);
     roundtrip!(MessageRecord, data, &limits);
     roundtrip!(EventRecord, data, &limits);
+
+    let owned = parse_json::<SendMessageRequest>(data, &limits);
+    let borrowed = parse_json_borrowed::<SendMessageRequestRef<'_>, SendMessageRequest>(data, &limits);
+    match (&owned, &borrowed) {
+        (Ok(o), Ok(b)) => {
+            assert_eq!(o.text, b.text);
+            assert_eq!(o.client_msg_id.as_deref(), b.client_msg_id.as_deref());
+        }
+        (Err(o), Err(b)) => assert_eq!(o.to_string(), b.to_string()),
+        _ => panic!("owned {owned:?}, borrowed {borrowed:?}"),
+    }
+    let owned = parse_json::<ClientMessage>(data, &limits);
+    let borrowed = parse_json_borrowed::<ClientMessageRef<'_>, ClientMessage>(data, &limits);
+    match (&owned, borrowed) {
+        (Ok(o), Ok(b)) => assert_eq!(o, &b.into_owned()),
+        (Err(o), Err(b)) => assert_eq!(o.to_string(), b.to_string()),
+        (_, b) => panic!("owned {owned:?}, borrowed {b:?}"),
+    }
 });

@@ -809,6 +809,50 @@ proptest! {
         prop_assert_eq!(borrowed, owned);
     }
 
+    /// The borrowed parses of the send paths agree with the owned ones on any input: the same
+    /// value, or the same explanation.
+    #[test]
+    fn borrowed_parses_agree_with_owned_on_any_json(
+        text in proptest::option::of(arb_text()),
+        id in proptest::option::of(proptest::option::of("[a-z\\\\\"0-9-]{0,12}")),
+        extra in proptest::option::of("[a-z_]{1,8}"),
+        ty in proptest::sample::select(vec!["send", "typing", "subscribe", "read", "x"]),
+    ) {
+        let mut fields = Vec::new();
+        if let Some(t) = &text {
+            fields.push(format!("\"text\":{}", serde_json::to_string(t).unwrap()));
+        }
+        match &id {
+            Some(Some(i)) => fields.push(format!("\"client_msg_id\":\"{i}\"")),
+            Some(None) => fields.push("\"client_msg_id\":null".to_owned()),
+            None => {}
+        }
+        if let Some(x) = &extra {
+            fields.push(format!("\"{x}\":1"));
+        }
+        let body = format!("{{{}}}", fields.join(","));
+        let owned = parse_json::<SendMessageRequest>(body.as_bytes(), &L);
+        let borrowed =
+            parse_json_borrowed::<SendMessageRequestRef<'_>, SendMessageRequest>(body.as_bytes(), &L);
+        match (&owned, &borrowed) {
+            (Ok(o), Ok(b)) => {
+                prop_assert_eq!(&o.text, &b.text);
+                prop_assert_eq!(o.client_msg_id.as_deref(), b.client_msg_id.as_deref());
+            }
+            (Err(o), Err(b)) => prop_assert_eq!(o.to_string(), b.to_string()),
+            _ => prop_assert!(false, "{}: owned {:?}, borrowed {:?}", body, owned, borrowed),
+        }
+        fields.push(format!("\"type\":\"{ty}\",\"conversation_id\":\"c0000000000000001\""));
+        let msg = format!("{{{}}}", fields.join(","));
+        let owned = parse_json::<ClientMessage>(msg.as_bytes(), &L);
+        let borrowed = parse_json_borrowed::<ClientMessageRef<'_>, ClientMessage>(msg.as_bytes(), &L);
+        match (&owned, borrowed) {
+            (Ok(o), Ok(b)) => prop_assert_eq!(o, &b.into_owned()),
+            (Err(o), Err(b)) => prop_assert_eq!(o.to_string(), b.to_string()),
+            (_, b) => prop_assert!(false, "{}: owned {:?}, borrowed {:?}", msg, owned, b),
+        }
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let _ = parse_json::<ClientMessage>(&bytes, &L);
