@@ -172,6 +172,21 @@ pub fn pooled_string() -> String {
     TEXT_POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default()
 }
 
+/// Returns a string to this thread's pool (bounded; see [`TEXT_POOL_MAX`]).
+pub fn recycle_string(mut s: String) {
+    if s.capacity() == 0 || s.capacity() > TEXT_POOL_CAPACITY_MAX {
+        return;
+    }
+    s.clear();
+    // `try_with`: a thread being torn down has no pool any more.
+    let _ = TEXT_POOL.try_with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < TEXT_POOL_MAX {
+            p.push(s);
+        }
+    });
+}
+
 /// Lists kept per thread for reuse by [`take_vec`], and the largest capacity kept.
 const SCRATCH_POOL_MAX: usize = 64;
 const SCRATCH_CAPACITY_MAX: usize = 256;
@@ -193,21 +208,6 @@ pub fn give_vec<T: 'static>(pool: &'static LocalKey<RefCell<Vec<Vec<T>>>>, mut v
         let mut p = p.borrow_mut();
         if p.len() < SCRATCH_POOL_MAX {
             p.push(v);
-        }
-    });
-}
-
-/// Returns a string to this thread's pool (bounded; see [`TEXT_POOL_MAX`]).
-pub fn recycle_string(mut s: String) {
-    if s.capacity() == 0 || s.capacity() > TEXT_POOL_CAPACITY_MAX {
-        return;
-    }
-    s.clear();
-    // `try_with`: a thread being torn down has no pool any more.
-    let _ = TEXT_POOL.try_with(|p| {
-        let mut p = p.borrow_mut();
-        if p.len() < TEXT_POOL_MAX {
-            p.push(s);
         }
     });
 }
