@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kefu_protocol::http::{
@@ -23,7 +24,7 @@ use kefu_trace_common::{RequestRecord, Stage as TraceStage, emit, now_ns, route 
 use monoio::net::TcpStream;
 
 use crate::conn::Conn;
-use crate::engine::{Actor, EngineError, Outbox, Transition};
+use crate::engine::{Actor, Delivery, EngineError, Outbox, Transition};
 use crate::metrics::{Disconnect, Stage};
 use crate::server::{ShardCtx, Woken};
 use crate::shard::{Command, Outcome, ReplySlot};
@@ -1147,6 +1148,39 @@ async fn create(
     Ok(())
 }
 
+/// Moves the stored records a long-poll's outbox holds into its page, in seq order, and returns
+/// the page's `last_seq` (starting from `last_seq`, the conversation's last seq when the poll
+/// registered). Typing and read notices (seq 0) are not part of a page. The page stops at the
+/// first missing seq: a record the full queue dropped while the poll was draining it must not
+/// be skipped by a `last_seq` past it; the next poll reads it from the log.
+fn drain_page(
+    outbox: &Outbox,
+    after: u64,
+    mut last_seq: u64,
+    entries: &mut Vec<Arc<Delivery>>,
+) -> u64 {
+    while let Some(d) = outbox.pop() {
+        if d.seq == 0 {
+            continue;
+        }
+        if d.seq != last_seq + 1 {
+            break;
+        }
+        last_seq = d.seq;
+        if d.seq > after {
+            entries.push(d);
+        }
+    }
+    last_seq
+}
+
+/// Deliveries a waiting long-poll can take before its queue is full. A poll answers at its
+/// first delivery, so only what arrives until its task runs lands here; anything beyond is
+/// dropped from this queue, not lost: the page's `last_seq` stops before it, and the next poll
+/// (`after = last_seq`) reads it from the log. A full `subscriber_queue_depth` queue (16 KiB at
+/// the default 1,024) made each waiting poll cost 12 KiB of memory.
+const LONG_POLL_QUEUE_DEPTH: usize = 64;
+
 async fn long_poll(
     ctx: &Rc<ShardCtx>,
     head: &RequestHead<'_>,
@@ -1161,7 +1195,7 @@ async fn long_poll(
     let timeout_ms = query_u64(head, "timeout_ms")?
         .unwrap_or(limits.long_poll_timeout_ms_max)
         .min(limits.long_poll_timeout_ms_max);
-    let outbox = Outbox::new(limits.subscriber_queue_depth);
+    let outbox = Outbox::new(limits.subscriber_queue_depth.min(LONG_POLL_QUEUE_DEPTH));
     let outcome = call(ctx, (id >> 48) as u16, |reply| Command::Replay {
         conv: id,
         actor,
@@ -1184,13 +1218,7 @@ async fn long_poll(
             _ = monoio::time::sleep(deadline) => {}
             _ = ctx.stopped(conn_id) => {}
         }
-        // Stored records only: typing and read notices are not part of a page.
-        while let Some(d) = outbox.pop() {
-            if d.seq > after {
-                last_seq = last_seq.max(d.seq);
-                entries.push(d);
-            }
-        }
+        last_seq = drain_page(&outbox, after, last_seq, &mut entries);
     }
     outbox.close();
     let page = page_json(entries.iter().map(|d| &*d.json), last_seq);
@@ -1232,6 +1260,43 @@ async fn metrics_text(ctx: &Rc<ShardCtx>) -> Result<String, HttpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn delivery(seq: u64) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            seq,
+            ..Delivery::default()
+        })
+    }
+
+    /// A long-poll page is a run of consecutive seqs: a record its full queue dropped (65,
+    /// while 66 found room after the drain began) ends the page before it.
+    #[test]
+    fn a_long_poll_page_stops_at_a_dropped_record() {
+        let outbox = Outbox::new(LONG_POLL_QUEUE_DEPTH);
+        let mut entries = Vec::new();
+        for seq in 1..=64 {
+            outbox.push(delivery(seq));
+        }
+        outbox.push(delivery(65));
+        assert!(outbox.is_overflowed());
+        let first = outbox.pop().unwrap();
+        outbox.push(delivery(66));
+        entries.push(first);
+        let last = drain_page(&outbox, 0, 1, &mut entries);
+        assert_eq!(last, 64);
+        let seqs: Vec<u64> = entries.iter().map(|d| d.seq).collect();
+        assert_eq!(seqs, (1..=64).collect::<Vec<_>>());
+        // Typing notices (seq 0) are skipped; records up to `after` count for the run but are
+        // not in the page.
+        let outbox = Outbox::new(8);
+        for seq in [0, 5, 0, 6, 7] {
+            outbox.push(delivery(seq));
+        }
+        let mut entries = Vec::new();
+        assert_eq!(drain_page(&outbox, 5, 4, &mut entries), 7);
+        let seqs: Vec<u64> = entries.iter().map(|d| d.seq).collect();
+        assert_eq!(seqs, [6, 7]);
+    }
 
     /// The send's answer is what the generic writer makes of the same head and body.
     #[test]
