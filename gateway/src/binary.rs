@@ -82,8 +82,24 @@ enum Owned {
         follow: bool,
     },
     Ping(u64),
-    /// A Send the shard refused when it was queued (overload): answered in order.
-    Refused(ConversationId, u64, Option<String>, HttpError),
+    /// A Send refused before it was queued: answered in order.
+    Refused(Refused),
+}
+
+/// A Send refused before it was queued (a bad conversation id, overload).
+struct Refused {
+    conv: ConversationId,
+    /// The conversation's id as the Error frame names it.
+    id: u64,
+    client_msg_id: Option<String>,
+    error: HttpError,
+}
+
+impl Refused {
+    fn answer(self, out: &mut Vec<u8>) -> Verdict {
+        let client_msg_id = self.client_msg_id.as_deref();
+        answer_send(out, self.conv, self.id, client_msg_id, Err(self.error))
+    }
 }
 
 impl From<ClientMsg<'_>> for Owned {
@@ -179,43 +195,68 @@ struct PendingSend {
     trace: Option<Trace>,
 }
 
-/// Queues an authenticated Send without waiting; anything else (and a Send that must be
-/// refused) comes back for the ordinary path.
+/// Queues an authenticated Send without waiting; anything else, and a Send that was refused,
+/// comes back for the ordinary path.
 fn dispatch_send(
     ctx: &ShardCtx,
     s: &Session,
     msg: Owned,
     trace: Option<Trace>,
 ) -> Result<PendingSend, (Owned, Option<Trace>)> {
-    let Some(actor) = s.actor.clone() else {
+    let Some(actor) = &s.actor else {
         return Err((msg, trace));
     };
     let Owned::Send { conv, body } = msg else {
         return Err((msg, trace));
     };
-    let Ok(id) = known_shard(ctx, conv) else {
-        return Err((Owned::Send { conv, body }, trace));
-    };
-    if let Some(rec) = &trace {
-        rec.borrow_mut().conversation_id = id;
-    }
-    match queue_send(ctx, id, &actor, body, trace.as_deref()) {
-        Ok(queued) => Ok(PendingSend {
+    match queue(ctx, actor, conv, body, trace.as_deref()) {
+        Ok((queued, id)) => Ok(PendingSend {
             queued,
             conv,
             id,
             trace,
         }),
-        Err((e, body)) => {
+        Err(refused) => Err((Owned::Refused(refused), trace)),
+    }
+}
+
+/// Queues a Send on its conversation's shard: the queued send and the conversation's id, or
+/// why not.
+fn queue(
+    ctx: &ShardCtx,
+    actor: &Actor,
+    conv: ConversationId,
+    body: SendBody,
+    trace: Option<&RefCell<RequestRecord>>,
+) -> Result<(QueuedSend, u64), Refused> {
+    let id = match known_shard(ctx, conv) {
+        Ok(id) => id,
+        Err(e) => {
+            let client_msg_id = body.client_msg_id().map(str::to_owned);
+            return Err(Refused {
+                conv,
+                id: conv.0,
+                client_msg_id,
+                error: e,
+            });
+        }
+    };
+    if let Some(rec) = trace {
+        rec.borrow_mut().conversation_id = id;
+    }
+    queue_send(ctx, id, actor, body, trace)
+        .map(|queued| (queued, id))
+        .map_err(|(e, body)| {
             let client_msg_id = body
                 .as_ref()
                 .and_then(|b| b.client_msg_id().map(str::to_owned));
-            if let Some(body) = body {
-                body.recycle();
+            Refused {
+                conv,
+                id,
+                client_msg_id,
+                error: e,
             }
-            Err((Owned::Refused(conv, id, client_msg_id, e), trace))
-        }
-    }
+        })
 }
 
 /// Awaits queued sends in order and writes their answers; `Some` when one closes the
@@ -231,9 +272,6 @@ async fn answer_pending(
         let before = out.len();
         let client_msg_id = body.as_ref().and_then(SendBody::client_msg_id);
         let verdict = answer_send(out, p.conv, p.id, client_msg_id, sent);
-        if let Some(body) = body {
-            body.recycle();
-        }
         finish_trace(trace, out, before);
         if let Verdict::Close(why) = verdict {
             return Some(why);
@@ -302,9 +340,7 @@ async fn handle(
         };
     };
     match msg {
-        Owned::Refused(conv, id, client_msg_id, e) => {
-            answer_send(out, conv, id, client_msg_id.as_deref(), Err(e))
-        }
+        Owned::Refused(refused) => refused.answer(out),
         Owned::Hello(_) => {
             error_frame(out, 0, 400, None, "Hello was already sent");
             Verdict::Fine
@@ -313,34 +349,19 @@ async fn handle(
             let _ = encode_server(&ServerMsg::Pong { nonce }, out);
             Verdict::Fine
         }
-        Owned::Send { conv, body } => {
-            let id = match known_shard(ctx, conv) {
-                Ok(id) => id,
-                Err(e) => {
-                    let verdict = refuse(out, e, conv.0, body.client_msg_id());
-                    body.recycle();
-                    return verdict;
-                }
-            };
-            if let Some(rec) = trace {
-                rec.borrow_mut().conversation_id = id;
+        Owned::Send { conv, body } => match queue(ctx, &actor, conv, body, trace) {
+            Ok((queued, id)) => {
+                let (sent, body) = queued.sent(ctx, trace).await;
+                answer_send(
+                    out,
+                    conv,
+                    id,
+                    body.as_ref().and_then(SendBody::client_msg_id),
+                    sent,
+                )
             }
-            let (sent, body) = match queue_send(ctx, id, &actor, body, trace) {
-                Ok(queued) => queued.sent(ctx, trace).await,
-                Err((e, body)) => (Err(e), body),
-            };
-            let verdict = answer_send(
-                out,
-                conv,
-                id,
-                body.as_ref().and_then(SendBody::client_msg_id),
-                sent,
-            );
-            if let Some(body) = body {
-                body.recycle();
-            }
-            verdict
-        }
+            Err(refused) => refused.answer(out),
+        },
         Owned::Subscribe { conv, mut after } => {
             let id = match known_shard(ctx, conv) {
                 Ok(id) => id,

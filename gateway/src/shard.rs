@@ -127,8 +127,8 @@ thread_local! {
 
 /// A send's text and `client_msg_id` in one buffer from this thread's pool. It travels in the
 /// [`Command::Send`] to the owning shard and comes back in [`Outcome::Sent`] (the session then
-/// reads the `client_msg_id` for its answer from it); give it back with [`SendBody::recycle`],
-/// so a send allocates nothing for its strings in steady state.
+/// reads the `client_msg_id` for its answer from it); dropped, it goes back to the pool of the
+/// thread that drops it, so a send allocates nothing for its strings in steady state.
 #[derive(Debug)]
 pub struct SendBody {
     /// The text, then the `client_msg_id` (if any).
@@ -159,10 +159,11 @@ impl SendBody {
     pub fn client_msg_id(&self) -> Option<&str> {
         self.has_client_msg_id.then(|| &self.buf[self.text_len..])
     }
+}
 
-    /// Returns the buffer to this thread's pool.
-    pub fn recycle(self) {
-        recycle_string(self.buf);
+impl Drop for SendBody {
+    fn drop(&mut self) {
+        recycle_string(std::mem::take(&mut self.buf));
     }
 }
 
@@ -178,11 +179,16 @@ pub fn recycle_string(mut s: String) {
         return;
     }
     s.clear();
-    // `try_with`: a thread being torn down has no pool any more.
-    let _ = TEXT_POOL.try_with(|p| {
+    pool_put(&TEXT_POOL, s, TEXT_POOL_MAX);
+}
+
+/// Puts `item` into a per-thread pool that holds fewer than `max` (else drops it). `try_with`:
+/// a thread being torn down has no pool any more.
+fn pool_put<T: 'static>(pool: &'static LocalKey<RefCell<Vec<T>>>, item: T, max: usize) {
+    let _ = pool.try_with(|p| {
         let mut p = p.borrow_mut();
-        if p.len() < TEXT_POOL_MAX {
-            p.push(s);
+        if p.len() < max {
+            p.push(item);
         }
     });
 }
@@ -204,12 +210,7 @@ pub fn give_vec<T: 'static>(pool: &'static LocalKey<RefCell<Vec<Vec<T>>>>, mut v
         return;
     }
     v.clear();
-    let _ = pool.try_with(|p| {
-        let mut p = p.borrow_mut();
-        if p.len() < SCRATCH_POOL_MAX {
-            p.push(v);
-        }
-    });
+    pool_put(pool, v, SCRATCH_POOL_MAX);
 }
 
 impl ReplySlot<Outcome> {
@@ -234,12 +235,7 @@ impl ReplySlot<Outcome> {
         *slot.synced_ns.get_mut() = 0;
         // Forget the last waiter's waker (a later wake must not reach that task).
         slot.waker = AtomicWaker::new();
-        let _ = REPLY_POOL.try_with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < REPLY_POOL_MAX {
-                p.push(reply);
-            }
-        });
+        pool_put(&REPLY_POOL, reply, REPLY_POOL_MAX);
     }
 }
 

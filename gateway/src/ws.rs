@@ -81,8 +81,7 @@ pub async fn replay_step(
     }
 }
 
-/// Stores a message (shared by HTTP, WebSocket and binary sessions), and gives `body` back to
-/// its pool.
+/// Stores a message (shared by HTTP, WebSocket and binary sessions).
 pub async fn send_message(
     ctx: &ShardCtx,
     conv: u64,
@@ -90,17 +89,8 @@ pub async fn send_message(
     body: SendBody,
     trace: Option<&RefCell<RequestRecord>>,
 ) -> Result<Sent, HttpError> {
-    let queued = queue_send(ctx, conv, actor, body, trace).map_err(|(e, body)| {
-        if let Some(body) = body {
-            body.recycle();
-        }
-        e
-    })?;
-    let (sent, body) = queued.sent(ctx, trace).await;
-    if let Some(body) = body {
-        body.recycle();
-    }
-    sent
+    let queued = queue_send(ctx, conv, actor, body, trace).map_err(|(e, _)| e)?;
+    queued.sent(ctx, trace).await.0
 }
 
 /// A message's send queued on its conversation's shard and not yet awaited: a session that
@@ -131,7 +121,7 @@ pub fn queue_send(
 
 impl QueuedSend {
     /// The second half of [`send_message`]: the stored message, or why not, and the send's
-    /// body back (for its `client_msg_id`; recycle it after).
+    /// body back (for its `client_msg_id`).
     pub async fn sent(
         self,
         ctx: &ShardCtx,
@@ -263,8 +253,8 @@ impl Session {
     }
 
     /// Queues a send on its conversation's shard without waiting for it (see
-    /// [`PendingSend`]). Anything else, and a send whose conversation id is bad, comes back
-    /// to take the ordinary path, answered in order with the rest.
+    /// [`PendingSend`]); anything else comes back to take the ordinary path, answered in order
+    /// with the rest.
     fn dispatch_send(
         &mut self,
         msg: ClientMessageRef<'_>,
@@ -278,26 +268,33 @@ impl Session {
         else {
             return Dispatched::Other(msg.into_owned());
         };
-        let Ok(conv) = known_shard(&self.ctx, *conversation_id) else {
-            return Dispatched::Other(msg.into_owned());
-        };
+        match self.queue(*conversation_id, text, client_msg_id.as_deref(), trace) {
+            Ok(p) => Dispatched::Pending(p),
+            Err((conv, error)) => Dispatched::Refused {
+                conv,
+                client_msg_id: client_msg_id.as_deref().map(str::to_owned),
+                error,
+            },
+        }
+    }
+
+    /// Queues a send: the strings go to the owning shard in a pooled buffer and come back with
+    /// the answer. `Err`: the conversation it names and why it was refused (a bad id, overload).
+    fn queue(
+        &mut self,
+        conversation_id: ConversationId,
+        text: &str,
+        client_msg_id: Option<&str>,
+        trace: Option<&RefCell<RequestRecord>>,
+    ) -> Result<PendingSend, (u64, HttpError)> {
+        let conv = known_shard(&self.ctx, conversation_id).map_err(|e| (conversation_id.0, e))?;
         if let Some(rec) = trace {
             rec.borrow_mut().conversation_id = conv;
         }
-        // The strings go to the owning shard in a pooled buffer and come back with the answer.
-        let body = SendBody::pooled(text, client_msg_id.as_deref());
+        let body = SendBody::pooled(text, client_msg_id);
         match queue_send(&self.ctx, conv, &self.actor, body, trace) {
-            Ok(queued) => Dispatched::Pending(PendingSend { queued, conv }),
-            Err((error, body)) => {
-                if let Some(body) = body {
-                    body.recycle();
-                }
-                Dispatched::Refused {
-                    conv,
-                    client_msg_id: client_msg_id.as_deref().map(str::to_owned),
-                    error,
-                }
-            }
+            Ok(queued) => Ok(PendingSend { queued, conv }),
+            Err((e, _)) => Err((conv, e)),
         }
     }
 
@@ -330,17 +327,13 @@ impl Session {
         p: PendingSend,
         trace: Option<&RefCell<RequestRecord>>,
     ) -> Verdict {
-        let (sent, body) = p.queued.sent(&self.ctx.clone(), trace).await;
-        let verdict = self.answer_send(
+        let (sent, body) = p.queued.sent(&self.ctx, trace).await;
+        self.answer_send(
             out,
             p.conv,
             body.as_ref().and_then(SendBody::client_msg_id),
             sent,
-        );
-        if let Some(body) = body {
-            body.recycle();
-        }
-        verdict
+        )
     }
 
     async fn handle_msg(
@@ -403,35 +396,10 @@ impl Session {
                 conversation_id,
                 text,
                 client_msg_id,
-            } => {
-                let conv = match known_shard(&ctx, conversation_id) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        return self.refuse(
-                            out,
-                            e,
-                            Some(conversation_id.0),
-                            client_msg_id.as_deref(),
-                        );
-                    }
-                };
-                if let Some(rec) = trace {
-                    rec.borrow_mut().conversation_id = conv;
-                }
-                let body = SendBody::pooled(&text, client_msg_id.as_deref());
-                match queue_send(&ctx, conv, &self.actor, body, trace) {
-                    Ok(queued) => {
-                        self.answer_queued(out, PendingSend { queued, conv }, trace)
-                            .await
-                    }
-                    Err((e, body)) => {
-                        if let Some(body) = body {
-                            body.recycle();
-                        }
-                        self.refuse(out, e, Some(conv), client_msg_id.as_deref())
-                    }
-                }
-            }
+            } => match self.queue(conversation_id, &text, client_msg_id.as_deref(), trace) {
+                Ok(p) => self.answer_queued(out, p, trace).await,
+                Err((conv, e)) => self.refuse(out, e, Some(conv), client_msg_id.as_deref()),
+            },
             ClientMessage::Typing { conversation_id } => {
                 let conv = conversation_id.0;
                 match ephemeral(&ctx, conv, &self.actor, Event::Typing).await {
@@ -481,13 +449,14 @@ struct PendingSend {
 /// What [`Session::dispatch_send`] did with a client message.
 enum Dispatched {
     Pending(PendingSend),
-    /// The shard refused it (overload): answer in order.
+    /// A send refused before it was queued (a bad conversation id, overload): answered in
+    /// order.
     Refused {
         conv: u64,
         client_msg_id: Option<String>,
         error: HttpError,
     },
-    /// Not a send, or a send with a bad conversation id: take the ordinary path.
+    /// Not a send: take the ordinary path.
     Other(ClientMessage),
 }
 

@@ -67,6 +67,22 @@ fn allocations(f: impl FnOnce()) -> u64 {
     ALLOCS.with(Cell::get) - before
 }
 
+/// Allocations per call of `one` in steady state: after 100 calls (pools filled, buffers
+/// grown), the mean over [`MEASURED`] calls, printed as `what`.
+fn steady_allocations(what: &str, mut one: impl FnMut()) -> f64 {
+    for _ in 0..100 {
+        one();
+    }
+    let allocs = allocations(|| {
+        for _ in 0..MEASURED {
+            one();
+        }
+    });
+    let per_call = allocs as f64 / MEASURED as f64;
+    println!("{what}: {allocs} allocations in {MEASURED} calls ({per_call:.2} per call)");
+    per_call
+}
+
 /// A log that keeps no records (the real one writes into a mapped segment and allocates
 /// nothing per record either): offsets only.
 #[derive(Default)]
@@ -202,7 +218,7 @@ fn http_side_of_a_send_allocates_nothing() {
     );
     let limits = HttpLimits::default();
     let mut out = Vec::with_capacity(1024);
-    let mut one = || {
+    let one = || {
         let req = parse_request(request.as_bytes(), &limits).unwrap();
         let token = req.head.bearer_token().unwrap();
         let actor = access.authenticate(token).unwrap();
@@ -216,24 +232,12 @@ fn http_side_of_a_send_allocates_nothing() {
         // The command's strings: a pooled buffer that comes back with the answer.
         let body = SendBody::pooled(&send.text, send.client_msg_id.as_deref());
         std::hint::black_box(&body).client_msg_id();
-        body.recycle();
         out.clear();
         kefu_gateway::http::write_sent(&mut out, 201, true, 7, 1_700_000_000_000_000);
         assert!(out.starts_with(b"HTTP/1.1 201"));
     };
-    for _ in 0..100 {
-        one();
-    }
-    let allocs = allocations(|| {
-        for _ in 0..MEASURED {
-            one();
-        }
-    });
-    let per_request = allocs as f64 / MEASURED as f64;
-    println!(
-        "http parse + token + body + answer: {allocs} allocations in {MEASURED} requests ({per_request:.2} per request)"
-    );
-    assert_eq!(allocs, 0, "{per_request:.2} allocations per request");
+    let per_request = steady_allocations("http parse + token + body + answer", one);
+    assert_eq!(per_request, 0.0);
 }
 
 /// What `ws.rs` does for a `send` message: decode the masked frame, copy its text into a pooled
@@ -255,7 +259,7 @@ fn websocket_side_of_a_send_allocates_nothing() {
     let mut out = Vec::with_capacity(4096);
     let mut ack = Vec::with_capacity(256);
     let mut texts: Vec<String> = Vec::with_capacity(16);
-    let mut one = || {
+    let one = || {
         buf.clear();
         buf.extend_from_slice(&frame);
         out.clear();
@@ -285,27 +289,16 @@ fn websocket_side_of_a_send_allocates_nothing() {
             ack.clear();
             write_ack_json(&mut ack, body.client_msg_id(), *conversation_id, 7);
             assert!(ws.send_text(&mut out, std::str::from_utf8(&ack).unwrap()));
-            body.recycle();
+            drop(body);
             drop(msg);
             recycle_string(text);
         }
     };
-    for _ in 0..100 {
-        one();
-    }
-    let allocs = allocations(|| {
-        for _ in 0..MEASURED {
-            one();
-        }
-    });
+    let per_message = steady_allocations("websocket decode + parse + body + ack", one);
+    assert_eq!(per_message, 0.0);
     assert!(out.ends_with(
         br#""client_msg_id":"tab-1-0000001","conversation_id":"c0000000000000001","seq":7}"#
     ));
-    let per_message = allocs as f64 / MEASURED as f64;
-    println!(
-        "websocket decode + parse + body + ack: {allocs} allocations in {MEASURED} messages ({per_message:.2} per message)"
-    );
-    assert_eq!(allocs, 0, "{per_message:.2} allocations per message");
 }
 
 /// What `binary.rs` does for a Send frame: decode it, move text and `client_msg_id` into the
@@ -325,7 +318,7 @@ fn binary_side_of_a_send_allocates_nothing() {
     .unwrap();
     let limits = BinLimits::default();
     let mut out = Vec::with_capacity(4096);
-    let mut one = || {
+    let one = || {
         let (msg, used) = binproto::decode_client(&frame, &limits).unwrap();
         assert_eq!(used, frame.len());
         let ClientMsg::Send {
@@ -350,19 +343,7 @@ fn binary_side_of_a_send_allocates_nothing() {
             &mut out,
         )
         .unwrap();
-        body.recycle();
     };
-    for _ in 0..100 {
-        one();
-    }
-    let allocs = allocations(|| {
-        for _ in 0..MEASURED {
-            one();
-        }
-    });
-    let per_frame = allocs as f64 / MEASURED as f64;
-    println!(
-        "binary decode + body + ack: {allocs} allocations in {MEASURED} frames ({per_frame:.2} per frame)"
-    );
-    assert_eq!(allocs, 0, "{per_frame:.2} allocations per frame");
+    let per_frame = steady_allocations("binary decode + body + ack", one);
+    assert_eq!(per_frame, 0.0);
 }
