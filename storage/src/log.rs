@@ -1005,11 +1005,12 @@ impl Log {
     /// there is none, or if that failed: then the spare is deleted and no new one is made
     /// until the next roll.
     fn take_spare(&mut self, path: &Path) -> Option<(File, MmapMut)> {
-        if !matches!(self.spare, Spare::Ready(_)) {
-            return None;
-        }
-        let Spare::Ready(file) = std::mem::replace(&mut self.spare, Spare::Failed) else {
-            unreachable!("checked above")
+        let file = match std::mem::replace(&mut self.spare, Spare::Failed) {
+            Spare::Ready(file) => file,
+            other => {
+                self.spare = other;
+                return None;
+            }
         };
         let spare_path = self.cfg.dir.join(SPARE_NAME);
         if let Err(_e) = rename_noreplace(&spare_path, path) {
