@@ -7,9 +7,12 @@
 //!   longer than one request, because a stalled connection simply sends less.
 //! - open: a fixed total rate R spread over the connections (wrk2). Request k of connection i
 //!   is *intended* at `start + i/R + k*C/R`; latency runs from that intended time, so a request
-//!   that had to wait behind a stalled one carries the wait (no coordinated omission). If the
-//!   timer wakes a connection up to 1 ms early (its resolution), latency is measured from the
-//!   real send, never from a later intended time.
+//!   that had to wait behind a stalled one carries the wait (no coordinated omission). A
+//!   connection sleeps until [`conn::TIMER_LATE_MAX`] before its intended time, because the
+//!   runtime's timer can fire that much late; a request sent early is measured from its real
+//!   send, never from the later intended time. How late each request left against its
+//!   intended time is the `send delay` series of the report: near zero unless the server
+//!   held the connection (backlog) or the generator itself fell behind.
 //!
 //! Every run stops at `duration` or `requests_max`, whichever comes first. In open loop, slots
 //! whose intended time fell before the end are still sent (the backlog is part of the
@@ -107,6 +110,8 @@ impl EngineConfig {
 #[derive(Debug, Clone)]
 pub struct EngineResult {
     pub hist: Histogram<u64>,
+    /// Open loop: how late each request was sent against its intended time (0 when early).
+    pub send_delay: Histogram<u64>,
     pub errors: ErrorCounts,
     pub ok: u64,
     pub elapsed: Duration,
@@ -167,6 +172,7 @@ pub fn run(cfg: &EngineConfig) -> anyhow::Result<EngineResult> {
         }
     }
     let mut hist = stats::new_histogram();
+    let mut send_delay = stats::new_histogram();
     let mut errors = ErrorCounts::default();
     let mut ok = 0;
     let mut end = start;
@@ -175,12 +181,16 @@ pub fn run(cfg: &EngineConfig) -> anyhow::Result<EngineResult> {
             .join()
             .map_err(|_| anyhow::anyhow!("a generator thread panicked"))??;
         hist.add(&r.hist).context("merging histograms")?;
+        send_delay
+            .add(&r.send_delay)
+            .context("merging histograms")?;
         errors.merge(&r.errors);
         ok += r.ok;
         end = end.max(start + r.elapsed);
     }
     Ok(EngineResult {
         hist,
+        send_delay,
         errors,
         ok,
         elapsed: end.saturating_duration_since(start),
@@ -190,6 +200,7 @@ pub fn run(cfg: &EngineConfig) -> anyhow::Result<EngineResult> {
 /// Per-thread state shared by the thread's connection tasks (single-threaded: Cell/RefCell).
 struct Local {
     hist: RefCell<Histogram<u64>>,
+    send_delay: RefCell<Histogram<u64>>,
     errors: RefCell<ErrorCounts>,
     ok: Cell<u64>,
     budget: Cell<u64>,
@@ -245,6 +256,7 @@ fn thread_main(
     };
     let local = Rc::new(Local {
         hist: RefCell::new(stats::new_histogram()),
+        send_delay: RefCell::new(stats::new_histogram()),
         errors: RefCell::new(ErrorCounts::default()),
         ok: Cell::new(0),
         budget: Cell::new(share + rest),
@@ -269,6 +281,7 @@ fn thread_main(
     });
     Ok(EngineResult {
         hist: local.hist.borrow().clone(),
+        send_delay: local.send_delay.borrow().clone(),
         errors: *local.errors.borrow(),
         ok: local.ok.get(),
         elapsed: local.last_done.get().saturating_duration_since(start),
@@ -314,10 +327,9 @@ async fn connection_task(
         }
         slot += 1;
         if let Some(t) = intended {
-            // Wake up at most 1 ms early (timer resolution) rather than up to 1 ms late.
-            let early = Duration::from_millis(1);
-            if t > now + early {
-                conn::sleep_until(t - early).await;
+            // Wake up early rather than late (see `conn::TIMER_LATE_MAX`).
+            if t > now + conn::TIMER_LATE_MAX {
+                conn::sleep_until(t - conn::TIMER_LATE_MAX).await;
             }
         }
         if conn.is_none() {
@@ -334,6 +346,12 @@ async fn connection_task(
         let c = conn.as_mut().expect("connected above");
         let sent_at = Instant::now();
         let measure_from = intended.map_or(sent_at, |t| t.min(sent_at));
+        if let Some(t) = intended {
+            stats::record(
+                &mut local.send_delay.borrow_mut(),
+                sent_at.saturating_duration_since(t),
+            );
+        }
         let req = requests[req_idx].clone();
         req_idx = (req_idx + cfg.connections) % requests.len();
         let response_by = if open {

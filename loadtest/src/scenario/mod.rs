@@ -58,7 +58,15 @@ pub fn engine_report(scenario: &str, target: &str, cfg: &EngineConfig, r: &Engin
         errors_total: r.errors.total(),
         errors: r.errors.to_map(),
         rps: r.ok as f64 / secs,
-        series: vec![Series::of("request", &r.hist)],
+        series: match cfg.mode {
+            // How late the generator sent against the schedule: if this is not near zero, the
+            // request latencies include the generator's own delay (or the server's backlog).
+            Mode::Open { .. } => vec![
+                Series::of("request", &r.hist),
+                Series::of("send delay", &r.send_delay),
+            ],
+            Mode::Closed => vec![Series::of("request", &r.hist)],
+        },
         extra: Default::default(),
     }
 }
