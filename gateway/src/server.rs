@@ -195,11 +195,36 @@ pub const SWEEP_MS: u64 = 100;
 
 /// Binds `count` listeners on `addr` with SO_REUSEPORT; with port 0 the first picks the port
 /// and the rest bind to it.
+///
+/// SO_REUSEPORT would also let this process join the listeners of another process of the same
+/// user on that port (a second kefu started by mistake): the kernel would then split the
+/// connections between the two, and each would answer 401 for the other's conversations. So
+/// a fixed port is first probed with a socket without SO_REUSEPORT, whose bind fails while
+/// anything listens there. (A server that binds the port between the probe and the listeners
+/// without SO_REUSEPORT makes the listeners' bind fail instead; one with it is not caught.)
 fn bind_listeners(
     addr: SocketAddr,
     count: usize,
     backlog: u32,
 ) -> anyhow::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
+    if addr.port() != 0 {
+        let probe = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .context("creating a socket")?;
+        // Without SO_REUSEADDR the connections of a previous run in TIME_WAIT would fail it.
+        probe.set_reuse_address(true)?;
+        if let Err(e) = probe.bind(&addr.into()) {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                anyhow::bail!(
+                    "{addr} is already in use (another kefu, or another server, listens there)"
+                );
+            }
+            return Err(e).with_context(|| format!("binding {addr}"));
+        }
+    }
     let mut out = Vec::with_capacity(count);
     let mut bound = addr;
     for _ in 0..count {

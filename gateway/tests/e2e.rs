@@ -147,6 +147,59 @@ fn bad_flags_and_config_exit_2_with_one_line() {
     assert!(err.contains("idle_timeout_secs"), "{err}");
 }
 
+/// SO_REUSEPORT would let a second gateway join the first one's port and take half its
+/// connections; it must refuse to start instead. A stopped gateway's port is free again at
+/// once, even with its closed connections in TIME_WAIT.
+#[test]
+fn a_second_gateway_on_a_taken_port_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = start(&dir, "2", "always");
+    let mut http = first.http();
+    let (id, token) = create_conversation(&mut http, Some("before"));
+    let seq = last_seq(&mut http, &id, &token);
+    for (flag, addr) in [("--http", first.http), ("--tcp", first.tcp)] {
+        let mut second = std::process::Command::new(BIN)
+            .args(["--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
+            .args([flag, &addr.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path().join(format!("second{flag}")))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while second.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = second.kill();
+                let _ = second.wait();
+                panic!("a second gateway started on {addr}, which the first one holds");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = second.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("{addr} is already in use")), "{err}");
+    }
+    // The first one still has every connection: a fresh one finds the conversation.
+    for _ in 0..8 {
+        let mut fresh = first.http();
+        assert_eq!(last_seq(&mut fresh, &id, &token), seq);
+    }
+    let http_addr = first.http.to_string();
+    drop(http);
+    assert_eq!(first.signal_and_wait(SIGTERM).code(), Some(0));
+    let cfg = config(dir.path(), &[]);
+    let again = Kefu::start(
+        Path::new(BIN),
+        &dir.path().join("data"),
+        &["--config", &cfg, "--http", &http_addr],
+    );
+    assert_eq!(again.http.to_string(), http_addr);
+    assert_eq!(last_seq(&mut again.http(), &id, &token), seq);
+}
+
 #[test]
 fn conversation_flow_over_http() {
     let dir = tempfile::tempdir().unwrap();
