@@ -22,7 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use atomic_waker::AtomicWaker;
+use crate::wake::ShardWaker;
 use crossbeam_queue::ArrayQueue;
 use kefu_protocol::frame::{self, Header, Kind};
 use kefu_protocol::model::{
@@ -85,7 +85,7 @@ pub type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 #[derive(Debug)]
 pub struct Outbox {
     queue: ArrayQueue<Arc<Delivery>>,
-    waker: AtomicWaker,
+    waker: ShardWaker,
     overflowed: AtomicBool,
     closed: AtomicBool,
     /// Deliveries dropped by overflow, for metrics.
@@ -96,7 +96,7 @@ impl Outbox {
     pub fn new(depth: usize) -> Arc<Self> {
         Arc::new(Self {
             queue: ArrayQueue::new(depth.max(1)),
-            waker: AtomicWaker::new(),
+            waker: ShardWaker::new(),
             overflowed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             dropped: AtomicU64::new(0),

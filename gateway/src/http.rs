@@ -1237,7 +1237,11 @@ async fn metrics_text(ctx: &Rc<ShardCtx>) -> Result<String, HttpError> {
          # HELP kefu_messages_out_total Deliveries written to sockets.\n\
          # TYPE kefu_messages_out_total counter\n\
          # HELP kefu_disconnects_total Connections ended, by reason.\n\
-         # TYPE kefu_disconnects_total counter\n",
+         # TYPE kefu_disconnects_total counter\n\
+         # HELP kefu_doorbell_rings_total Doorbell bytes written to the shard: cross-shard wake-ups, coalesced.\n\
+         # TYPE kefu_doorbell_rings_total counter\n\
+         # HELP kefu_doorbell_overflows_total Cross-shard wake-ups that found the shard's doorbell queue full.\n\
+         # TYPE kefu_doorbell_overflows_total counter\n",
     );
     for (shard, inbox) in ctx.shared.inboxes.iter().enumerate() {
         text.push_str(&format!(

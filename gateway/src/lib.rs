@@ -19,6 +19,7 @@ pub mod shard;
 pub mod stream;
 pub mod tenant;
 pub mod tls;
+pub mod wake;
 pub mod ws;
 
 /// Size of the future a five-argument `fn` returns (an `async fn` or one returning `impl

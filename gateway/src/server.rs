@@ -28,6 +28,11 @@ pub const SHUTDOWN_DRAIN_MS: u64 = 3000;
 pub struct Shared {
     pub config: Config,
     pub inboxes: Vec<Arc<Inbox>>,
+    /// Every shard's doorbell: cross-shard wake-ups (see [`crate::wake`]).
+    pub doorbells: Arc<crate::wake::Doorbells>,
+    /// Each shard's end of its doorbell, taken once by the shard at start (so a lock at
+    /// start only).
+    doorbell_readers: Vec<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>>,
     pub access: Access,
     pub http_limits: HttpLimits,
     /// Set by the signal handler: stop accepting, drain.
@@ -329,7 +334,14 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
     let mut http_limits = http_limits;
     http_limits.body_bytes_max = http_limits.body_bytes_max.max(attachment_bytes_max);
     let json_body_bytes_max = config.limits.request_body_bytes_max;
+    let (doorbells, doorbell_readers) =
+        crate::wake::Doorbells::new(shards).context("creating the shards' doorbells")?;
     let shared = Arc::new(Shared {
+        doorbells,
+        doorbell_readers: doorbell_readers
+            .into_iter()
+            .map(|r| std::sync::Mutex::new(Some(r)))
+            .collect(),
         inboxes: (0..shards)
             .map(|_| Arc::new(Inbox::new(config.limits.shard_inbox_depth)))
             .collect(),
@@ -486,6 +498,13 @@ async fn shard_main(
     legacy: bool,
 ) -> anyhow::Result<()> {
     let config = &shared.config;
+    crate::wake::enter_shard(id, shared.doorbells.clone());
+    let reader = shared.doorbell_readers[id as usize]
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+        .context("the shard's doorbell was taken already")?;
+    monoio::spawn(shared.doorbells.clone().serve(id, reader));
     let mut log_config = LogConfig::new(config.data_dir.join(format!("shard-{id}")));
     log_config.durability = storage_durability(config.durability);
     log_config.segment_bytes_max = config.limits.segment_bytes_max;

@@ -3,9 +3,9 @@
 //! Every command for a conversation goes to the inbox of the shard that owns it (`id >> 48`),
 //! whichever shard the client's connection lives on, so the engine stays single-threaded and
 //! lock-free. Inboxes are `crossbeam_queue::ArrayQueue`s: a full inbox refuses the command
-//! (503 with `Retry-After`) instead of growing. The wake-up is an `AtomicWaker` registered by
-//! the committer; monoio (feature `sync`) turns a wake from another thread into an eventfd
-//! write that unparks the shard's ring.
+//! (503 with `Retry-After`) instead of growing. The wake-up is a [`ShardWaker`] registered by
+//! the committer: woken from another shard, it goes through this shard's doorbell
+//! ([`crate::wake`]), without monoio's cross-thread path and its lock.
 //!
 //! Pipelined group commit (`limits.syncs_in_flight_max` above 1): records appended while a
 //! sync runs start the next sync at once instead of waiting for the running one to end.
@@ -22,7 +22,7 @@ use std::task::Poll;
 use std::thread::LocalKey;
 use std::time::{Duration, Instant};
 
-use atomic_waker::AtomicWaker;
+use crate::wake::ShardWaker;
 use crossbeam_queue::ArrayQueue;
 use kefu_protocol::frame::Header;
 use kefu_protocol::model::{ConversationState, ConversationView, Event};
@@ -55,10 +55,10 @@ impl RecordLog for Log {
 }
 
 /// A one-shot reply slot that a shard fills and another shard's task awaits. Lock-free: a
-/// one-element `ArrayQueue` plus an `AtomicWaker`.
+/// one-element `ArrayQueue` plus a [`ShardWaker`].
 pub struct ReplySlot<T> {
     value: ArrayQueue<T>,
-    waker: AtomicWaker,
+    waker: ShardWaker,
     /// Monotonic ns when the owning shard appended the command's records and when they became
     /// durable; filled only while a tracer is attached (for the eBPF request marker).
     pub appended_ns: AtomicU64,
@@ -69,7 +69,7 @@ impl<T> ReplySlot<T> {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             value: ArrayQueue::new(1),
-            waker: AtomicWaker::new(),
+            waker: ShardWaker::new(),
             appended_ns: AtomicU64::new(0),
             synced_ns: AtomicU64::new(0),
         })
@@ -234,7 +234,7 @@ impl ReplySlot<Outcome> {
         *slot.appended_ns.get_mut() = 0;
         *slot.synced_ns.get_mut() = 0;
         // Forget the last waiter's waker (a later wake must not reach that task).
-        slot.waker = AtomicWaker::new();
+        slot.waker = ShardWaker::new();
         pool_put(&REPLY_POOL, reply, REPLY_POOL_MAX);
     }
 }
@@ -306,7 +306,7 @@ pub enum Command {
 /// A shard's command queue and the waker of its committer.
 pub struct Inbox {
     queue: ArrayQueue<Command>,
-    waker: AtomicWaker,
+    waker: ShardWaker,
     /// Set when the committer should finish (after draining).
     stop: AtomicBool,
 }
@@ -315,7 +315,7 @@ impl Inbox {
     pub fn new(depth: usize) -> Self {
         Self {
             queue: ArrayQueue::new(depth),
-            waker: AtomicWaker::new(),
+            waker: ShardWaker::new(),
             stop: AtomicBool::new(false),
         }
     }
@@ -777,12 +777,13 @@ fn handle(
             hold(reply, Outcome::Runs(runs), false, engine);
         }
         Command::Metrics { reply } => {
-            let text = metrics.render(
+            let mut text = metrics.render(
                 engine.shard(),
                 engine.conversations_len(),
                 engine.idempotency_keys().0,
                 log,
             );
+            crate::wake::render_metrics(&mut text);
             hold(reply, Outcome::Text(text), false, engine);
         }
     }
