@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Open loop at 8,900 req/s, side by side, in rounds: nginx `return 200` (no disk), the minimal
+# durable server `durable_floor` (io_uring, two threads, a file each) and kefu at its defaults
+# (the open phase of `cargo xtask loadtest`). Prints each run's latency row (ms: p50 p90 p99
+# p99.9 max mean count).
+# Usage: [ROUNDS=7] [RATE=8900] gateway/scripts/open-loop-compare.sh [TARGET_DIR/release]
+# Needs nginx and release builds of kefu, kefu-loadtest and durable_floor:
+#   cargo build --release -p kefu-gateway -p kefu-loadtest -p kefu-benches
+set -euo pipefail
+REL=${1:-target/release}
+ROUNDS=${ROUNDS:-7}
+RATE=${RATE:-8900}
+WORK=$(mktemp -d)
+cleanup() {
+  [[ -n "${PID:-}" ]] && kill "$PID" 2>/dev/null || true
+  [[ -f "$WORK/nginx.pid" ]] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+NGINX_PORT=$(port)
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 2;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log;
+events { worker_connections 4096; }
+http { access_log off; server { listen 127.0.0.1:$NGINX_PORT; location / { return 200 'ok'; } } }
+CONF
+nginx -c "$WORK/nginx.conf" -p "$WORK"
+row() { grep -E '^  request ' | tr -s ' ' | cut -d' ' -f3-; }
+# Waits for LINE in FILE (at most 10 s).
+wait_for() { for _ in $(seq 100); do grep -q "$2" "$1" && return 0; sleep 0.1; done; echo "no '$2' in $1" >&2; exit 1; }
+for r in $(seq "$ROUNDS"); do
+  echo "round $r"
+  echo "  nginx:        $("$REL/kefu-loadtest" http --url "http://127.0.0.1:$NGINX_PORT/" --rate "$RATE" --duration-s 10 --quiet | row)"
+  P=$(port)
+  mkdir -p "$WORK/floor"
+  "$REL/durable_floor" --port "$P" --dir "$WORK/floor" --mode uring --threads 2 --file perthread > "$WORK/floor.out" 2>&1 &
+  PID=$!
+  wait_for "$WORK/floor.out" READY
+  echo "  durable_floor: $("$REL/kefu-loadtest" http --url "http://127.0.0.1:$P/" --method POST --body '{"text":"hello"}' --rate "$RATE" --duration-s 10 --quiet | row)"
+  kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
+  rm -rf "$WORK/floor"
+  P=$(port)
+  "$REL/kefu" --data-dir "$WORK/kefu" --http "127.0.0.1:$P" --tcp 127.0.0.1:0 > "$WORK/kefu.out" 2>&1 &
+  PID=$!
+  wait_for "$WORK/kefu.out" "kefu ready"
+  echo "  kefu:         $("$REL/kefu-loadtest" send --http "127.0.0.1:$P" --closed-s 0 --rate-open "$RATE" --max-p99-ms 1000 --quiet 2>/dev/null | row)"
+  kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
+  rm -rf "$WORK/kefu"
+done
