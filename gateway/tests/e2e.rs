@@ -200,6 +200,63 @@ fn a_second_gateway_on_a_taken_port_refuses_to_start() {
     assert_eq!(last_seq(&mut again.http(), &id, &token), seq);
 }
 
+/// Pinned shards keep their io_uring workers (the kernel threads that run the fsyncs) off
+/// their single CPU: within a second of appearing, a worker may use every CPU the process
+/// may.
+#[test]
+fn pinned_shards_widen_their_io_uring_workers() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("one CPU: pinning and widening are the same set here");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir, "2", "always");
+    let mut http = kefu.http();
+    let (id, token) = create_conversation(&mut http, None);
+    for i in 0..20 {
+        let r = http.post(
+            &format!("/v1/conversations/{id}/messages"),
+            Some(&token),
+            &json!({ "text": format!("m{i}") }).to_string(),
+        );
+        assert_eq!(r.status, 201);
+    }
+    let allowed = |tid: &str| -> String {
+        let status = std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", kefu.pid()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    };
+    let process = allowed(&kefu.pid().to_string());
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    loop {
+        let workers: Vec<(String, String)> =
+            std::fs::read_dir(format!("/proc/{}/task", kefu.pid()))
+                .unwrap()
+                .flatten()
+                .filter_map(|e| {
+                    let tid = e.file_name().to_str()?.to_owned();
+                    let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+                    comm.starts_with("iou-wrk-")
+                        .then(|| (comm.trim_end().to_owned(), allowed(&tid)))
+                })
+                .collect();
+        if !workers.is_empty() && workers.iter().all(|(_, cpus)| *cpus == process) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "io_uring workers {workers:?}, process cpus {process}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn conversation_flow_over_http() {
     let dir = tempfile::tempdir().unwrap();
