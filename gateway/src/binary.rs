@@ -15,9 +15,11 @@ use kefu_trace_common::{RequestRecord, route as trace_route};
 use monoio::net::TcpStream;
 
 use crate::conn::Conn;
+use crate::engine::give_back_delivery;
 use crate::engine::{Actor, Outbox, Sent};
 use crate::http::{HttpError, known_shard};
 use crate::metrics::Disconnect;
+use crate::recycle::Recycled;
 use crate::server::{ShardCtx, Woken};
 use crate::shard::{SendBody, give_vec, take_vec};
 use crate::ws::{
@@ -536,7 +538,8 @@ async fn session_loop(
                 return Ok(why);
             }
             let out_len_before = out.len();
-            let verdict = Box::pin(handle(ctx, s, msg, &mut out, conn_id, trace.as_deref())).await;
+            let verdict =
+                Recycled::new(handle(ctx, s, msg, &mut out, conn_id, trace.as_deref())).await;
             finish_trace(trace.as_deref(), &out, out_len_before);
             match verdict {
                 Verdict::Fine => {}
@@ -572,6 +575,7 @@ async fn session_loop(
         let outbox = s.outbox.clone();
         while let Some(d) = outbox.as_ref().and_then(|o| o.pop()) {
             out.extend_from_slice(&d.frame);
+            give_back_delivery(&ctx.shared.delivery_returns, d);
             delivered += 1;
         }
         if outbox.as_ref().is_some_and(|o| o.is_overflowed()) {

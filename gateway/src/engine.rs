@@ -72,8 +72,35 @@ pub struct Delivery {
 /// (one per in-flight send), so in steady state a send allocates no delivery.
 pub const DELIVERY_POOL_MAX: usize = 1024;
 /// A delivery whose buffers grew beyond this (a long message) is freed rather than pooled, so
-/// the pool holds at most `DELIVERY_POOL_MAX * 2 * DELIVERY_POOLED_BYTES_MAX` (8 MiB) per shard.
+/// the pool and the queue of given-back deliveries ([`DeliveryReturns`]) hold at most
+/// `2 * DELIVERY_POOL_MAX * 2 * DELIVERY_POOLED_BYTES_MAX` (16 MiB) per shard.
 pub const DELIVERY_POOLED_BYTES_MAX: usize = 4096;
+
+/// Deliveries given back to the shard that made them, by the subscribers' shards once the last
+/// of them wrote one out (see [`give_back_delivery`]). Bounded by [`DELIVERY_POOL_MAX`].
+pub type DeliveryReturns = ArrayQueue<Arc<Delivery>>;
+
+/// Hands a delivery a subscriber has written out back to its conversation's shard for reuse,
+/// when no one else holds it and its buffers are small (`returns` indexed by shard). Deliveries
+/// to subscribers are kept by their sockets, so without this the engine's pool never saw them
+/// again and each delivered message allocated its delivery and buffers anew.
+pub fn give_back_delivery(returns: &[Arc<DeliveryReturns>], mut delivery: Arc<Delivery>) {
+    // Unique: the engine and the other subscribers have let go (if two let go at once, both may
+    // see the other's reference and neither returns it: a miss, not an error).
+    let Some(d) = Arc::get_mut(&mut delivery) else {
+        return;
+    };
+    if d.frame.capacity() > DELIVERY_POOLED_BYTES_MAX
+        || d.json.capacity() > DELIVERY_POOLED_BYTES_MAX
+    {
+        return;
+    }
+    d.frame.clear();
+    d.json.clear();
+    if let Some(queue) = returns.get(frame::shard_of(d.conversation_id) as usize) {
+        let _ = queue.push(delivery);
+    }
+}
 
 /// Maps keyed by ids the gateway hands out (conversation ids): foldhash instead of SipHash,
 /// seeded per process, since a peer cannot choose the keys that get inserted.
@@ -318,6 +345,8 @@ pub struct Engine {
     /// Released deliveries no subscriber kept, cleared for reuse (bounded by
     /// [`DELIVERY_POOL_MAX`]).
     delivery_pool: Vec<Arc<Delivery>>,
+    /// Deliveries the subscribers' shards gave back (see [`give_back_delivery`]).
+    delivery_returns: Arc<DeliveryReturns>,
     next_local: u64,
     /// Queue order of the next new arrival (a created or reopened conversation): waiting ones
     /// are served by this key, and recovery hands out the same keys in log order.
@@ -393,6 +422,7 @@ impl Engine {
             ),
             keys: ShardKeys::default(),
             delivery_pool: Vec::new(),
+            delivery_returns: Arc::new(ArrayQueue::new(DELIVERY_POOL_MAX)),
             next_local: 1,
             next_order: 1,
             pending: VecDeque::new(),
@@ -489,7 +519,16 @@ impl Engine {
 
     /// A cleared delivery from the pool (unshared, so the caller may fill it), or a new one.
     fn fresh_delivery(&mut self) -> Arc<Delivery> {
-        self.delivery_pool.pop().unwrap_or_default()
+        self.delivery_pool
+            .pop()
+            .or_else(|| self.delivery_returns.pop())
+            .unwrap_or_default()
+    }
+
+    /// The queue other shards give this engine's deliveries back through (the gateway makes
+    /// one per shard up front; an engine has its own until then).
+    pub fn use_delivery_returns(&mut self, returns: Arc<DeliveryReturns>) {
+        self.delivery_returns = returns;
     }
 
     /// Keeps a released delivery for reuse when nobody else holds it and its buffers are small.

@@ -26,6 +26,7 @@ use monoio::net::TcpStream;
 use crate::conn::Conn;
 use crate::engine::{Actor, Delivery, EngineError, Outbox, Transition};
 use crate::metrics::{Disconnect, Stage};
+use crate::recycle::Recycled;
 use crate::server::{ShardCtx, Woken};
 use crate::shard::{Command, Outcome, ReplySlot};
 
@@ -457,7 +458,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Served
         // future an idle connection parks in stays small.
         // Bound first: a temporary in the `match` head would keep the burst's box alive for
         // the whole WebSocket or stream session below.
-        let after = Box::pin(burst(&ctx, &mut c)).await;
+        let after = Recycled::new(burst(&ctx, &mut c)).await;
         match after {
             After::Wait { idle_from: at } => idle_from = at,
             After::End(why) => return Served::Closed(why),
@@ -605,7 +606,7 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
             // Boxed: the other handlers' state is large and only lives during a request, so
             // the burst's box stays small (see the idle-memory figures in the README).
             None => {
-                Box::pin(route(
+                Recycled::new(route(
                     ctx,
                     &req.head,
                     body,
@@ -1223,6 +1224,9 @@ async fn long_poll(
     outbox.close();
     let page = page_json(entries.iter().map(|d| &*d.json), last_seq);
     write_json(out, 200, keep_alive, &page);
+    for d in entries {
+        crate::engine::give_back_delivery(&ctx.shared.delivery_returns, d);
+    }
     Ok(())
 }
 

@@ -12,6 +12,7 @@ pub mod intent;
 pub mod lifecycle;
 pub mod metrics;
 pub mod ratelimit;
+pub mod recycle;
 pub mod replies;
 pub mod routing;
 pub mod server;

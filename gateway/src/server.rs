@@ -30,6 +30,9 @@ pub struct Shared {
     pub inboxes: Vec<Arc<Inbox>>,
     /// Every shard's doorbell: cross-shard wake-ups (see [`crate::wake`]).
     pub doorbells: Arc<crate::wake::Doorbells>,
+    /// Per shard, the deliveries its subscribers' shards give back for reuse
+    /// ([`crate::engine::give_back_delivery`]).
+    pub delivery_returns: Vec<Arc<crate::engine::DeliveryReturns>>,
     /// Each shard's end of its doorbell, taken once by the shard at start (so a lock at
     /// start only).
     doorbell_readers: Vec<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>>,
@@ -398,6 +401,13 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
         crate::wake::Doorbells::new(shards).context("creating the shards' doorbells")?;
     let shared = Arc::new(Shared {
         doorbells,
+        delivery_returns: (0..shards)
+            .map(|_| {
+                Arc::new(crossbeam_queue::ArrayQueue::new(
+                    crate::engine::DELIVERY_POOL_MAX,
+                ))
+            })
+            .collect(),
         doorbell_readers: doorbell_readers
             .into_iter()
             .map(|r| std::sync::Mutex::new(Some(r)))
@@ -576,6 +586,7 @@ async fn shard_main(
         eprintln!("kefu: shard {id}: log tail cut at recovery: {t:?}");
     }
     let mut engine = build_engine(id, config, &shared.access)?;
+    engine.use_delivery_returns(shared.delivery_returns[id as usize].clone());
     let mut from = log.start_offset();
     let mut failure = None;
     loop {

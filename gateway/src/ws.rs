@@ -22,9 +22,11 @@ use kefu_protocol::ws::{WsConnection, WsError, WsEvent, WsLimits, check_upgrade,
 use kefu_trace_common::{RequestRecord, Stage as TraceStage, emit, now_ns, route as trace_route};
 
 use crate::conn::Conn;
+use crate::engine::give_back_delivery;
 use crate::engine::{Actor, Delivery, Outbox, Sent};
 use crate::http::{HttpError, call, known_shard, token};
 use crate::metrics::{Disconnect, Stage};
+use crate::recycle::Recycled;
 use crate::server::{DeadlineOrStop, ShardCtx, Woken};
 use crate::shard::{Command, Outcome, SendBody, give_vec, pooled_string, recycle_string, take_vec};
 
@@ -642,7 +644,7 @@ impl Socket {
                 Work::Deliver
             };
             loop {
-                match Box::pin(self.step(work)).await {
+                match Recycled::new(self.step(work)).await {
                     Err(why) => break why,
                     Ok(true) => {
                         work = Work::Deliver;
@@ -790,7 +792,7 @@ impl Socket {
                             return Err(self.close_with(out, close).await);
                         }
                         // Boxed: a subscribe's replay state only lives while it runs.
-                        Box::pin(self.session.handle_msg(msg, &mut out, trace_ref)).await
+                        Recycled::new(self.session.handle_msg(msg, &mut out, trace_ref)).await
                     }
                 },
             };
@@ -811,6 +813,7 @@ impl Socket {
         if let Some(outbox) = &outbox {
             while let Some(d) = outbox.pop() {
                 self.session.text(&mut out, &d.json);
+                give_back_delivery(&ctx.shared.delivery_returns, d);
                 delivered += 1;
             }
             if outbox.is_overflowed() {

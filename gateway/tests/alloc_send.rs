@@ -1,4 +1,4 @@
-//! Allocations per message on the send path, counted by a global allocator: the engine's `send` and `release` (a visitor message with the auto-reply check, as under load), and the protocol side of a send over HTTP, WebSocket and the binary protocol (parse, token, body, answer).
+//! Allocations per message on the send path, counted by a global allocator: the engine's `send` and `release` (a visitor message with the auto-reply check, as under load; also to subscribers that give their deliveries back), and the protocol side of a send over HTTP, WebSocket and the binary protocol (parse, token, body, answer).
 //!
 //! The issue asks that in steady state the data path allocates nothing per message: these tests
 //! pin that after a warm-up (pools filled, scratch buffers grown, tables sized). The counter is
@@ -13,7 +13,10 @@ use std::sync::Arc;
 
 use kefu_gateway::access::Access;
 use kefu_gateway::auth::VisitorKey;
-use kefu_gateway::engine::{Actor, Engine, EngineLimits, RecordLog};
+use kefu_gateway::engine::{
+    Actor, DELIVERY_POOL_MAX, DeliveryReturns, Engine, EngineLimits, Outbox, RecordLog,
+    give_back_delivery,
+};
 use kefu_gateway::routing::RouterLimits;
 use kefu_gateway::shard::{SendBody, pooled_string, recycle_string};
 use kefu_gateway::tenant::{Secret, Tenant, TenantRegistry, demo_tenant_config, load_intents};
@@ -127,9 +130,20 @@ fn registry() -> Arc<TenantRegistry> {
 const WARM_UP: u64 = 2_000;
 const MEASURED: u64 = 1_000;
 
-/// Allocations per send of the engine's `send` + `release` in steady state; with `keyed`, every
-/// send carries a new `client_msg_id`.
-fn engine_allocations_per_send(keyed: bool) -> f64 {
+/// What each measured engine send carries and who receives it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum EngineCase {
+    /// No `client_msg_id`, no subscriber (the auto-reply check still runs).
+    Plain,
+    /// A new `client_msg_id` per send.
+    Keyed,
+    /// A subscriber per conversation takes each delivery, as a socket does; with `give_back`
+    /// it hands it back to the shard afterwards (`give_back_delivery`), as the sockets do.
+    Subscribed { give_back: bool },
+}
+
+/// Allocations per send of the engine's `send` + `release` in steady state.
+fn engine_allocations_per_send(case: EngineCase) -> f64 {
     let limits = EngineLimits {
         conversations_max: 100,
         idempotency_keys_per_conversation_max: 4,
@@ -139,6 +153,8 @@ fn engine_allocations_per_send(keyed: bool) -> f64 {
         model: ModelLimits::DEFAULT,
     };
     let mut engine = Engine::new(0, limits, registry(), RouterLimits::DEMO).unwrap();
+    let returns = vec![Arc::new(DeliveryReturns::new(DELIVERY_POOL_MAX))];
+    engine.use_delivery_returns(returns[0].clone());
     let mut log = CountingLog::default();
     let mut now_us = 1_000_000_000_000u64;
     let ids: Vec<u64> = (0..8)
@@ -156,20 +172,46 @@ fn engine_allocations_per_send(keyed: bool) -> f64 {
             conversation_id: id,
         })
         .collect();
+    let outboxes: Vec<Arc<Outbox>> = match case {
+        EngineCase::Subscribed { .. } => ids
+            .iter()
+            .zip(&actors)
+            .map(|(&id, actor)| {
+                let outbox = Outbox::new(64);
+                let replay = engine
+                    .replay(&mut log, id, actor, u64::MAX >> 1, 1, Some(outbox.clone()))
+                    .unwrap();
+                assert!(replay.registered);
+                outbox
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     // Made before the count: a UUID-sized key per send.
     let keys: Vec<String> = (0..WARM_UP + MEASURED)
         .map(|n| format!("8c0ffee0-0000-4000-8000-{n:012}"))
         .collect();
-    // What the committer does per command: run it, sync, release.
+    // What the committer does per command: run it, sync, release; then what the subscribers'
+    // sockets do with their deliveries.
     let mut send = |n: u64| {
         let i = (n % ids.len() as u64) as usize;
         now_us += 1_000;
-        let key = keyed.then(|| keys[n as usize].as_str());
+        let key = (case == EngineCase::Keyed).then(|| keys[n as usize].as_str());
         let sent = engine
             .send(&mut log, ids[i], &actors[i], "hello from wrk", key, now_us)
             .unwrap();
         assert!(!sent.duplicate);
         engine.release(engine.appended_end());
+        if let EngineCase::Subscribed { give_back } = case {
+            let mut delivered = 0;
+            while let Some(d) = outboxes[i].pop() {
+                delivered += 1;
+                if give_back {
+                    give_back_delivery(&returns, d);
+                }
+            }
+            assert!(delivered >= 1);
+        }
     };
     for n in 0..WARM_UP {
         send(n);
@@ -181,14 +223,26 @@ fn engine_allocations_per_send(keyed: bool) -> f64 {
     });
     let per_send = allocs as f64 / MEASURED as f64;
     println!(
-        "engine send + release (keyed: {keyed}): {allocs} allocations in {MEASURED} sends ({per_send:.2} per send)"
+        "engine send + release ({case:?}): {allocs} allocations in {MEASURED} sends ({per_send:.2} per send)"
     );
     per_send
 }
 
 #[test]
 fn engine_send_allocates_nothing_per_message_in_steady_state() {
-    assert_eq!(engine_allocations_per_send(false), 0.0);
+    assert_eq!(engine_allocations_per_send(EngineCase::Plain), 0.0);
+}
+
+/// A delivery a socket wrote out goes back to its shard's pool: a send to a subscribed
+/// conversation allocates nothing either. Kept by the socket instead (dropped there), every
+/// delivery and its buffers were allocated anew.
+#[test]
+fn engine_send_to_a_subscriber_allocates_nothing_once_deliveries_come_back() {
+    assert_eq!(
+        engine_allocations_per_send(EngineCase::Subscribed { give_back: true }),
+        0.0
+    );
+    assert!(engine_allocations_per_send(EngineCase::Subscribed { give_back: false }) >= 1.0);
 }
 
 /// A send with a `client_msg_id` keeps its key (up to the per-conversation limit, the oldest
@@ -196,7 +250,7 @@ fn engine_send_allocates_nothing_per_message_in_steady_state() {
 /// eviction order, and nothing else.
 #[test]
 fn engine_keyed_send_allocates_only_the_kept_key() {
-    assert_eq!(engine_allocations_per_send(true), 1.0);
+    assert_eq!(engine_allocations_per_send(EngineCase::Keyed), 1.0);
 }
 
 /// What `http.rs` does for a send before and after the shard: parse the request, resolve the
