@@ -807,8 +807,14 @@ async fn route(
                 return Err(internal());
             };
             let replay = replay?;
-            let page = page_json(replay.entries.iter().map(|d| &*d.json), replay.last_seq);
+            let mut page = ctx.pool.take();
+            write_page(
+                &mut page,
+                replay.entries.iter().map(|d| &*d.json),
+                replay.last_seq,
+            );
             write_json(out, 200, keep_alive, &page);
+            ctx.pool.give(page);
             Ok(done)
         }
         (Method::Get, ["v1", "conversations", id, "poll"]) => {
@@ -1071,20 +1077,20 @@ async fn download(
     Ok(())
 }
 
-/// `{"messages":[...],"last_seq":N}` from pre-rendered entries.
-pub fn page_json<'a>(entries: impl Iterator<Item = &'a [u8]>, last_seq: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(b"{\"messages\":[");
+/// Writes a history page, `{"messages":[...],"last_seq":N}`, into `page` (cleared first):
+/// nothing allocated beyond the buffer's growth.
+pub fn write_page<'a>(page: &mut Vec<u8>, entries: impl Iterator<Item = &'a [u8]>, last_seq: u64) {
+    use std::io::Write as _;
+    page.clear();
+    page.extend_from_slice(b"{\"messages\":[");
     for (i, e) in entries.enumerate() {
         if i > 0 {
-            out.push(b',');
+            page.push(b',');
         }
-        out.extend_from_slice(e);
+        page.extend_from_slice(e);
     }
-    out.extend_from_slice(b"],\"last_seq\":");
-    out.extend_from_slice(last_seq.to_string().as_bytes());
-    out.push(b'}');
-    out
+    // Writing into a Vec cannot fail.
+    let _ = write!(page, "],\"last_seq\":{last_seq}}}");
 }
 
 async fn create(
@@ -1182,6 +1188,11 @@ fn drain_page(
 /// the default 1,024) made each waiting poll cost 12 KiB of memory.
 const LONG_POLL_QUEUE_DEPTH: usize = 64;
 
+thread_local! {
+    /// Lists for the pages of waiting long-polls (bounded like the other scratch lists).
+    static PAGE_ENTRIES: RefCell<Vec<Vec<Arc<Delivery>>>> = const { RefCell::new(Vec::new()) };
+}
+
 async fn long_poll(
     ctx: &Rc<ShardCtx>,
     head: &RequestHead<'_>,
@@ -1211,6 +1222,10 @@ async fn long_poll(
     };
     let replay = replay?;
     let mut entries = replay.entries;
+    if entries.capacity() == 0 {
+        // A waiting poll: its page comes from this thread's pool, not a new list.
+        entries = crate::shard::take_vec(&PAGE_ENTRIES);
+    }
     let mut last_seq = replay.last_seq;
     if entries.is_empty() && replay.registered {
         let deadline = Duration::from_millis(timeout_ms);
@@ -1222,11 +1237,14 @@ async fn long_poll(
         last_seq = drain_page(&outbox, after, last_seq, &mut entries);
     }
     outbox.close();
-    let page = page_json(entries.iter().map(|d| &*d.json), last_seq);
+    let mut page = ctx.pool.take();
+    write_page(&mut page, entries.iter().map(|d| &*d.json), last_seq);
     write_json(out, 200, keep_alive, &page);
-    for d in entries {
+    ctx.pool.give(page);
+    for d in entries.drain(..) {
         crate::engine::give_back_delivery(&ctx.shared.delivery_returns, d);
     }
+    crate::shard::give_vec(&PAGE_ENTRIES, entries);
     Ok(())
 }
 
@@ -1278,6 +1296,15 @@ mod tests {
 
     /// A long-poll page is a run of consecutive seqs: a record its full queue dropped (65,
     /// while 66 found room after the drain began) ends the page before it.
+    #[test]
+    fn a_page_is_written_into_a_reused_buffer() {
+        let mut page = b"left over from the last request".to_vec();
+        write_page(&mut page, [&b"{\"a\":1}"[..], b"{\"b\":2}"].into_iter(), 42);
+        assert_eq!(page, br#"{"messages":[{"a":1},{"b":2}],"last_seq":42}"#);
+        write_page(&mut page, std::iter::empty(), u64::MAX);
+        assert_eq!(page, br#"{"messages":[],"last_seq":18446744073709551615}"#);
+    }
+
     #[test]
     fn a_long_poll_page_stops_at_a_dropped_record() {
         let outbox = Outbox::new(LONG_POLL_QUEUE_DEPTH);
