@@ -129,7 +129,15 @@ fn parse_args() -> anyhow::Result<Args> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(e) => {
+            // A usage error: the message and the usage, exit 2; no backtrace, which anyhow
+            // prints after `main` returns an error when RUST_BACKTRACE is set.
+            eprintln!("kefu-trace: {e:#}");
+            std::process::exit(2);
+        }
+    };
     // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);

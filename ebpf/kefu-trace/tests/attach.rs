@@ -350,3 +350,20 @@ fn markers_go_off_even_when_the_tracer_is_killed() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A usage error is one message and the usage, exit 2, without a backtrace even when
+/// RUST_BACKTRACE is set (needs no privileges: nothing is attached).
+#[test]
+fn cli_usage_errors_exit_2_without_a_backtrace() {
+    for args in [&["--bogus"][..], &["--pid", "1", "--window-s", "0"], &[]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kefu-trace"))
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .expect("running kefu-trace");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("kefu-trace: "), "{args:?}: {stderr}");
+        assert!(!stderr.contains("backtrace"), "{args:?}: {stderr}");
+    }
+}
