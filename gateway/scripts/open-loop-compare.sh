@@ -17,23 +17,15 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-NGINX_PORT=$(port)
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 2;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log;
-events { worker_connections 4096; }
-http { access_log off; server { listen 127.0.0.1:$NGINX_PORT; location / { return 200 'ok'; } } }
-CONF
-nginx -c "$WORK/nginx.conf" -p "$WORK"
+source "$(dirname "$0")/nginx.sh"
+start_nginx "$WORK"
 row() { grep -E '^  request ' | tr -s ' ' | cut -d' ' -f3-; }
 # Waits for LINE in FILE (at most 10 s).
 wait_for() { for _ in $(seq 100); do grep -q "$2" "$1" && return 0; sleep 0.1; done; echo "no '$2' in $1" >&2; exit 1; }
 for r in $(seq "$ROUNDS"); do
   echo "round $r"
   echo "  nginx:        $("$REL/kefu-loadtest" http --url "http://127.0.0.1:$NGINX_PORT/" --rate "$RATE" --duration-s 10 --quiet | row)"
-  P=$(port)
+  P=$(free_port)
   mkdir -p "$WORK/floor"
   "$REL/durable_floor" --port "$P" --dir "$WORK/floor" --mode uring --threads 2 --file perthread > "$WORK/floor.out" 2>&1 &
   PID=$!
@@ -41,7 +33,7 @@ for r in $(seq "$ROUNDS"); do
   echo "  durable_floor: $("$REL/kefu-loadtest" http --url "http://127.0.0.1:$P/" --method POST --body '{"text":"hello"}' --rate "$RATE" --duration-s 10 --quiet | row)"
   kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
   rm -rf "$WORK/floor"
-  P=$(port)
+  P=$(free_port)
   "$REL/kefu" --data-dir "$WORK/kefu" --http "127.0.0.1:$P" --tcp 127.0.0.1:0 > "$WORK/kefu.out" 2>&1 &
   PID=$!
   wait_for "$WORK/kefu.out" "kefu ready"

@@ -17,15 +17,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-NGINX_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 2;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log;
-events { worker_connections 4096; }
-http { access_log off; server { listen 127.0.0.1:$NGINX_PORT; location / { return 200 'ok'; } } }
-CONF
-nginx -c "$WORK/nginx.conf" -p "$WORK"
+source "$(dirname "$0")/nginx.sh"
+start_nginx "$WORK"
 
 # The binary's own default config (`--print-default-config`: its defaults and demo tenant, so
 # the keys always match the binary), with a demo visitor rate limit above what wrk sends.

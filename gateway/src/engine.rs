@@ -80,6 +80,22 @@ pub const DELIVERY_POOLED_BYTES_MAX: usize = 4096;
 /// of them wrote one out (see [`give_back_delivery`]). Bounded by [`DELIVERY_POOL_MAX`].
 pub type DeliveryReturns = ArrayQueue<Arc<Delivery>>;
 
+/// Clears `delivery` for reuse when no one else holds it and its buffers are small enough to
+/// keep pooled; `false` when it should simply be dropped.
+fn clear_for_reuse(delivery: &mut Arc<Delivery>) -> bool {
+    let Some(d) = Arc::get_mut(delivery) else {
+        return false;
+    };
+    if d.frame.capacity() > DELIVERY_POOLED_BYTES_MAX
+        || d.json.capacity() > DELIVERY_POOLED_BYTES_MAX
+    {
+        return false;
+    }
+    d.frame.clear();
+    d.json.clear();
+    true
+}
+
 /// Hands a delivery a subscriber has written out back to its conversation's shard for reuse,
 /// when no one else holds it and its buffers are small (`returns` indexed by shard). Deliveries
 /// to subscribers are kept by their sockets, so without this the engine's pool never saw them
@@ -87,17 +103,10 @@ pub type DeliveryReturns = ArrayQueue<Arc<Delivery>>;
 pub fn give_back_delivery(returns: &[Arc<DeliveryReturns>], mut delivery: Arc<Delivery>) {
     // Unique: the engine and the other subscribers have let go (if two let go at once, both may
     // see the other's reference and neither returns it: a miss, not an error).
-    let Some(d) = Arc::get_mut(&mut delivery) else {
-        return;
-    };
-    if d.frame.capacity() > DELIVERY_POOLED_BYTES_MAX
-        || d.json.capacity() > DELIVERY_POOLED_BYTES_MAX
-    {
+    if !clear_for_reuse(&mut delivery) {
         return;
     }
-    d.frame.clear();
-    d.json.clear();
-    if let Some(queue) = returns.get(frame::shard_of(d.conversation_id) as usize) {
+    if let Some(queue) = returns.get(frame::shard_of(delivery.conversation_id) as usize) {
         let _ = queue.push(delivery);
     }
 }
@@ -536,17 +545,9 @@ impl Engine {
         if self.delivery_pool.len() >= DELIVERY_POOL_MAX {
             return;
         }
-        let Some(d) = Arc::get_mut(&mut delivery) else {
-            return;
-        };
-        if d.frame.capacity() > DELIVERY_POOLED_BYTES_MAX
-            || d.json.capacity() > DELIVERY_POOLED_BYTES_MAX
-        {
-            return;
+        if clear_for_reuse(&mut delivery) {
+            self.delivery_pool.push(delivery);
         }
-        d.frame.clear();
-        d.json.clear();
-        self.delivery_pool.push(delivery);
     }
 
     fn conv(&self, id: u64) -> Result<&Conversation, EngineError> {
