@@ -138,6 +138,7 @@ pub struct ServerFile {
     pub durability: String,
     pub sync: String,
     pub pin_threads: bool,
+    pub migrate_connections: bool,
     pub driver: String,
     pub uring_entries: u32,
 }
@@ -153,6 +154,7 @@ impl Default for ServerFile {
             durability: "always".into(),
             sync: "ring".into(),
             pin_threads: true,
+            migrate_connections: true,
             driver: "auto".into(),
             uring_entries: 1024,
         }
@@ -490,6 +492,9 @@ pub struct Config {
     pub sync: SyncMode,
     /// Pin shard `i` to CPU `i % cpus` (`server.pin_threads`).
     pub pin_threads: bool,
+    /// Move a plain keep-alive HTTP connection to the shard its message sends go to
+    /// (`server.migrate_connections`, see [`crate::migrate`]).
+    pub migrate_connections: bool,
     pub driver: DriverChoice,
     pub uring_entries: u32,
     pub limits: Limits,
@@ -623,6 +628,7 @@ pub fn resolve(file: FileConfig, flags: &Flags) -> Result<Config, ConfigError> {
         durability,
         sync,
         pin_threads: file.server.pin_threads,
+        migrate_connections: file.server.migrate_connections,
         driver,
         uring_entries: file.server.uring_entries,
         limits: file.limits,

@@ -381,12 +381,16 @@ struct HttpConn {
     peer_port: u16,
     peer_loopback: bool,
     conn_id: u64,
+    /// Where its message sends went: a connection moves to their shard ([`crate::migrate`]).
+    follow: crate::migrate::Follow,
 }
 
 /// How an HTTP connection ended: closed, or handed over to a WebSocket or stream session,
 /// which the caller runs in its own boxed future (see `server::accept_loop`).
 pub enum Served {
     Closed(Disconnect),
+    /// Moved to another shard, which serves it from now on ([`crate::migrate`]).
+    Migrated,
     WebSocket {
         conn: Conn,
         up: crate::ws::Upgraded,
@@ -428,6 +432,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Served
         peer_port,
         peer_loopback,
         conn_id,
+        follow: crate::migrate::Follow::default(),
     };
     loop {
         if !c.parse_pending {
@@ -460,7 +465,27 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Served
         // the whole WebSocket or stream session below.
         let after = Recycled::new(burst(&ctx, &mut c)).await;
         match after {
-            After::Wait { idle_from: at } => idle_from = at,
+            After::Wait { idle_from: at } => {
+                idle_from = at;
+                if let Some(to) = c.follow.target() {
+                    // Only between requests with nothing buffered, and never TLS (its
+                    // session state stays with the socket's first shard).
+                    let idle = !c.parse_pending
+                        && !c.continue_sent
+                        && !c.conn.is_tls()
+                        && c.buf.as_ref().is_none_or(|b| b.is_empty());
+                    if idle && crate::migrate::leave(&ctx, &c.conn.stream, to) {
+                        if let Some(b) = c.buf.take() {
+                            ctx.pool.give(b);
+                        }
+                        if c.out.capacity() > 0 {
+                            ctx.pool.give(std::mem::take(&mut c.out));
+                        }
+                        return Served::Migrated;
+                    }
+                    c.follow.reset();
+                }
+            }
             After::End(why) => return Served::Closed(why),
             After::WebSocket(up) => {
                 // Bytes after the upgrade request go to the WebSocket session; an empty buffer
@@ -510,6 +535,7 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
         peer_port,
         peer_loopback,
         conn_id,
+        follow,
     } = c;
     let (local_port, peer_port, peer_loopback, conn_id) =
         (*local_port, *peer_port, *peer_loopback, *conn_id);
@@ -600,9 +626,14 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
         let routed = match message_send_target(&req.head) {
             // The hot path: its future is small, so it runs inline in this burst's box (one
             // allocation and copy less per message).
-            Some(id) => send_message(ctx, &req.head, id, body, keep_alive, out, trace_ref)
-                .await
-                .map(|()| Next::Continue { keep_alive }),
+            Some(id) => {
+                if let Ok(cid) = ConversationId::parse(id) {
+                    follow.sent(ctx.id, kefu_protocol::frame::shard_of(cid.0));
+                }
+                send_message(ctx, &req.head, id, body, keep_alive, out, trace_ref)
+                    .await
+                    .map(|()| Next::Continue { keep_alive })
+            }
             // Boxed: the other handlers' state is large and only lives during a request, so
             // the burst's box stays small (see the idle-memory figures in the README).
             None => {
@@ -1254,6 +1285,8 @@ async fn metrics_text(ctx: &Rc<ShardCtx>) -> Result<String, HttpError> {
          # TYPE kefu_latency_us summary\n\
          # HELP kefu_connections_open Open client connections.\n\
          # TYPE kefu_connections_open gauge\n\
+         # HELP kefu_connections_migrated_total Keep-alive HTTP connections moved to the shard of their conversation (in: taken over, out: given away).\n\
+         # TYPE kefu_connections_migrated_total counter\n\
          # HELP kefu_messages_in_total Messages stored.\n\
          # TYPE kefu_messages_in_total counter\n\
          # HELP kefu_messages_out_total Deliveries written to sockets.\n\

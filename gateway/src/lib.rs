@@ -11,6 +11,7 @@ pub mod http;
 pub mod intent;
 pub mod lifecycle;
 pub mod metrics;
+pub mod migrate;
 pub mod ratelimit;
 pub mod recycle;
 pub mod replies;

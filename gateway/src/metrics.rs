@@ -52,6 +52,10 @@ pub struct ShardMetrics {
     pub connections_open: Cell<u64>,
     pub connections_total: Cell<u64>,
     pub connections_refused: Cell<u64>,
+    /// Connections this shard took over from another one, and gave to another one
+    /// ([`crate::migrate`]).
+    pub connections_migrated_in: Cell<u64>,
+    pub connections_migrated_out: Cell<u64>,
     pub requests_total: Cell<u64>,
     pub responses_by_class: [Cell<u64>; 6],
     pub overload_503_total: Cell<u64>,
@@ -78,6 +82,8 @@ impl ShardMetrics {
             connections_open: Cell::new(0),
             connections_total: Cell::new(0),
             connections_refused: Cell::new(0),
+            connections_migrated_in: Cell::new(0),
+            connections_migrated_out: Cell::new(0),
             requests_total: Cell::new(0),
             responses_by_class: Default::default(),
             overload_503_total: Cell::new(0),
@@ -99,6 +105,19 @@ impl ShardMetrics {
     pub fn connection_opened(&self) {
         Self::bump(&self.connections_open, 1);
         Self::bump(&self.connections_total, 1);
+    }
+
+    /// A connection another shard moved here.
+    pub fn connection_arrived(&self) {
+        Self::bump(&self.connections_open, 1);
+        Self::bump(&self.connections_migrated_in, 1);
+    }
+
+    /// A connection this shard moved to another one (not a disconnect: it goes on there).
+    pub fn connection_left(&self) {
+        self.connections_open
+            .set(self.connections_open.get().saturating_sub(1));
+        Self::bump(&self.connections_migrated_out, 1);
     }
 
     pub fn connection_closed(&self, why: Disconnect) {
@@ -177,6 +196,16 @@ impl ShardMetrics {
             "kefu_connections_refused_total",
             "",
             self.connections_refused.get(),
+        );
+        line(
+            "kefu_connections_migrated_total",
+            "direction=\"in\"",
+            self.connections_migrated_in.get(),
+        );
+        line(
+            "kefu_connections_migrated_total",
+            "direction=\"out\"",
+            self.connections_migrated_out.get(),
         );
         line("kefu_http_requests_total", "", self.requests_total.get());
         for (class, c) in self.responses_by_class.iter().enumerate().skip(1) {

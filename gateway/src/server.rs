@@ -33,6 +33,8 @@ pub struct Shared {
     /// Per shard, the deliveries its subscribers' shards give back for reuse
     /// ([`crate::engine::give_back_delivery`]).
     pub delivery_returns: Vec<Arc<crate::engine::DeliveryReturns>>,
+    /// Per shard, the connections other shards move to it ([`crate::migrate`]).
+    pub arrivals: Vec<crate::migrate::Arrivals>,
     /// Each shard's end of its doorbell, taken once by the shard at start (so a lock at
     /// start only).
     doorbell_readers: Vec<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>>,
@@ -86,6 +88,12 @@ pub struct ShardCtx {
 const NO_DEADLINE: u64 = u64::MAX;
 
 impl ShardCtx {
+    /// Publishes this shard's open-connection count to the other shards (they read it before
+    /// they move a connection here, see [`crate::migrate`]).
+    pub fn open_changed(&self) {
+        self.shared.arrivals[self.id as usize].set_open(self.metrics.connections_open.get());
+    }
+
     pub fn next_conn_id(&self) -> u64 {
         let id = self.next_conn_id.get();
         self.next_conn_id.set(id + 1);
@@ -408,6 +416,7 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
                 ))
             })
             .collect(),
+        arrivals: (0..shards).map(|_| crate::migrate::Arrivals::new()).collect(),
         doorbell_readers: doorbell_readers
             .into_iter()
             .map(|r| std::sync::Mutex::new(Some(r)))
@@ -660,6 +669,7 @@ async fn shard_main(
     });
     let http_task = monoio::spawn(accept_loop(ctx.clone(), http, Proto::Http));
     let tcp_task = monoio::spawn(accept_loop(ctx.clone(), tcp, Proto::Binary));
+    let adopt_task = monoio::spawn(crate::migrate::adopt(ctx.clone()));
     shared.ready.fetch_add(1, Ordering::AcqRel);
     let _ = ready.send(Ok(id));
 
@@ -676,6 +686,7 @@ async fn shard_main(
     ctx.stop_all();
     let _ = http_task.await;
     let _ = tcp_task.await;
+    adopt_task.await;
     // Drain: connections finish their current request and close; wait a bounded time.
     let deadline = std::time::Instant::now() + Duration::from_millis(SHUTDOWN_DRAIN_MS);
     while ctx.metrics.connections_open.get() > 0 && std::time::Instant::now() < deadline {
@@ -725,25 +736,12 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
         }
         let _ = stream.set_nodelay(true);
         ctx.metrics.connection_opened();
-        let ctx = ctx.clone();
-        // One spawn per protocol, so each connection's task is sized for its own protocol's
-        // future (an idle HTTP connection does not pay for the binary session's state).
-        let conn = ctx.next_conn_id();
         match proto {
-            Proto::Http => {
-                // The HTTP phase is boxed before the spawn, so the task holds a pointer to it
-                // (an idle keep-alive connection's task stays a few words). An upgraded
-                // connection's session then runs in a task of its own, sized for it, and
-                // this one (with the HTTP state) is freed.
-                let http = Box::pin(crate::http::serve(ctx.clone(), stream, conn));
-                monoio::spawn(async move {
-                    match http.await {
-                        crate::http::Served::Closed(why) => ended(&ctx, conn, why),
-                        served => hand_over(&ctx, served, conn),
-                    }
-                });
-            }
+            Proto::Http => serve_http(&ctx, stream),
             Proto::Binary => {
+                ctx.open_changed();
+                let ctx = ctx.clone();
+                let conn = ctx.next_conn_id();
                 monoio::spawn(async move {
                     let why = crate::binary::serve(ctx.clone(), stream, conn).await;
                     ended(&ctx, conn, why);
@@ -754,10 +752,36 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
     ctx.forget_conn(me);
 }
 
+/// Serves an HTTP connection this shard accepted or took over from another shard (its
+/// `connection_opened` or `connection_arrived` is counted already).
+pub(crate) fn serve_http(ctx: &Rc<ShardCtx>, stream: monoio::net::TcpStream) {
+    ctx.open_changed();
+    let ctx = ctx.clone();
+    // One spawn per protocol, so each connection's task is sized for its own protocol's
+    // future (an idle HTTP connection does not pay for the binary session's state).
+    let conn = ctx.next_conn_id();
+    // The HTTP phase is boxed before the spawn, so the task holds a pointer to it (an idle
+    // keep-alive connection's task stays a few words). An upgraded connection's session then
+    // runs in a task of its own, sized for it, and this one (with the HTTP state) is freed.
+    let http = Box::pin(crate::http::serve(ctx.clone(), stream, conn));
+    monoio::spawn(async move {
+        match http.await {
+            crate::http::Served::Closed(why) => ended(&ctx, conn, why),
+            crate::http::Served::Migrated => {
+                ctx.forget_conn(conn);
+                ctx.metrics.connection_left();
+                ctx.open_changed();
+            }
+            served => hand_over(&ctx, served, conn),
+        }
+    });
+}
+
 /// Accounts for a connection that ended.
 pub(crate) fn ended(ctx: &ShardCtx, conn: u64, why: Disconnect) {
     ctx.forget_conn(conn);
     ctx.metrics.connection_closed(why);
+    ctx.open_changed();
 }
 
 /// Starts the session an HTTP connection handed over to (WebSocket or firehose) in a task of
@@ -765,6 +789,7 @@ pub(crate) fn ended(ctx: &ShardCtx, conn: u64, why: Disconnect) {
 fn hand_over(ctx: &Rc<ShardCtx>, served: crate::http::Served, conn: u64) {
     match served {
         crate::http::Served::Closed(why) => ended(ctx, conn, why),
+        crate::http::Served::Migrated => unreachable!("handled by serve_http"),
         crate::http::Served::WebSocket { conn: c, up, rest } => {
             // The session accounts for itself: no wrapper around it in its task.
             monoio::spawn(crate::ws::serve(ctx.clone(), c, up, rest, conn));

@@ -546,6 +546,88 @@ fn sigkill_under_load_on_the_legacy_driver_loses_no_acknowledged_message() {
     sigkill_under_load(&[("driver = \"auto\"", "driver = \"legacy\"")]);
 }
 
+/// Keep-alive connections whose sends go to a conversation of the other shard move there
+/// (`server.migrate_connections`): afterwards no test connection is left on shard 1, every
+/// send was answered on the same TCP connection, and the conversation holds every message once,
+/// in order. With the io_uring driver and with the legacy epoll one.
+#[test]
+fn keep_alive_connections_move_to_their_conversations_shard() {
+    for driver in ["auto", "legacy"] {
+        let dir = tempfile::tempdir().unwrap();
+        let kefu = start_with(
+            &dir,
+            "2",
+            "always",
+            &[("driver = \"auto\"", &format!("driver = \"{driver}\""))],
+        );
+        let mut setup = kefu.http();
+        // The demo tenant routes on one shard: its conversations open on shard 0.
+        let (id, token) = create_conversation(&mut setup, None);
+        assert_eq!(frame::shard_of(ConversationId::parse(&id).unwrap().0), 0);
+        let base = last_seq(&mut setup, &id, &token);
+        drop(setup);
+        const CONNECTIONS: usize = 16;
+        const ROUNDS: usize = 4;
+        let mut conns: Vec<Http> = (0..CONNECTIONS).map(|_| kefu.http()).collect();
+        let mut seqs = Vec::new();
+        for round in 0..ROUNDS {
+            for (c, http) in conns.iter_mut().enumerate() {
+                let body = json!({ "text": format!("r{round} c{c}") }).to_string();
+                let r = http.post(
+                    &format!("/v1/conversations/{id}/messages"),
+                    Some(&token),
+                    &body,
+                );
+                assert_eq!(r.status, 201, "{driver}: round {round}, connection {c}");
+                seqs.push(r.json()["seq"].as_u64().unwrap());
+            }
+        }
+        // Each answer came on the connection it was sent on, and each connection still serves.
+        for http in &mut conns {
+            assert_eq!(last_seq(http, &id, &token), base + seqs.len() as u64);
+        }
+        assert_eq!(seqs, (base + 1..=base + seqs.len() as u64).collect::<Vec<_>>());
+        let text = String::from_utf8(kefu.http().get("/metrics", None).body).unwrap();
+        let metric = |line: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{line} ")))
+                .unwrap_or_else(|| panic!("no {line} in\n{text}"))
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        // Only the /metrics connection itself may be open on shard 1.
+        assert!(
+            metric("kefu_connections_open{shard=\"1\"}") <= 1,
+            "{driver}: connections left on shard 1:\n{text}"
+        );
+        assert!(metric("kefu_connections_open{shard=\"0\"}") >= CONNECTIONS as u64);
+        let moved = metric("kefu_connections_migrated_total{shard=\"0\",direction=\"in\"}");
+        assert_eq!(
+            moved,
+            metric("kefu_connections_migrated_total{shard=\"1\",direction=\"out\"}")
+        );
+        assert_eq!(
+            metric("kefu_connections_migrated_total{shard=\"1\",direction=\"in\"}"),
+            0
+        );
+        // Every message is stored once, in order.
+        let page = conns[0]
+            .get(
+                &format!("/v1/conversations/{id}/messages?after={base}&limit=100"),
+                Some(&token),
+            )
+            .json();
+        let stored: Vec<u64> = page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(stored, seqs);
+    }
+}
+
 /// Four visitors send keyed messages on two shards until a SIGKILL; after the restart every
 /// acknowledged message is there at its seq, with no gap or duplicate, a retry finds its
 /// original seq, and a WebSocket resume from the middle continues exactly.

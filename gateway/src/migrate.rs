@@ -1,0 +1,220 @@
+//! Keep-alive HTTP connections follow their conversation to its shard.
+//!
+//! A conversation lives on one shard; a connection lives on the shard that accepted it. A
+//! visitor whose connection the kernel gave to another shard than its conversation's pays a
+//! cross-shard hop twice per message (the command there, the reply back): about 6 us of CPU
+//! per send and 0.3 ms at p99 each way on the development machine (see the gateway README).
+//!
+//! So when the last [`MIGRATE_AFTER_SENDS`] message sends of a plain (not TLS) keep-alive
+//! connection all went to one other shard, and nothing of the connection is buffered (no
+//! partial request read, no answer unwritten, no read in flight), the connection moves there:
+//! [`leave`] duplicates its socket, queues the copy on the target shard's bounded
+//! [`Arrivals`] queue and wakes the target, and the origin closes its own descriptor. The
+//! target's [`adopt`] task then serves the socket as if it had accepted it. The client sees
+//! nothing: the TCP connection is the same, and no byte was read by the origin that the
+//! target does not have.
+//!
+//! Invariants:
+//! - A connection moves only between requests, with empty read and write buffers and no read
+//!   in flight, so no byte of it is lost or served twice.
+//! - A shard adopts no connection above `limits.connections_per_shard_max`: the origin checks
+//!   the target's count before it moves one, and the target closes an arrival that finds it
+//!   full anyway (a race of two origins: counted in `kefu_connections_refused_total`).
+//! - At most [`ARRIVALS_QUEUED_MAX`] connections wait in a shard's queue; a full queue keeps
+//!   the connection where it is.
+//! - Shards that are stopping move nothing; arrivals still queued at shutdown are closed.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
+
+use crossbeam_queue::ArrayQueue;
+
+use crate::server::ShardCtx;
+use crate::wake::ShardWaker;
+
+/// Consecutive message sends to one other shard after which a connection moves there. One
+/// is not enough: an agent's connection may answer in one conversation of another shard and
+/// then go on elsewhere.
+pub const MIGRATE_AFTER_SENDS: u8 = 2;
+
+/// Connections waiting in one shard's arrival queue.
+pub const ARRIVALS_QUEUED_MAX: usize = 1024;
+
+/// One shard's incoming connections and its count of open ones (read by other shards).
+pub struct Arrivals {
+    queue: ArrayQueue<OwnedFd>,
+    waker: ShardWaker,
+    /// The shard's open client connections: a copy of its `kefu_connections_open` that other
+    /// shards can read before they move a connection here.
+    open: AtomicU64,
+}
+
+impl Default for Arrivals {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Arrivals {
+    pub fn new() -> Self {
+        Self {
+            queue: ArrayQueue::new(ARRIVALS_QUEUED_MAX),
+            waker: ShardWaker::new(),
+            open: AtomicU64::new(0),
+        }
+    }
+
+    /// Sets the shard's open-connection count (by the shard itself, whenever it changes).
+    pub fn set_open(&self, n: u64) {
+        self.open.store(n, Ordering::Relaxed);
+    }
+
+    /// Waits for the next arrival.
+    async fn next(&self) -> OwnedFd {
+        std::future::poll_fn(|cx| {
+            if let Some(fd) = self.queue.pop() {
+                return Poll::Ready(fd);
+            }
+            self.waker.register(cx.waker());
+            match self.queue.pop() {
+                Some(fd) => Poll::Ready(fd),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+/// Which shard a connection's message sends went to, and how many in a row.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Follow {
+    shard: u16,
+    sends: u8,
+}
+
+impl Follow {
+    /// Records a message send from shard `here` into a conversation of shard `to`.
+    pub fn sent(&mut self, here: u16, to: u16) {
+        if to == here {
+            self.sends = 0;
+        } else if to == self.shard {
+            self.sends = self.sends.saturating_add(1);
+        } else {
+            self.shard = to;
+            self.sends = 1;
+        }
+    }
+
+    /// The shard to move to, once the sends said so.
+    pub fn target(&self) -> Option<u16> {
+        (self.sends >= MIGRATE_AFTER_SENDS).then_some(self.shard)
+    }
+
+    /// Starts counting again (a move that did not happen is tried after as many sends again).
+    pub fn reset(&mut self) {
+        self.sends = 0;
+    }
+}
+
+/// Moves the connection whose socket is `socket` to shard `to`, if it can go: true when the
+/// target has it queued (the caller then drops its own descriptor and forgets the
+/// connection). The caller guarantees the connection is plain and idle between requests.
+pub fn leave(ctx: &ShardCtx, socket: &impl AsRawFd, to: u16) -> bool {
+    let shared = &ctx.shared;
+    let Some(arrivals) = shared.arrivals.get(to as usize) else {
+        return false;
+    };
+    if to == ctx.id
+        || !shared.config.migrate_connections
+        || ctx.stopping.get()
+        || shared.stopping.load(Ordering::Acquire)
+        || arrivals.open.load(Ordering::Relaxed)
+            >= shared.config.limits.connections_per_shard_max as u64
+    {
+        return false;
+    }
+    // A second descriptor of the same socket: the origin's is closed by monoio when its
+    // stream drops (which also unregisters it from an epoll driver).
+    // SAFETY: fcntl on a descriptor we hold; a new descriptor is returned or -1.
+    let fd = unsafe { libc::fcntl(socket.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `fd` was just returned by fcntl and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if arrivals.queue.push(fd).is_err() {
+        return false;
+    }
+    arrivals.waker.wake();
+    true
+}
+
+/// Serves the connections other shards move to this one, until the shard stops.
+pub async fn adopt(ctx: Rc<ShardCtx>) {
+    let me = ctx.next_conn_id();
+    let arrivals = &ctx.shared.arrivals[ctx.id as usize];
+    let limit = ctx.shared.config.limits.connections_per_shard_max as u64;
+    loop {
+        let fd = monoio::select! {
+            fd = arrivals.next() => fd,
+            _ = ctx.stopped(me) => break,
+        };
+        if ctx.metrics.connections_open.get() >= limit {
+            let refused = &ctx.metrics.connections_refused;
+            refused.set(refused.get() + 1);
+            continue;
+        }
+        let stream = match monoio::net::TcpStream::from_std(std::net::TcpStream::from(fd)) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("kefu: shard {}: adopting a connection: {e}", ctx.id);
+                continue;
+            }
+        };
+        ctx.metrics.connection_arrived();
+        crate::server::serve_http(&ctx, stream);
+    }
+    ctx.forget_conn(me);
+    // Arrivals after the stop are closed: the shard no longer serves.
+    while arrivals.queue.pop().is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_follows_after_two_sends_in_a_row_to_one_other_shard() {
+        let mut f = Follow::default();
+        f.sent(0, 1);
+        assert_eq!(f.target(), None, "one send is not enough");
+        f.sent(0, 1);
+        assert_eq!(f.target(), Some(1));
+        f.reset();
+        assert_eq!(f.target(), None);
+        // A send on its own shard, or to a third shard, starts the count again.
+        f.sent(0, 1);
+        f.sent(0, 0);
+        f.sent(0, 1);
+        assert_eq!(f.target(), None);
+        f.sent(0, 2);
+        f.sent(0, 1);
+        assert_eq!(f.target(), None);
+        f.sent(0, 1);
+        assert_eq!(f.target(), Some(1));
+    }
+
+    #[test]
+    fn the_arrival_queue_is_bounded() {
+        let a = Arrivals::new();
+        let (s, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        for _ in 0..ARRIVALS_QUEUED_MAX {
+            let fd = OwnedFd::from(s.try_clone().expect("dup"));
+            assert!(a.queue.push(fd).is_ok());
+        }
+        let fd = OwnedFd::from(s.try_clone().expect("dup"));
+        assert!(a.queue.push(fd).is_err(), "a full queue refuses");
+    }
+}
