@@ -416,7 +416,9 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
                 ))
             })
             .collect(),
-        arrivals: (0..shards).map(|_| crate::migrate::Arrivals::new()).collect(),
+        arrivals: (0..shards)
+            .map(|_| crate::migrate::Arrivals::new())
+            .collect(),
         doorbell_readers: doorbell_readers
             .into_iter()
             .map(|r| std::sync::Mutex::new(Some(r)))

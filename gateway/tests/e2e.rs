@@ -586,7 +586,10 @@ fn keep_alive_connections_move_to_their_conversations_shard() {
         for http in &mut conns {
             assert_eq!(last_seq(http, &id, &token), base + seqs.len() as u64);
         }
-        assert_eq!(seqs, (base + 1..=base + seqs.len() as u64).collect::<Vec<_>>());
+        assert_eq!(
+            seqs,
+            (base + 1..=base + seqs.len() as u64).collect::<Vec<_>>()
+        );
         let text = String::from_utf8(kefu.http().get("/metrics", None).body).unwrap();
         let metric = |line: &str| -> u64 {
             text.lines()
