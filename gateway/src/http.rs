@@ -382,7 +382,7 @@ struct HttpConn {
     peer_loopback: bool,
     conn_id: u64,
     /// Where its message sends went: a connection moves to their shard ([`crate::migrate`]).
-    follow: crate::migrate::Follow,
+    sends_to: crate::migrate::Follow,
 }
 
 /// How an HTTP connection ended: closed, or handed over to a WebSocket or stream session,
@@ -404,7 +404,8 @@ pub enum Served {
     },
 }
 
-pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Served {
+/// `moves`: how often the connection moved between shards before ([`crate::migrate`]).
+pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64, moves: u8) -> Served {
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let peer_port = stream.peer_addr().map(|a| a.port()).unwrap_or(0);
     let peer_loopback = stream
@@ -432,7 +433,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Served
         peer_port,
         peer_loopback,
         conn_id,
-        follow: crate::migrate::Follow::default(),
+        sends_to: crate::migrate::Follow::moved(moves),
     };
     loop {
         if !c.parse_pending {
@@ -467,14 +468,14 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Served
         match after {
             After::Wait { idle_from: at } => {
                 idle_from = at;
-                if let Some(to) = c.follow.target() {
+                if let Some(to) = c.sends_to.target() {
                     // Only between requests with nothing buffered, and never TLS (its
                     // session state stays with the socket's first shard).
                     let idle = !c.parse_pending
                         && !c.continue_sent
                         && !c.conn.is_tls()
                         && c.buf.as_ref().is_none_or(|b| b.is_empty());
-                    if idle && crate::migrate::leave(&ctx, &c.conn.stream, to) {
+                    if idle && crate::migrate::leave(&ctx, &c.conn.stream, to, c.sends_to.moves()) {
                         if let Some(b) = c.buf.take() {
                             ctx.pool.give(b);
                         }
@@ -483,7 +484,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Served
                         }
                         return Served::Migrated;
                     }
-                    c.follow.reset();
+                    c.sends_to.reset();
                 }
             }
             After::End(why) => return Served::Closed(why),
@@ -535,7 +536,7 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
         peer_port,
         peer_loopback,
         conn_id,
-        follow,
+        sends_to,
     } = c;
     let (local_port, peer_port, peer_loopback, conn_id) =
         (*local_port, *peer_port, *peer_loopback, *conn_id);
@@ -628,7 +629,7 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
             // allocation and copy less per message).
             Some(id) => {
                 if let Ok(cid) = ConversationId::parse(id) {
-                    follow.sent(ctx.id, kefu_protocol::frame::shard_of(cid.0));
+                    sends_to.sent(ctx.id, kefu_protocol::frame::shard_of(cid.0));
                 }
                 send_message(ctx, &req.head, id, body, keep_alive, out, trace_ref)
                     .await

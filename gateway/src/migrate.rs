@@ -36,15 +36,24 @@ use crate::wake::ShardWaker;
 
 /// Consecutive message sends to one other shard after which a connection moves there. One
 /// is not enough: an agent's connection may answer in one conversation of another shard and
-/// then go on elsewhere.
+/// then go on elsewhere. Each move of a connection doubles its count (up to
+/// [`MIGRATE_AFTER_SENDS_MAX`]), so a connection whose sends alternate between shards moves
+/// ever more rarely instead of paying a move every other send.
 pub const MIGRATE_AFTER_SENDS: u8 = 2;
+pub const MIGRATE_AFTER_SENDS_MAX: u8 = 64;
+
+/// A connection on its way to another shard: its socket and how often it moved before.
+pub struct Migrant {
+    fd: OwnedFd,
+    moves: u8,
+}
 
 /// Connections waiting in one shard's arrival queue.
 pub const ARRIVALS_QUEUED_MAX: usize = 1024;
 
 /// One shard's incoming connections and its count of open ones (read by other shards).
 pub struct Arrivals {
-    queue: ArrayQueue<OwnedFd>,
+    queue: ArrayQueue<Migrant>,
     waker: ShardWaker,
     /// The shard's open client connections: a copy of its `kefu_connections_open` that other
     /// shards can read before they move a connection here.
@@ -72,7 +81,7 @@ impl Arrivals {
     }
 
     /// Waits for the next arrival.
-    async fn next(&self) -> OwnedFd {
+    async fn next(&self) -> Migrant {
         std::future::poll_fn(|cx| {
             if let Some(fd) = self.queue.pop() {
                 return Poll::Ready(fd);
@@ -87,14 +96,29 @@ impl Arrivals {
     }
 }
 
-/// Which shard a connection's message sends went to, and how many in a row.
+/// Which shard a connection's message sends went to, how many in a row, and how often the
+/// connection moved before.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Follow {
     shard: u16,
     sends: u8,
+    moves: u8,
 }
 
 impl Follow {
+    /// A connection that moved `moves` times before.
+    pub fn moved(moves: u8) -> Self {
+        Self {
+            moves,
+            ..Self::default()
+        }
+    }
+
+    /// How often the connection moved before.
+    pub fn moves(&self) -> u8 {
+        self.moves
+    }
+
     /// Records a message send from shard `here` into a conversation of shard `to`.
     pub fn sent(&mut self, here: u16, to: u16) {
         if to == here {
@@ -109,7 +133,11 @@ impl Follow {
 
     /// The shard to move to, once the sends said so.
     pub fn target(&self) -> Option<u16> {
-        (self.sends >= MIGRATE_AFTER_SENDS).then_some(self.shard)
+        let needed = MIGRATE_AFTER_SENDS
+            .checked_shl(u32::from(self.moves))
+            .unwrap_or(MIGRATE_AFTER_SENDS_MAX)
+            .min(MIGRATE_AFTER_SENDS_MAX);
+        (self.sends >= needed).then_some(self.shard)
     }
 
     /// Starts counting again (a move that did not happen is tried after as many sends again).
@@ -121,7 +149,7 @@ impl Follow {
 /// Moves the connection whose socket is `socket` to shard `to`, if it can go: true when the
 /// target has it queued (the caller then drops its own descriptor and forgets the
 /// connection). The caller guarantees the connection is plain and idle between requests.
-pub fn leave(ctx: &ShardCtx, socket: &impl AsRawFd, to: u16) -> bool {
+pub fn leave(ctx: &ShardCtx, socket: &impl AsRawFd, to: u16, moves: u8) -> bool {
     let shared = &ctx.shared;
     let Some(arrivals) = shared.arrivals.get(to as usize) else {
         return false;
@@ -144,7 +172,11 @@ pub fn leave(ctx: &ShardCtx, socket: &impl AsRawFd, to: u16) -> bool {
     }
     // SAFETY: `fd` was just returned by fcntl and is owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    if arrivals.queue.push(fd).is_err() {
+    let migrant = Migrant {
+        fd,
+        moves: moves.saturating_add(1),
+    };
+    if arrivals.queue.push(migrant).is_err() {
         return false;
     }
     arrivals.waker.wake();
@@ -157,8 +189,8 @@ pub async fn adopt(ctx: Rc<ShardCtx>) {
     let arrivals = &ctx.shared.arrivals[ctx.id as usize];
     let limit = ctx.shared.config.limits.connections_per_shard_max as u64;
     loop {
-        let fd = monoio::select! {
-            fd = arrivals.next() => fd,
+        let Migrant { fd, moves } = monoio::select! {
+            m = arrivals.next() => m,
             _ = ctx.stopped(me) => break,
         };
         if ctx.metrics.connections_open.get() >= limit {
@@ -174,7 +206,7 @@ pub async fn adopt(ctx: Rc<ShardCtx>) {
             }
         };
         ctx.metrics.connection_arrived();
-        crate::server::serve_http(&ctx, stream);
+        crate::server::serve_http(&ctx, stream, moves);
     }
     ctx.forget_conn(me);
     // Arrivals after the stop are closed: the shard no longer serves.
@@ -207,14 +239,29 @@ mod tests {
     }
 
     #[test]
+    fn each_move_doubles_the_sends_before_the_next_one() {
+        for (moves, needed) in [(0, 2), (1, 4), (2, 8), (5, 64), (6, 64), (200, 64)] {
+            let mut f = Follow::moved(moves);
+            for _ in 1..needed {
+                f.sent(1, 0);
+            }
+            assert_eq!(f.target(), None, "moves {moves}: {needed} sends needed");
+            f.sent(1, 0);
+            assert_eq!(f.target(), Some(0), "moves {moves}");
+        }
+    }
+
+    #[test]
     fn the_arrival_queue_is_bounded() {
         let a = Arrivals::new();
         let (s, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let migrant = || Migrant {
+            fd: OwnedFd::from(s.try_clone().expect("dup")),
+            moves: 1,
+        };
         for _ in 0..ARRIVALS_QUEUED_MAX {
-            let fd = OwnedFd::from(s.try_clone().expect("dup"));
-            assert!(a.queue.push(fd).is_ok());
+            assert!(a.queue.push(migrant()).is_ok());
         }
-        let fd = OwnedFd::from(s.try_clone().expect("dup"));
-        assert!(a.queue.push(fd).is_err(), "a full queue refuses");
+        assert!(a.queue.push(migrant()).is_err(), "a full queue refuses");
     }
 }

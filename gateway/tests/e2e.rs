@@ -631,6 +631,66 @@ fn keep_alive_connections_move_to_their_conversations_shard() {
     }
 }
 
+/// A connection whose sends alternate between conversations of two shards (two to one, two to
+/// the other, ...) keeps working and does not move back and forth: after its first move it
+/// needs four sends in a row to one shard, which this pattern never makes.
+#[test]
+fn a_connection_alternating_between_shards_moves_rarely() {
+    let dir = tempfile::tempdir().unwrap();
+    // Conversations open on the shard that accepted their creation.
+    let kefu = start_with(
+        &dir,
+        "2",
+        "always",
+        &[(
+            "name = \"demo\"",
+            "name = \"demo\"\nroute_on_one_shard = false",
+        )],
+    );
+    let mut by_shard: [Option<(String, String)>; 2] = [None, None];
+    for _ in 0..64 {
+        let (id, token) = create_conversation(&mut kefu.http(), None);
+        let shard = frame::shard_of(ConversationId::parse(&id).unwrap().0) as usize;
+        by_shard[shard].get_or_insert((id, token));
+        if by_shard.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let convs: Vec<(String, String)> = by_shard
+        .into_iter()
+        .map(|c| c.expect("64 new connections all landed on one shard"))
+        .collect();
+    let mut http = kefu.http();
+    let mut stored = [0u64; 2];
+    for (c, (id, token)) in convs.iter().enumerate() {
+        stored[c] = last_seq(&mut http, id, token);
+    }
+    for k in 0..40 {
+        let c = (k / 2) % 2;
+        let (id, token) = &convs[c];
+        let r = http.post(
+            &format!("/v1/conversations/{id}/messages"),
+            Some(token),
+            &json!({ "text": format!("m{k}") }).to_string(),
+        );
+        assert_eq!(r.status, 201, "send {k}");
+        stored[c] += 1;
+        assert_eq!(r.json()["seq"].as_u64().unwrap(), stored[c], "send {k}");
+    }
+    let text = String::from_utf8(http.get("/metrics", None).body).unwrap();
+    let sum = |direction: &str| -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("kefu_connections_migrated_total{")
+                    && l.contains(&format!("direction=\"{direction}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert_eq!(sum("in"), sum("out"));
+    assert!(sum("out") <= 1, "moved {} times:\n{text}", sum("out"));
+}
+
 /// Four visitors send keyed messages on two shards until a SIGKILL; after the restart every
 /// acknowledged message is there at its seq, with no gap or duplicate, a retry finds its
 /// original seq, and a WebSocket resume from the middle continues exactly.
