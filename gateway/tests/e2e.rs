@@ -1123,8 +1123,34 @@ fn tls_listener_serves_http_and_the_firehose() {
         .as_bytes(),
     )
     .unwrap();
-    let (status, _) = tls_response(&mut s);
+    let (status, created) = tls_response(&mut s);
     assert_eq!(status, 201);
+    // TLS sessions stay on the shard that accepted them (their rustls state lives there): sends
+    // into a conversation of the other shard keep working on the same session. Eight
+    // sessions, so some were accepted by the shard that does not own the conversation.
+    let created: serde_json::Value = serde_json::from_slice(&created).unwrap();
+    let (id, token) = (
+        created["conversation_id"].as_str().unwrap(),
+        created["visitor_token"].as_str().unwrap(),
+    );
+    for session in 0..8 {
+        let mut t = tls_connect(kefu.http, &cert);
+        for i in 0..3 {
+            let body = format!(r#"{{"text":"tls {session} {i}"}}"#);
+            t.write_all(
+                format!(
+                    "POST /v1/conversations/{id}/messages HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(tls_response(&mut t).0, 201, "session {session}, send {i}");
+        }
+        t.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        assert_eq!(tls_response(&mut t).0, 200, "session {session}");
+    }
     // The firehose copies through TLS (no sendfile): whole frames.
     let integration = kefu.integration.clone().unwrap();
     let mut total = Vec::new();
