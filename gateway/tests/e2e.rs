@@ -631,6 +631,65 @@ fn keep_alive_connections_move_to_their_conversations_shard() {
     }
 }
 
+/// Moving a connection loses no byte: pipelined sends (written in one go, so the next ones may
+/// already wait in the socket while the connection moves) and a request split in two writes
+/// with a pause between (a partial request buffered: the connection must not move then) are all
+/// answered, in order, on the same connection.
+#[test]
+fn moving_connections_lose_no_pipelined_or_partial_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir, "2", "always");
+    let (id, token) = create_conversation(&mut kefu.http(), None);
+    let base = last_seq(&mut kefu.http(), &id, &token);
+    let request = |text: &str| {
+        let body = json!({ "text": text }).to_string();
+        format!(
+            "POST /v1/conversations/{id}/messages HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut seqs = Vec::new();
+    let mut conns: Vec<Http> = (0..8).map(|_| kefu.http()).collect();
+    for (c, http) in conns.iter_mut().enumerate() {
+        // Two whole sends and half of a third in one write, the rest 50 ms later: after the
+        // two, a connection of the other shard would move, but the half is buffered.
+        let third = request(&format!("c{c} split"));
+        let (a, b) = third.as_bytes().split_at(third.len() / 2);
+        let mut first = format!(
+            "{}{}",
+            request(&format!("c{c} 1")),
+            request(&format!("c{c} 2"))
+        )
+        .into_bytes();
+        first.extend_from_slice(a);
+        http.send_raw(&first);
+        std::thread::sleep(Duration::from_millis(50));
+        http.send_raw(b);
+        // Then three pipelined sends, three times.
+        for round in 0..4 {
+            if round > 0 {
+                let burst: String = (0..3)
+                    .map(|i| request(&format!("c{c} r{round} {i}")))
+                    .collect();
+                http.send_raw(burst.as_bytes());
+            }
+            for _ in 0..3 {
+                let r = http.read_response();
+                assert_eq!(r.status, 201, "connection {c}, round {round}");
+                seqs.push(r.json()["seq"].as_u64().unwrap());
+            }
+        }
+    }
+    assert_eq!(
+        seqs,
+        (base + 1..=base + seqs.len() as u64).collect::<Vec<_>>(),
+        "every send answered once, in order"
+    );
+    for http in &mut conns {
+        assert_eq!(last_seq(http, &id, &token), base + seqs.len() as u64);
+    }
+}
+
 /// A connection whose sends alternate between conversations of two shards (two to one, two to
 /// the other, ...) keeps working and does not move back and forth: after its first move it
 /// needs four sends in a row to one shard, which this pattern never makes.
