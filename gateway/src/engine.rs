@@ -174,6 +174,28 @@ impl Outbox {
         self.queue.is_empty()
     }
 
+    /// The outbox of a socket that is gone, cleared for a new subscriber: only its last
+    /// holder may do this (`&mut`: no engine still has it), so nothing stale reaches the new
+    /// one. Deliveries still queued go back to their shard's pool.
+    pub fn clear_for_reuse(
+        &mut self,
+        returns: &[Arc<crate::engine::DeliveryReturns>],
+    ) -> &mut Self {
+        while let Some(d) = self.queue.pop() {
+            give_back_delivery(returns, d);
+        }
+        *self.overflowed.get_mut() = false;
+        *self.closed.get_mut() = false;
+        *self.dropped.get_mut() = 0;
+        self.waker = ShardWaker::new();
+        self
+    }
+
+    /// How many deliveries it holds at most.
+    pub fn capacity(&self) -> usize {
+        self.queue.capacity()
+    }
+
     /// Registers the current task to be woken on the next push.
     pub fn register(&self, waker: &std::task::Waker) {
         self.waker.register(waker);

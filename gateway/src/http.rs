@@ -6,6 +6,7 @@
 //! shard that owns it and the reply comes back through a one-shot slot.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -1220,9 +1221,49 @@ fn drain_page(
 /// the default 1,024) made each waiting poll cost 12 KiB of memory.
 const LONG_POLL_QUEUE_DEPTH: usize = 64;
 
+/// Long-poll outboxes a thread keeps for reuse.
+const POLL_OUTBOXES_MAX: usize = 256;
+
+/// Kept outboxes a new long-poll looks at for one it may reuse, oldest first.
+const POLL_OUTBOXES_SCANNED_MAX: usize = 8;
+
 thread_local! {
     /// Lists for the pages of waiting long-polls (bounded like the other scratch lists).
     static PAGE_ENTRIES: RefCell<Vec<Vec<Arc<Delivery>>>> = const { RefCell::new(Vec::new()) };
+    /// Outboxes of finished long-polls. The engine lets go of a closed one at its
+    /// conversation's next delivery or registration (usually the same client's next poll), so
+    /// the oldest are the first free again; one still held is skipped.
+    static POLL_OUTBOXES: RefCell<VecDeque<Arc<Outbox>>> = const { RefCell::new(VecDeque::new()) };
+}
+
+/// An outbox for a long-poll: a kept one nobody else holds any more, else a new one.
+fn poll_outbox(returns: &[Arc<crate::engine::DeliveryReturns>], depth: usize) -> Arc<Outbox> {
+    POLL_OUTBOXES.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        let scanned = kept.len().min(POLL_OUTBOXES_SCANNED_MAX);
+        for i in 0..scanned {
+            let free = Arc::get_mut(&mut kept[i]).is_some_and(|o| o.capacity() == depth);
+            if free && let Some(mut outbox) = kept.remove(i) {
+                if let Some(o) = Arc::get_mut(&mut outbox) {
+                    o.clear_for_reuse(returns);
+                }
+                return outbox;
+            }
+        }
+        Outbox::new(depth)
+    })
+}
+
+/// Keeps a finished long-poll's outbox for reuse (closed already); a full list lets its
+/// oldest go.
+fn keep_poll_outbox(outbox: Arc<Outbox>) {
+    POLL_OUTBOXES.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        if kept.len() >= POLL_OUTBOXES_MAX {
+            kept.pop_front();
+        }
+        kept.push_back(outbox);
+    });
 }
 
 async fn long_poll(
@@ -1239,7 +1280,10 @@ async fn long_poll(
     let timeout_ms = query_u64(head, "timeout_ms")?
         .unwrap_or(limits.long_poll_timeout_ms_max)
         .min(limits.long_poll_timeout_ms_max);
-    let outbox = Outbox::new(limits.subscriber_queue_depth.min(LONG_POLL_QUEUE_DEPTH));
+    let outbox = poll_outbox(
+        &ctx.shared.delivery_returns,
+        limits.subscriber_queue_depth.min(LONG_POLL_QUEUE_DEPTH),
+    );
     let outcome = call(ctx, (id >> 48) as u16, |reply| Command::Replay {
         conv: id,
         actor,
@@ -1269,6 +1313,7 @@ async fn long_poll(
         last_seq = drain_page(&outbox, after, last_seq, &mut entries);
     }
     outbox.close();
+    keep_poll_outbox(outbox);
     let mut page = ctx.pool.take();
     write_page(&mut page, entries.iter().map(|d| &*d.json), last_seq);
     write_json(out, 200, keep_alive, &page);
@@ -1326,6 +1371,40 @@ mod tests {
             seq,
             ..Delivery::default()
         })
+    }
+
+    /// A finished long-poll's outbox is reused once nobody else holds it (the engine drops a
+    /// closed one at its conversation's next delivery), cleared: open, empty, not overflowed.
+    #[test]
+    fn long_poll_outboxes_are_reused_once_the_engine_lets_go() {
+        let first = poll_outbox(&[], 4);
+        let engine_holds = first.clone();
+        first.push(delivery(7));
+        first.close();
+        let first_at = Arc::as_ptr(&first);
+        keep_poll_outbox(first);
+        let second = poll_outbox(&[], 4);
+        assert!(
+            !Arc::ptr_eq(&second, &engine_holds),
+            "still held: not reused"
+        );
+        assert_eq!(
+            poll_outbox(&[], 8).capacity(),
+            8,
+            "another depth: a new one"
+        );
+        drop(engine_holds);
+        let third = poll_outbox(&[], 4);
+        assert_eq!(third.capacity(), 4);
+        assert!(!third.is_closed() && !third.is_overflowed() && third.is_empty());
+        assert_eq!(Arc::as_ptr(&third), first_at, "the first one, reused");
+        assert!(POLL_OUTBOXES.with(|k| k.borrow().is_empty()));
+        keep_poll_outbox(second);
+        keep_poll_outbox(third);
+        for _ in 0..POLL_OUTBOXES_MAX + 10 {
+            keep_poll_outbox(Outbox::new(1));
+        }
+        assert_eq!(POLL_OUTBOXES.with(|k| k.borrow().len()), POLL_OUTBOXES_MAX);
     }
 
     /// A long-poll page is a run of consecutive seqs: a record its full queue dropped (65,

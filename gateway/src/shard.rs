@@ -466,7 +466,7 @@ pub async fn committer(
     // With io_uring the syncs are fsync ops on the shard's own ring (the kernel's workers run
     // them; the completion lands in the ring): no user-space hand-off. The legacy driver
     // syncs on a flusher thread instead.
-    let uring_done: Rc<RefCell<VecDeque<(FinishedSync, Instant)>>> = Rc::default();
+    let ring = RingSyncs::new(inbox.clone());
     // Only the legacy driver needs the thread: an idle one would still wake 10 times a second.
     let flusher =
         (sync == SyncWay::Thread).then(|| Flusher::spawn(&inbox, engine.borrow().shard()));
@@ -495,7 +495,7 @@ pub async fn committer(
         let has_work = || {
             !inbox.queue.is_empty()
                 || flusher.as_ref().is_some_and(|(f, _)| !f.done.is_empty())
-                || !uring_done.borrow().is_empty()
+                || !ring.done.borrow().is_empty()
                 || inbox.stop.load(Ordering::Acquire)
         };
         if !has_work() {
@@ -518,7 +518,7 @@ pub async fn committer(
             let finished = flusher
                 .as_ref()
                 .and_then(|(f, _)| f.done.pop())
-                .or_else(|| uring_done.borrow_mut().pop_front());
+                .or_else(|| ring.done.borrow_mut().pop_front());
             let Some(((job, result), started)) = finished else {
                 break;
             };
@@ -556,13 +556,7 @@ pub async fn committer(
                             }
                             synced_inline = true;
                         } else if sync == SyncWay::Ring {
-                            let done = uring_done.clone();
-                            let inbox = inbox.clone();
-                            monoio::spawn(async move {
-                                let result = run_sync_on_ring(&job).await;
-                                done.borrow_mut().push_back(((job, result), started));
-                                inbox.wake();
-                            });
+                            ring.submit(job, started);
                         } else if let Some((flusher, _)) = &flusher {
                             let pushed = flusher.jobs.push((job, started));
                             assert!(pushed.is_ok(), "one sync at a time");
@@ -622,6 +616,7 @@ pub async fn committer(
             break;
         }
     }
+    ring.finish();
     if let Some((flusher, thread)) = flusher {
         flusher.stop.store(true, Ordering::Release);
         flusher.thread.unpark();
@@ -629,18 +624,113 @@ pub async fn committer(
     }
 }
 
-/// Runs a group-commit sync as io_uring fsync ops (fdatasync of the segment files, fsync of
-/// the directory when its entries changed), on duplicated descriptors the ops own.
-async fn run_sync_on_ring(job: &SyncJob) -> std::io::Result<()> {
-    for f in job.files() {
-        let file = monoio::fs::File::from_std(f.try_clone()?)?;
-        file.sync_data().await?;
+/// Files whose descriptors the ring syncs keep open (the active segment, a sealed one, the
+/// directory; a few more around a roll).
+const RING_SYNC_FILES_MAX: usize = 8;
+
+/// Group-commit syncs as io_uring fsync ops on the shard's own ring. They run in tasks that
+/// live as long as the committer (as many as syncs ran at once, at most
+/// `limits.syncs_in_flight_max`), on a descriptor kept per file, so a sync spawns no task,
+/// duplicates and closes no descriptor and allocates nothing.
+struct RingSyncs {
+    jobs: RefCell<VecDeque<(SyncJob, Instant)>>,
+    /// Finished syncs, for the committer.
+    done: RefCell<VecDeque<(FinishedSync, Instant)>>,
+    /// Wakers of syncer tasks waiting for a job.
+    idle: RefCell<Vec<std::task::Waker>>,
+    tasks: std::cell::Cell<usize>,
+    busy: std::cell::Cell<usize>,
+    /// The log's files, each with a duplicate descriptor the ring's ops own. A file the log
+    /// no longer holds is dropped at the next miss.
+    files: RefCell<Vec<(Arc<std::fs::File>, Rc<monoio::fs::File>)>>,
+    inbox: Arc<Inbox>,
+    stop: std::cell::Cell<bool>,
+}
+
+impl RingSyncs {
+    fn new(inbox: Arc<Inbox>) -> Rc<Self> {
+        Rc::new(Self {
+            jobs: RefCell::default(),
+            done: RefCell::default(),
+            idle: RefCell::default(),
+            tasks: std::cell::Cell::new(0),
+            busy: std::cell::Cell::new(0),
+            files: RefCell::default(),
+            inbox,
+            stop: std::cell::Cell::new(false),
+        })
     }
-    if let Some(dir) = job.dir() {
-        let dir = monoio::fs::File::from_std(dir.try_clone()?)?;
-        dir.sync_all().await?;
+
+    /// Queues a prepared sync; a new syncer task starts only when every one is taken.
+    fn submit(self: &Rc<Self>, job: SyncJob, started: Instant) {
+        self.jobs.borrow_mut().push_back((job, started));
+        let free = self.tasks.get() - self.busy.get();
+        if self.jobs.borrow().len() > free {
+            self.tasks.set(self.tasks.get() + 1);
+            monoio::spawn(self.clone().syncer());
+        }
+        for w in self.idle.borrow_mut().drain(..) {
+            w.wake();
+        }
     }
-    Ok(())
+
+    fn finish(&self) {
+        self.stop.set(true);
+        for w in self.idle.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    async fn syncer(self: Rc<Self>) {
+        loop {
+            let next = poll_fn(|cx| {
+                if let Some(job) = self.jobs.borrow_mut().pop_front() {
+                    return Poll::Ready(Some(job));
+                }
+                if self.stop.get() {
+                    return Poll::Ready(None);
+                }
+                self.idle.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            })
+            .await;
+            let Some((job, started)) = next else {
+                break;
+            };
+            self.busy.set(self.busy.get() + 1);
+            let result = self.run(&job).await;
+            self.busy.set(self.busy.get() - 1);
+            self.done.borrow_mut().push_back(((job, result), started));
+            self.inbox.wake();
+        }
+        self.tasks.set(self.tasks.get() - 1);
+    }
+
+    /// fdatasync of the segment files, fsync of the directory when its entries changed.
+    async fn run(&self, job: &SyncJob) -> std::io::Result<()> {
+        for f in job.files() {
+            self.file(f)?.sync_data().await?;
+        }
+        if let Some(dir) = job.dir() {
+            self.file(dir)?.sync_all().await?;
+        }
+        Ok(())
+    }
+
+    fn file(&self, f: &Arc<std::fs::File>) -> std::io::Result<Rc<monoio::fs::File>> {
+        let mut files = self.files.borrow_mut();
+        if let Some((_, kept)) = files.iter().find(|(a, _)| Arc::ptr_eq(a, f)) {
+            return Ok(kept.clone());
+        }
+        // Only this list holds it: the log let the file go.
+        files.retain(|(a, _)| Arc::strong_count(a) > 1);
+        if files.len() >= RING_SYNC_FILES_MAX {
+            files.remove(0);
+        }
+        let kept = Rc::new(monoio::fs::File::from_std(f.try_clone()?)?);
+        files.push((f.clone(), kept.clone()));
+        Ok(kept)
+    }
 }
 
 fn handle(

@@ -431,6 +431,9 @@ pub struct Log {
     durable_offset: u64,
     /// Sealed files written since the last prepared sync.
     dirty_files: Vec<Arc<File>>,
+    /// The file list of the last completed sync job, emptied, for the next job (a sync
+    /// allocates no list).
+    spare_files: Vec<Arc<File>>,
     active_dirty: bool,
     dir_dirty: bool,
     /// Prepared syncs not yet completed or not yet applied, oldest first (at most
@@ -631,6 +634,7 @@ impl Log {
             next_offset: 0,
             durable_offset: 0,
             dirty_files: Vec::new(),
+            spare_files: Vec::new(),
             active_dirty: false,
             dir_dirty: !report.removed_files.is_empty(),
             syncs: VecDeque::new(),
@@ -1356,7 +1360,13 @@ impl Log {
         if self.syncs.len() >= self.cfg.syncs_in_flight_max || !self.has_unsynced() {
             return Ok(None);
         }
-        let mut files = std::mem::take(&mut self.dirty_files);
+        // The sealed files to sync, if any, else the list the last completed job gave back.
+        let spare = std::mem::take(&mut self.spare_files);
+        let mut files = if self.dirty_files.is_empty() {
+            spare
+        } else {
+            std::mem::replace(&mut self.dirty_files, spare)
+        };
         if self.active_dirty {
             files.push(self.active_file().clone());
         }
@@ -1392,7 +1402,11 @@ impl Log {
     /// poisons the log: no silent retry, since the kernel may have dropped the dirty pages;
     /// nothing becomes durable after that, also from jobs still in flight.
     /// Returns the durable offset.
-    pub fn complete_sync(&mut self, job: SyncJob, result: io::Result<()>) -> Result<u64> {
+    pub fn complete_sync(&mut self, mut job: SyncJob, result: io::Result<()>) -> Result<u64> {
+        if self.spare_files.capacity() == 0 {
+            job.files.clear();
+            self.spare_files = std::mem::take(&mut job.files);
+        }
         let pos = self
             .syncs
             .iter()

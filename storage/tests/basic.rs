@@ -531,3 +531,24 @@ fn syncs_in_flight_max_is_validated() {
         assert!(err.contains("syncs_in_flight_max"), "{err}");
     }
 }
+
+/// A completed job's file list comes back for the next job: a group commit allocates no list
+/// once the first one exists.
+#[test]
+fn sync_jobs_reuse_the_file_list_of_the_last_completed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(small_cfg(dir.path())).unwrap();
+    log.append(&header(1, 1, 1), b"a").unwrap();
+    let job = log.prepare_sync(0).unwrap().expect("pending work");
+    let list = job.files().as_ptr();
+    let r = job.run();
+    log.complete_sync(job, r).unwrap();
+    for seq in 2..5 {
+        log.append(&header(1, seq, 1), b"b").unwrap();
+        let job = log.prepare_sync(0).unwrap().expect("pending work");
+        assert_eq!(job.files().len(), 1);
+        assert_eq!(job.files().as_ptr(), list, "the same list, seq {seq}");
+        let r = job.run();
+        log.complete_sync(job, r).unwrap();
+    }
+}
