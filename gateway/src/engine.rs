@@ -313,8 +313,8 @@ struct Conversation {
     order_key: u64,
     /// Keys and their order share one allocation per key (the only allocation of a keyed
     /// send: the key is kept).
-    idempotency: HashMap<Arc<str>, (u64, u64)>,
-    idempotency_order: VecDeque<Arc<str>>,
+    idempotency: HashMap<IdemKey, (u64, u64)>,
+    idempotency_order: VecDeque<IdemKey>,
     subscribers: Vec<Arc<Outbox>>,
     /// System auto-replies sent so far (bounded per conversation by the tenant).
     auto_replies_sent: u32,
@@ -1730,10 +1730,69 @@ struct ShardKeys {
     kept: usize,
 }
 
+/// Keys up to this many bytes are kept inline (UUIDs are 36, ULIDs 26).
+const IDEM_KEY_INLINE_MAX: usize = 46;
+
+/// A kept idempotency key: inline when short, so keeping one allocates nothing; a longer one
+/// (up to the API's limit) on the heap. Hashes and compares as its `str`, so the maps are
+/// looked up by `&str`.
+#[derive(Clone)]
+enum IdemKey {
+    Inline {
+        len: u8,
+        bytes: [u8; IDEM_KEY_INLINE_MAX],
+    },
+    Heap(Arc<str>),
+}
+
+impl IdemKey {
+    fn new(key: &str) -> Self {
+        if key.len() <= IDEM_KEY_INLINE_MAX {
+            let mut bytes = [0; IDEM_KEY_INLINE_MAX];
+            bytes[..key.len()].copy_from_slice(key.as_bytes());
+            IdemKey::Inline {
+                len: key.len() as u8,
+                bytes,
+            }
+        } else {
+            IdemKey::Heap(key.into())
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            IdemKey::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("made from a str")
+            }
+            IdemKey::Heap(s) => s,
+        }
+    }
+}
+
+impl std::borrow::Borrow<str> for IdemKey {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::hash::Hash for IdemKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialEq for IdemKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for IdemKey {}
+
 /// Stores `key` in conversation `conv` and drops its oldest keys beyond the per-conversation
 /// limit; returns how many it dropped.
 fn remember_key(conv: &mut Conversation, key: &str, seq: u64, ts: u64, keys_max: usize) -> usize {
-    let key: Arc<str> = key.into();
+    let key = IdemKey::new(key);
     let mut dropped = 0;
     if conv.idempotency.insert(key.clone(), (seq, ts)).is_none() {
         conv.idempotency_order.push_back(key);

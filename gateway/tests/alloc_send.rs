@@ -135,8 +135,8 @@ const MEASURED: u64 = 1_000;
 enum EngineCase {
     /// No `client_msg_id`, no subscriber (the auto-reply check still runs).
     Plain,
-    /// A new `client_msg_id` per send.
-    Keyed,
+    /// A new `client_msg_id` per send: UUID-sized, or `long` (64 bytes).
+    Keyed { long: bool },
     /// A subscriber per conversation takes each delivery, as a socket does; with `give_back`
     /// it hands it back to the shard afterwards (`give_back_delivery`), as the sockets do.
     Subscribed { give_back: bool },
@@ -187,16 +187,19 @@ fn engine_allocations_per_send(case: EngineCase) -> f64 {
             .collect(),
         _ => Vec::new(),
     };
-    // Made before the count: a UUID-sized key per send.
+    // Made before the count: a key per send.
     let keys: Vec<String> = (0..WARM_UP + MEASURED)
-        .map(|n| format!("8c0ffee0-0000-4000-8000-{n:012}"))
+        .map(|n| match case {
+            EngineCase::Keyed { long: true } => format!("{:064}", n),
+            _ => format!("8c0ffee0-0000-4000-8000-{n:012}"),
+        })
         .collect();
     // What the committer does per command: run it, sync, release; then what the subscribers'
     // sockets do with their deliveries.
     let mut send = |n: u64| {
         let i = (n % ids.len() as u64) as usize;
         now_us += 1_000;
-        let key = (case == EngineCase::Keyed).then(|| keys[n as usize].as_str());
+        let key = matches!(case, EngineCase::Keyed { .. }).then(|| keys[n as usize].as_str());
         let sent = engine
             .send(&mut log, ids[i], &actors[i], "hello from wrk", key, now_us)
             .unwrap();
@@ -246,11 +249,19 @@ fn engine_send_to_a_subscriber_allocates_nothing_once_deliveries_come_back() {
 }
 
 /// A send with a `client_msg_id` keeps its key (up to the per-conversation limit, the oldest
-/// going first): that one allocation, shared by the key's map entry and its place in the
-/// eviction order, and nothing else.
+/// going first). A key of up to 46 bytes (a UUID is 36) is kept inline in the key's map entry
+/// and its place in the eviction order: nothing is allocated. A longer one takes one
+/// allocation, shared by both, and nothing else.
 #[test]
-fn engine_keyed_send_allocates_only_the_kept_key() {
-    assert_eq!(engine_allocations_per_send(EngineCase::Keyed), 1.0);
+fn engine_keyed_send_allocates_only_a_long_kept_key() {
+    assert_eq!(
+        engine_allocations_per_send(EngineCase::Keyed { long: false }),
+        0.0
+    );
+    assert_eq!(
+        engine_allocations_per_send(EngineCase::Keyed { long: true }),
+        1.0
+    );
 }
 
 /// What `http.rs` does for a send before and after the shard: parse the request, resolve the

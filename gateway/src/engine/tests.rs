@@ -666,3 +666,28 @@ fn a_busy_conversation_cannot_grow_the_shards_key_order() {
     // The quiet conversation's key aged out of the shard's last 8.
     assert!(!send_keyed(&mut e, &mut log, quiet, "q-1", 303).1);
 }
+
+/// Idempotency keys up to 46 bytes are kept inline, longer ones on the heap; both are found by
+/// their `str`, hash as it, and differ from a key one byte longer or shorter.
+#[test]
+fn idempotency_keys_inline_and_long_are_found_by_their_text() {
+    use std::hash::BuildHasher;
+    let hasher = std::collections::hash_map::RandomState::new();
+    let mut map = HashMap::new();
+    let texts: Vec<String> = [0, 1, 36, 45, 46, 47, 64, 200]
+        .iter()
+        .map(|&n| "k".repeat(n))
+        .collect();
+    for (i, t) in texts.iter().enumerate() {
+        let key = super::IdemKey::new(t);
+        assert_eq!(key.as_str(), t);
+        let inline = matches!(key, super::IdemKey::Inline { .. });
+        assert_eq!(inline, t.len() <= 46, "{} bytes", t.len());
+        assert_eq!(hasher.hash_one(&key), hasher.hash_one(t.as_str()));
+        map.insert(key, i);
+    }
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(map.get(t.as_str()), Some(&i), "{} bytes", t.len());
+    }
+    assert_eq!(map.get("kk kk"), None);
+}
