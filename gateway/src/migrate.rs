@@ -196,12 +196,14 @@ pub async fn adopt(ctx: Rc<ShardCtx>) {
         if ctx.metrics.connections_open.get() >= limit {
             let refused = &ctx.metrics.connections_refused;
             refused.set(refused.get() + 1);
+            ctx.shared.connections.give();
             continue;
         }
         let stream = match monoio::net::TcpStream::from_std(std::net::TcpStream::from(fd)) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("kefu: shard {}: adopting a connection: {e}", ctx.id);
+                ctx.shared.connections.give();
                 continue;
             }
         };
@@ -210,7 +212,9 @@ pub async fn adopt(ctx: Rc<ShardCtx>) {
     }
     ctx.forget_conn(me);
     // Arrivals after the stop are closed: the shard no longer serves.
-    while arrivals.queue.pop().is_some() {}
+    while arrivals.queue.pop().is_some() {
+        ctx.shared.connections.give();
+    }
 }
 
 #[cfg(test)]

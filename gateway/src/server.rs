@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,82 @@ pub struct Shared {
     pub attachments: crate::attachments::AttachmentStore,
     /// Body limit of JSON endpoints; the parser's limit is the larger attachment limit.
     pub json_body_bytes_max: usize,
+    /// Client connections of the whole process, within what the open-file limit leaves.
+    pub connections: ConnectionBudget,
+}
+
+/// Descriptors kept free of client connections for the process (stdio, pipes, its threads):
+/// see [`fd_budget`].
+pub const FDS_RESERVED: u64 = 32;
+/// ... and per shard: its log (the active and spare segments, up to `mapped_segments_max` = 16
+/// mapped ones, the directory, lock and checkpoint, the sync descriptors), its ring, doorbell,
+/// eventfds and listeners, and files opened for a while (history from older segments, the
+/// firehose, attachments).
+pub const FDS_RESERVED_PER_SHARD: u64 = 32;
+
+/// How many client connections the open-file limit allows with `shards` shards.
+pub fn fd_budget(nofile: u64, shards: usize) -> u64 {
+    nofile.saturating_sub(FDS_RESERVED + FDS_RESERVED_PER_SHARD * shards as u64)
+}
+
+/// Raises the soft open-file limit to the hard one; returns the soft limit in effect.
+fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// The process-wide count of client connections against its maximum: a connection is taken
+/// at accept and given back when it ends (moving between shards keeps it). Above the maximum a
+/// new connection is closed at once (`kefu_connections_refused_total`), so sockets never use
+/// the descriptors the logs and files need; a log that could not open its next segment, or a
+/// sync that could not get a descriptor, would stop the shard's writes.
+pub struct ConnectionBudget {
+    open: AtomicU64,
+    max: u64,
+}
+
+impl ConnectionBudget {
+    pub fn new(max: u64) -> Self {
+        Self {
+            open: AtomicU64::new(0),
+            max,
+        }
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// Counts a new connection, if there is room.
+    pub fn take(&self) -> bool {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    pub fn give(&self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -365,6 +441,22 @@ fn storage_durability(d: Durability) -> kefu_storage::Durability {
 pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
     let signals = block_signals();
     let shards = config.shards;
+    let nofile = raise_fd_limit();
+    let connections_max = fd_budget(nofile, shards);
+    let configured = config.limits.connections_per_shard_max as u64 * shards as u64;
+    if connections_max < configured {
+        eprintln!(
+            "kefu: open-file limit {nofile}: at most {connections_max} client connections \
+             ({} descriptors kept for logs and files; {shards} x limits.connections_per_shard_max \
+             would be {configured})",
+            nofile - connections_max
+        );
+    }
+    if connections_max == 0 {
+        anyhow::bail!(
+            "the open-file limit ({nofile}) leaves no descriptor for connections; raise it (ulimit -n)"
+        );
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let (http_listeners, http_addr) = bind_listeners(config.http, shards, config.backlog)?;
@@ -435,6 +527,7 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
         tls,
         attachments,
         json_body_bytes_max,
+        connections: ConnectionBudget::new(connections_max),
         config,
     });
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -730,7 +823,7 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
                 continue;
             }
         };
-        if ctx.metrics.connections_open.get() >= limit {
+        if ctx.metrics.connections_open.get() >= limit || !ctx.shared.connections.take() {
             let refused = &ctx.metrics.connections_refused;
             refused.set(refused.get() + 1);
             drop(stream);
@@ -782,6 +875,7 @@ pub(crate) fn serve_http(ctx: &Rc<ShardCtx>, stream: monoio::net::TcpStream, mov
 
 /// Accounts for a connection that ended.
 pub(crate) fn ended(ctx: &ShardCtx, conn: u64, why: Disconnect) {
+    ctx.shared.connections.give();
     ctx.forget_conn(conn);
     ctx.metrics.connection_closed(why);
     ctx.open_changed();
@@ -827,6 +921,23 @@ pub type Ended = Disconnect;
 
 #[cfg(test)]
 mod tests {
+    use super::{ConnectionBudget, fd_budget};
+
+    /// The open-file limit leaves 32 descriptors for the process and 32 per shard; the rest
+    /// is the connections' budget, which never goes above its maximum.
+    #[test]
+    fn connections_stay_within_what_the_open_file_limit_leaves() {
+        assert_eq!(fd_budget(20_000, 2), 19_904);
+        assert_eq!(fd_budget(104, 1), 40);
+        assert_eq!(fd_budget(50, 4), 0);
+        let budget = ConnectionBudget::new(3);
+        assert!((0..3).all(|_| budget.take()));
+        assert!(!budget.take(), "full");
+        budget.give();
+        assert!(budget.take(), "room again");
+        assert!(!budget.take());
+    }
+
     /// An idle WebSocket's memory is one task allocation: monoio's header (state, vtable,
     /// owner thread: 24 bytes), stage tag (8) and join waker (16) around `ws::serve`'s
     /// future. mimalloc rounds it up to its size class (.., 384, 448, 512, 640, ..): this

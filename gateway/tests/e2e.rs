@@ -690,6 +690,67 @@ fn moving_connections_lose_no_pipelined_or_partial_request() {
     }
 }
 
+/// Client connections stop where the open-file limit would leave the logs without
+/// descriptors: under a limit of 104 with one shard (64 kept for the process and the shard)
+/// 40 connections are served, the 41st is closed at once, sends on the open ones still sync,
+/// and once some close, new ones are served again.
+#[test]
+fn the_open_file_limit_caps_connections_and_keeps_descriptors_for_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &[]);
+    let kefu = Kefu::start_limited(
+        Path::new(BIN),
+        &dir.path().join("data"),
+        &["--config", &cfg, "--shards", "1"],
+        Some(104),
+    );
+    let mut setup = kefu.http();
+    let (id, token) = create_conversation(&mut setup, None);
+    drop(setup);
+    // Let the setup connection's close be counted.
+    std::thread::sleep(Duration::from_millis(100));
+    let send = |http: &mut Http, text: &str| {
+        http.post(
+            &format!("/v1/conversations/{id}/messages"),
+            Some(&token),
+            &json!({ "text": text }).to_string(),
+        )
+        .status
+    };
+    let mut open: Vec<Http> = Vec::new();
+    for i in 0..40 {
+        let mut http = kefu.http();
+        assert_eq!(send(&mut http, &format!("c{i}")), 201, "connection {i}");
+        open.push(http);
+    }
+    let mut over = kefu.http();
+    over.send_raw(b"GET /healthz HTTP/1.1\r\nHost: k\r\n\r\n");
+    assert!(over.is_closed(), "the 41st connection is refused");
+    for (i, http) in open.iter_mut().enumerate() {
+        assert_eq!(send(http, &format!("again {i}")), 201, "connection {i}");
+    }
+    open.truncate(35);
+    std::thread::sleep(Duration::from_millis(100));
+    for i in 0..5 {
+        let mut http = kefu.http();
+        assert_eq!(
+            send(&mut http, &format!("new {i}")),
+            201,
+            "new connection {i}"
+        );
+        open.push(http);
+    }
+    let text = String::from_utf8(open[0].get("/metrics", None).body).unwrap();
+    let refused: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("kefu_connections_refused_total{shard=\"0\"} "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(refused >= 1, "{text}");
+}
+
 /// A connection whose sends alternate between conversations of two shards (two to one, two to
 /// the other, ...) keeps working and does not move back and forth: after its first move it
 /// needs four sends in a row to one shard, which this pattern never makes.

@@ -38,7 +38,13 @@ pub struct Kefu {
 impl Kefu {
     /// Starts `bin` on port 0 with `data_dir` and `extra` flags; waits for the ready line.
     pub fn start(bin: &Path, data_dir: &Path, extra: &[&str]) -> Kefu {
-        let mut child = Command::new(bin)
+        Self::start_limited(bin, data_dir, extra, None)
+    }
+
+    /// [`Kefu::start`] with the open-file limit (soft and hard) set to `nofile` in the child.
+    pub fn start_limited(bin: &Path, data_dir: &Path, extra: &[&str], nofile: Option<u64>) -> Kefu {
+        let mut command = Command::new(bin);
+        command
             .args([
                 "--http",
                 "127.0.0.1:0",
@@ -50,9 +56,25 @@ impl Kefu {
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start kefu");
+            .stderr(Stdio::inherit());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command.spawn().expect("start kefu");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
