@@ -18,6 +18,8 @@
 //!   in the socket buffers and forms the next batch. Without it (epoll), a sync thread per
 //!   file runs one `fdatasync` at a time and wakes the loops through an eventfd;
 //! * `--nosync`: write the records but never sync (the non-durable reference);
+//! * `--mmap`: append by copying into a shared mapping of the file (as kefu's log does)
+//!   instead of `pwrite`;
 //! * `--pin`: pin thread i to CPU i % 2; `--synctest`: only measure `fdatasync` latency.
 //!
 //! Each POST body is appended as a 40-byte-header record (`pwrite`, one per loop pass) to a
@@ -56,7 +58,7 @@ static FILE_IDX: AtomicUsize = AtomicUsize::new(0);
 const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 
 const USAGE: &str = "usage: durable_floor [--port P] [--threads N] [--mode epoll|uring] \
-[--file shared|perthread] [--inline] [--nosync] [--pin] [--dir DIR] [--size-mib M] [--synctest]";
+[--file shared|perthread] [--inline] [--nosync] [--mmap] [--pin] [--dir DIR] [--size-mib M] [--synctest]";
 
 #[derive(Clone)]
 struct Args {
@@ -65,6 +67,7 @@ struct Args {
     mode: String,
     file: String,
     nosync: bool,
+    mmap: bool,
     pin: bool,
     dir: PathBuf,
     size: u64,
@@ -89,6 +92,7 @@ fn parse_args() -> Args {
         mode: "epoll".into(),
         file: "shared".into(),
         nosync: false,
+        mmap: false,
         pin: false,
         dir: std::env::temp_dir().join("kefu-durable-floor"),
         size: 64 << 20,
@@ -109,6 +113,7 @@ fn parse_args() -> Args {
             "--dir" => a.dir = value().into(),
             "--size-mib" => a.size = num::<u64>(&flag, value()) << 20,
             "--nosync" => a.nosync = true,
+            "--mmap" => a.mmap = true,
             "--pin" => a.pin = true,
             "--synctest" => a.synctest = true,
             "--inline" => a.inline = true,
@@ -175,11 +180,13 @@ struct LogFile {
     cv: Condvar,
     done_gen: AtomicU64,
     evfds: Mutex<Vec<i32>>, // worker id -> eventfd
+    /// `--mmap`: the address of a shared read-write mapping of the whole file.
+    map: Option<usize>,
 }
 
 impl LogFile {
     /// Open and preallocate by writing zeros, fdatasync, then reuse from offset 0.
-    fn open(dir: &Path, size: u64) -> Arc<LogFile> {
+    fn open(dir: &Path, size: u64, mmap: bool) -> Arc<LogFile> {
         std::fs::create_dir_all(dir)
             .unwrap_or_else(|e| panic!("create_dir_all {}: {e}", dir.display()));
         let idx = FILE_IDX.fetch_add(1, Ordering::Relaxed);
@@ -215,7 +222,24 @@ impl LogFile {
         }
         // SAFETY: plain syscall on the descriptor opened above.
         cerr(unsafe { libc::fdatasync(fd) } as i64, "fdatasync init");
+        let map = mmap.then(|| {
+            // SAFETY: maps `size` bytes of the file opened read-write above; the mapping lives
+            // as long as the process.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                )
+            };
+            assert!(p != libc::MAP_FAILED, "mmap");
+            p as usize
+        });
         Arc::new(LogFile {
+            map,
             fd,
             size,
             off: AtomicU64::new(0),
@@ -238,9 +262,21 @@ impl LogFile {
         if p + len > self.size {
             p = 0;
         }
-        // SAFETY: `buf` is valid for `buf.len()` bytes for the duration of the call.
-        let n = unsafe { libc::pwrite(self.fd, buf.as_ptr().cast(), buf.len(), p as i64) };
-        assert_eq!(n as usize, buf.len(), "short pwrite");
+        if let Some(map) = self.map {
+            // SAFETY: `p + len <= size`, inside the mapping; writers of one file take
+            // disjoint ranges (`off` is atomic).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    buf.as_ptr(),
+                    (map as *mut u8).add(p as usize),
+                    buf.len(),
+                );
+            }
+        } else {
+            // SAFETY: `buf` is valid for `buf.len()` bytes for the duration of the call.
+            let n = unsafe { libc::pwrite(self.fd, buf.as_ptr().cast(), buf.len(), p as i64) };
+            assert_eq!(n as usize, buf.len(), "short pwrite");
+        }
         WRITES.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -741,7 +777,7 @@ fn print_stats(tag: &str) {
 /// `--synctest`: fdatasync latency of a 66-byte overwrite in a preallocated file
 /// (2000 iterations), then of an fdatasync with nothing dirty.
 fn synctest(a: &Args) {
-    let log = LogFile::open(&a.dir, a.size);
+    let log = LogFile::open(&a.dir, a.size, a.mmap);
     let rec = vec![7u8; 66];
     let mut lat = Vec::new();
     for _ in 0..2000 {
@@ -797,7 +833,7 @@ fn main() {
     let mut logs: Vec<Arc<LogFile>> = Vec::new();
     let nfiles = if shared { 1 } else { a.threads };
     for _ in 0..nfiles {
-        let l = LogFile::open(&a.dir, a.size);
+        let l = LogFile::open(&a.dir, a.size, a.mmap);
         if !uring && !a.nosync && !a.inline {
             let l2 = l.clone();
             std::thread::spawn(move || l2.sync_loop());
