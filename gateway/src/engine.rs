@@ -177,10 +177,7 @@ impl Outbox {
     /// The outbox of a socket that is gone, cleared for a new subscriber: only its last
     /// holder may do this (`&mut`: no engine still has it), so nothing stale reaches the new
     /// one. Deliveries still queued go back to their shard's pool.
-    pub fn clear_for_reuse(
-        &mut self,
-        returns: &[Arc<crate::engine::DeliveryReturns>],
-    ) -> &mut Self {
+    pub fn clear_for_reuse(&mut self, returns: &[Arc<DeliveryReturns>]) {
         while let Some(d) = self.queue.pop() {
             give_back_delivery(returns, d);
         }
@@ -188,7 +185,6 @@ impl Outbox {
         *self.closed.get_mut() = false;
         *self.dropped.get_mut() = 0;
         self.waker = ShardWaker::new();
-        self
     }
 
     /// How many deliveries it holds at most.

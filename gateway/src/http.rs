@@ -1242,12 +1242,11 @@ fn poll_outbox(returns: &[Arc<crate::engine::DeliveryReturns>], depth: usize) ->
         let mut kept = kept.borrow_mut();
         let scanned = kept.len().min(POLL_OUTBOXES_SCANNED_MAX);
         for i in 0..scanned {
-            let free = Arc::get_mut(&mut kept[i]).is_some_and(|o| o.capacity() == depth);
-            if free && let Some(mut outbox) = kept.remove(i) {
-                if let Some(o) = Arc::get_mut(&mut outbox) {
-                    o.clear_for_reuse(returns);
-                }
-                return outbox;
+            if let Some(o) = Arc::get_mut(&mut kept[i])
+                && o.capacity() == depth
+            {
+                o.clear_for_reuse(returns);
+                return kept.remove(i).expect("index below the length");
             }
         }
         Outbox::new(depth)

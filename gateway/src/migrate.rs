@@ -27,7 +27,6 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::Poll;
 
 use crossbeam_queue::ArrayQueue;
 
@@ -82,17 +81,7 @@ impl Arrivals {
 
     /// Waits for the next arrival.
     async fn next(&self) -> Migrant {
-        std::future::poll_fn(|cx| {
-            if let Some(fd) = self.queue.pop() {
-                return Poll::Ready(fd);
-            }
-            self.waker.register(cx.waker());
-            match self.queue.pop() {
-                Some(fd) => Poll::Ready(fd),
-                None => Poll::Pending,
-            }
-        })
-        .await
+        crate::wake::pop_or_wait(&self.queue, &self.waker).await
     }
 }
 

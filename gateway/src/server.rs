@@ -112,10 +112,6 @@ impl ConnectionBudget {
         }
     }
 
-    pub fn max(&self) -> u64 {
-        self.max
-    }
-
     /// Counts a new connection, if there is room.
     pub fn take(&self) -> bool {
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {

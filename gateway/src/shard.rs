@@ -82,17 +82,7 @@ impl<T> ReplySlot<T> {
     }
 
     pub async fn wait(&self) -> T {
-        poll_fn(|cx| {
-            if let Some(v) = self.value.pop() {
-                return Poll::Ready(v);
-            }
-            self.waker.register(cx.waker());
-            match self.value.pop() {
-                Some(v) => Poll::Ready(v),
-                None => Poll::Pending,
-            }
-        })
-        .await
+        crate::wake::pop_or_wait(&self.value, &self.waker).await
     }
 }
 

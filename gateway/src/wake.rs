@@ -56,6 +56,22 @@ pub fn render_metrics(out: &mut String) {
     });
 }
 
+/// The next item of `queue`; when it is empty, waits for a push that wakes `waker`. The waker
+/// is registered before the second look, so a push between the two looks is not missed.
+pub async fn pop_or_wait<T>(queue: &ArrayQueue<T>, waker: &ShardWaker) -> T {
+    std::future::poll_fn(|cx| {
+        if let Some(item) = queue.pop() {
+            return std::task::Poll::Ready(item);
+        }
+        waker.register(cx.waker());
+        match queue.pop() {
+            Some(item) => std::task::Poll::Ready(item),
+            None => std::task::Poll::Pending,
+        }
+    })
+    .await
+}
+
 /// An [`AtomicWaker`] that remembers which shard registered it.
 #[derive(Debug)]
 pub struct ShardWaker {
