@@ -138,6 +138,7 @@ pub struct ServerFile {
     pub durability: String,
     pub sync: String,
     pub pin_threads: bool,
+    pub sync_realtime: bool,
     pub migrate_connections: bool,
     pub driver: String,
     pub uring_entries: u32,
@@ -154,6 +155,7 @@ impl Default for ServerFile {
             durability: "always".into(),
             sync: "ring".into(),
             pin_threads: true,
+            sync_realtime: true,
             migrate_connections: true,
             driver: "auto".into(),
             uring_entries: 1024,
@@ -492,6 +494,9 @@ pub struct Config {
     pub sync: SyncMode,
     /// Pin shard `i` to CPU `i % cpus` (`server.pin_threads`).
     pub pin_threads: bool,
+    /// Run the threads that sync the logs (the shards' io_uring workers, the legacy driver's
+    /// flushers) as `SCHED_FIFO` priority 1 (`server.sync_realtime`).
+    pub sync_realtime: bool,
     /// Move a plain keep-alive HTTP connection to the shard its message sends go to
     /// (`server.migrate_connections`, see [`crate::migrate`]).
     pub migrate_connections: bool,
@@ -628,6 +633,7 @@ pub fn resolve(file: FileConfig, flags: &Flags) -> Result<Config, ConfigError> {
         durability,
         sync,
         pin_threads: file.server.pin_threads,
+        sync_realtime: file.server.sync_realtime,
         migrate_connections: file.server.migrate_connections,
         driver,
         uring_entries: file.server.uring_entries,
@@ -657,6 +663,7 @@ mod tests {
         assert!(config.shards >= 1);
         assert_eq!(config.sync, SyncMode::Ring);
         assert!(config.pin_threads);
+        assert!(config.sync_realtime);
         assert_eq!(config.driver, DriverChoice::Auto);
     }
 
@@ -664,10 +671,12 @@ mod tests {
     fn sync_mode_pinning_and_driver_come_from_the_file() {
         let text = DEFAULT_CONFIG_TOML
             .replace("sync = \"ring\" ", "sync = \"inline\" ")
-            .replace("pin_threads = true", "pin_threads = false");
+            .replace("pin_threads = true", "pin_threads = false")
+            .replace("sync_realtime = true", "sync_realtime = false");
         let config = resolve(parse_toml(&text, "x").unwrap(), &Flags::default()).unwrap();
         assert_eq!(config.sync, SyncMode::Inline);
         assert!(!config.pin_threads);
+        assert!(!config.sync_realtime);
         let text = DEFAULT_CONFIG_TOML.replace("sync = \"ring\" ", "sync = \"sometimes\" ");
         let err = resolve(parse_toml(&text, "x").unwrap(), &Flags::default()).unwrap_err();
         assert_eq!(err.key, "server.sync");

@@ -378,26 +378,31 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
-/// How often a pinned shard widens its io_uring workers' CPUs.
-const WIDEN_IO_WORKERS_EVERY_MS: u64 = 1000;
+/// How often a shard tends its io_uring workers (CPUs and priority, see [`tend_io_workers`]).
+const TEND_IO_WORKERS_EVERY_MS: u64 = 1000;
 
-/// Lets the kernel's io_uring workers of this (pinned) shard thread, the threads that run its
-/// fsyncs, use every CPU the shard was allowed before it was pinned; returns how many it
-/// widened. A worker inherits the pinned shard's single CPU when it is created, so a finished
+/// Tends the kernel's io_uring workers of this shard thread, the threads that run its fsyncs
+/// (`/proc/self/task/*/comm` = `iou-wrk-<shard tid>`); a worker the kernel creates between two
+/// passes runs untended until the next one.
+///
+/// `widen`, on a pinned shard: lets them use every CPU the shard was allowed before it was
+/// pinned. A worker inherits the pinned shard's single CPU when it is created, so a finished
 /// fsync waited for that CPU (busy with the shard, or with whatever else runs there) before
 /// the shard heard of it. `IORING_REGISTER_IOWQ_AFF` should set this once, but on this kernel
-/// (6.18) it returned 0 and new workers still came up pinned, so the shard's sweeper sets it
-/// on each worker it finds (`/proc/self/task/*/comm` = `iou-wrk-<shard tid>`); a new worker
-/// runs pinned until the next pass. Measured (2026-11-26, side by side with the build
-/// before): durable POST under wrk 18.1-18.6 us per POST against 20.0-20.1, open loop p99
-/// lower in 4 of 5 pairs.
-fn widen_io_workers(shard_tid: libc::pid_t, cpus: &libc::cpu_set_t) -> usize {
+/// (6.18) it returned 0 and new workers still came up pinned. Measured (2026-11-26, side by
+/// side with the build before): durable POST under wrk 18.1-18.6 us per POST against
+/// 20.0-20.1, open loop p99 lower in 4 of 5 pairs.
+///
+/// `realtime` (`server.sync_realtime`): gives them `SCHED_FIFO`, see
+/// [`crate::shard::SYNC_THREAD_FIFO_PRIORITY`]. Returns whether to keep doing so: false once
+/// the kernel refused.
+fn tend_io_workers(shard_tid: libc::pid_t, widen: Option<&libc::cpu_set_t>, realtime: bool) -> bool {
+    let mut realtime = realtime;
     let name = format!("iou-wrk-{shard_tid}");
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
+        return realtime;
     };
     let size = std::mem::size_of::<libc::cpu_set_t>();
-    let mut widened = 0;
     for entry in dir.flatten() {
         let Some(tid) = entry
             .file_name()
@@ -411,18 +416,20 @@ fn widen_io_workers(shard_tid: libc::pid_t, cpus: &libc::cpu_set_t) -> usize {
         if !is_ours {
             continue;
         }
-        // SAFETY: cpu_set_t is plain data; the affinity calls read and write `size` bytes.
-        unsafe {
-            let mut now: libc::cpu_set_t = std::mem::zeroed();
-            if libc::sched_getaffinity(tid, size, &mut now) == 0
-                && !libc::CPU_EQUAL(&now, cpus)
-                && libc::sched_setaffinity(tid, size, cpus) == 0
-            {
-                widened += 1;
+        if let Some(cpus) = widen {
+            // SAFETY: cpu_set_t is plain data; the affinity calls read and write `size` bytes.
+            unsafe {
+                let mut now: libc::cpu_set_t = std::mem::zeroed();
+                if libc::sched_getaffinity(tid, size, &mut now) == 0
+                    && !libc::CPU_EQUAL(&now, cpus)
+                {
+                    libc::sched_setaffinity(tid, size, cpus);
+                }
             }
         }
+        realtime = realtime && crate::shard::make_sync_thread_realtime(tid);
     }
-    widened
+    realtime
 }
 
 fn storage_durability(d: Durability) -> kefu_storage::Durability {
@@ -733,7 +740,14 @@ async fn shard_main(
         crate::config::SyncMode::Ring if legacy => SyncWay::Thread,
         crate::config::SyncMode::Ring => SyncWay::Ring,
     };
-    let committer_task = monoio::spawn(committer(inbox.clone(), engine, log, metrics, sync));
+    let committer_task = monoio::spawn(committer(
+        inbox.clone(),
+        engine,
+        log,
+        metrics,
+        sync,
+        config.sync_realtime,
+    ));
     if legacy {
         http.set_nonblocking(true)?;
         tcp.set_nonblocking(true)?;
@@ -741,20 +755,21 @@ async fn shard_main(
     let http = monoio::net::TcpListener::from_std(http).context("registering the http listener")?;
     let tcp = monoio::net::TcpListener::from_std(tcp).context("registering the tcp listener")?;
     let sweeper = ctx.clone();
+    // The kernel's io_uring workers of this shard run its syncs (`SyncWay::Ring`).
     let unpinned = UNPINNED_CPUS.with(std::cell::Cell::get).filter(|_| !legacy);
+    let mut realtime = config.sync_realtime && sync == SyncWay::Ring;
     monoio::spawn(async move {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
-        let mut since_widen_ms = 0;
+        let mut since_tend_ms = 0;
         while !sweeper.stopping.get() {
             monoio::time::sleep(Duration::from_millis(SWEEP_MS)).await;
             sweeper.sweep();
-            since_widen_ms += SWEEP_MS;
-            if let Some(cpus) = &unpinned
-                && since_widen_ms >= WIDEN_IO_WORKERS_EVERY_MS
-            {
-                since_widen_ms = 0;
-                widen_io_workers(tid, cpus);
+            since_tend_ms += SWEEP_MS;
+            if (unpinned.is_some() || realtime) && since_tend_ms >= TEND_IO_WORKERS_EVERY_MS {
+                since_tend_ms = 0;
+                // A refusal stands for the process's life: stop asking.
+                realtime = tend_io_workers(tid, unpinned.as_ref(), realtime);
             }
         }
     });

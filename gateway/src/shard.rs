@@ -342,6 +342,43 @@ struct Held {
     outcome: Outcome,
 }
 
+/// `SCHED_FIFO` priority of the threads that run the logs' syncs (`server.sync_realtime`): the
+/// lowest real-time one, which still runs before every normal thread. Those threads sleep
+/// through the device's write and flush and need the CPU only briefly after each (about 50 us
+/// per sync); as normal threads on a core the shard and a client keep busy, each of those
+/// moments waited its turn, which measured as most of a sync's time under wrk.
+pub const SYNC_THREAD_FIFO_PRIORITY: i32 = 1;
+
+/// Gives thread `tid` of this process `SCHED_FIFO` [`SYNC_THREAD_FIFO_PRIORITY`]. False if the
+/// kernel refused (no root, `CAP_SYS_NICE` or `RLIMIT_RTPRIO`), which is said once per process
+/// on stderr; the thread then keeps its normal priority. A thread that is gone counts as done.
+pub fn make_sync_thread_realtime(tid: libc::pid_t) -> bool {
+    static REFUSAL_SAID: AtomicBool = AtomicBool::new(false);
+    // SAFETY: plain syscalls on a thread id; `param` outlives the call.
+    let err = unsafe {
+        if libc::sched_getscheduler(tid) == libc::SCHED_FIFO {
+            return true;
+        }
+        let param = libc::sched_param {
+            sched_priority: SYNC_THREAD_FIFO_PRIORITY,
+        };
+        if libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) == 0 {
+            return true;
+        }
+        std::io::Error::last_os_error()
+    };
+    if err.raw_os_error() == Some(libc::ESRCH) {
+        return true;
+    }
+    if !REFUSAL_SAID.swap(true, Ordering::Relaxed) {
+        eprintln!(
+            "kefu: the logs' sync threads run at normal priority ({err}): server.sync_realtime \
+             needs root, CAP_SYS_NICE or RLIMIT_RTPRIO >= 1 (set it to false to silence this)"
+        );
+    }
+    false
+}
+
 /// Sync jobs run on a plain thread so the shard's ring keeps serving while `fdatasync` runs.
 struct Flusher {
     jobs: ArrayQueue<(SyncJob, Instant)>,
@@ -352,14 +389,22 @@ struct Flusher {
 
 impl Flusher {
     /// Starts the flusher thread of shard `shard`; it wakes the committer through `inbox`
-    /// when a job is done.
-    fn spawn(inbox: &Arc<Inbox>, shard: u16) -> (Arc<Flusher>, std::thread::JoinHandle<()>) {
+    /// when a job is done. `realtime`: the thread runs `SCHED_FIFO` (`server.sync_realtime`).
+    fn spawn(
+        inbox: &Arc<Inbox>,
+        shard: u16,
+        realtime: bool,
+    ) -> (Arc<Flusher>, std::thread::JoinHandle<()>) {
         let slot: Arc<std::sync::OnceLock<Arc<Flusher>>> = Arc::new(std::sync::OnceLock::new());
         let inbox = inbox.clone();
         let slot_for_thread = slot.clone();
         let thread = std::thread::Builder::new()
             .name(format!("kefu-flush-{shard}"))
             .spawn(move || {
+                if realtime {
+                    // SAFETY: gettid has no preconditions.
+                    make_sync_thread_realtime(unsafe { libc::gettid() });
+                }
                 let me = Arc::new(Flusher {
                     jobs: ArrayQueue::new(1),
                     done: ArrayQueue::new(1),
@@ -452,14 +497,15 @@ pub async fn committer(
     log: Rc<RefCell<Log>>,
     metrics: Rc<ShardMetrics>,
     sync: SyncWay,
+    sync_realtime: bool,
 ) {
     // With io_uring the syncs are fsync ops on the shard's own ring (the kernel's workers run
     // them; the completion lands in the ring): no user-space hand-off. The legacy driver
     // syncs on a flusher thread instead.
     let ring = RingSyncs::new(inbox.clone());
     // Only the legacy driver needs the thread: an idle one would still wake 10 times a second.
-    let flusher =
-        (sync == SyncWay::Thread).then(|| Flusher::spawn(&inbox, engine.borrow().shard()));
+    let flusher = (sync == SyncWay::Thread)
+        .then(|| Flusher::spawn(&inbox, engine.borrow().shard(), sync_realtime));
 
     let mut held: VecDeque<Held> = VecDeque::new();
     let next_tick = match sync {

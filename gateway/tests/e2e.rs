@@ -1656,3 +1656,77 @@ fn sends_move_into_a_zero_filled_segment_and_survive_sigkill() {
     let want: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
     assert_eq!(texts, want);
 }
+
+/// Scheduling policies (field 41 of `/proc/PID/task/TID/stat`: 0 normal, 1 `SCHED_FIFO`) of the
+/// threads of `pid` whose name starts with `prefix`.
+fn thread_policies(pid: u32, prefix: &str) -> Vec<u32> {
+    let mut policies = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        // A thread that exits meanwhile has no stat any more.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+        if !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        // Fields from 3 (state) on follow the name.
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        policies.push(fields[41 - 3].parse().unwrap());
+    }
+    policies
+}
+
+/// `server.sync_realtime` (on by default): the threads that run the logs' syncs, the shard's
+/// io_uring workers (`iou-wrk-<shard tid>`) or the legacy driver's flusher (`kefu-flush-N`),
+/// run `SCHED_FIFO`; with the key off they stay normal threads. Where the test may not raise
+/// priorities (not root, no `RLIMIT_RTPRIO`), kefu serves on at normal priority.
+#[test]
+fn sync_threads_run_realtime_unless_turned_off() {
+    // SAFETY: plain calls with no preconditions; `rtprio` outlives getrlimit.
+    let permitted = unsafe {
+        let mut rtprio: libc::rlimit = std::mem::zeroed();
+        libc::geteuid() == 0
+            || (libc::getrlimit(libc::RLIMIT_RTPRIO, &mut rtprio) == 0 && rtprio.rlim_cur >= 1)
+    };
+    for (driver, prefix) in [("auto", "iou-wrk-"), ("legacy", "kefu-flush-")] {
+        for realtime in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let kefu = start_with(
+                &dir,
+                "1",
+                "always",
+                &[
+                    ("driver = \"auto\"", &format!("driver = \"{driver}\"")),
+                    ("sync_realtime = true", &format!("sync_realtime = {realtime}")),
+                ],
+            );
+            let mut http = kefu.http();
+            let (id, token) = create_conversation(&mut http, None);
+            let want = if realtime && permitted { 1 } else { 0 };
+            // The shard tends its io_uring workers once a second; keep them busy meanwhile
+            // (an idle one exits after 5 s).
+            let mut seen = Vec::new();
+            for i in 0..40 {
+                let status = http
+                    .post(
+                        &format!("/v1/conversations/{id}/messages"),
+                        Some(&token),
+                        &json!({ "text": format!("m{i}") }).to_string(),
+                    )
+                    .status;
+                assert_eq!(status, 201);
+                std::thread::sleep(Duration::from_millis(100));
+                seen = thread_policies(kefu.pid(), prefix);
+                // Past the first pass (1 s), every sync thread has its final policy.
+                if i >= 15 && !seen.is_empty() && seen.iter().all(|&p| p == want) {
+                    break;
+                }
+            }
+            assert!(
+                !seen.is_empty() && seen.iter().all(|&p| p == want),
+                "driver {driver}, sync_realtime {realtime}: {prefix}* policies {seen:?}, want {want}"
+            );
+        }
+    }
+}
