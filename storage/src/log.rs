@@ -45,34 +45,46 @@ const SPARE_START_DIVISOR: u64 = 2;
 /// is a lower bound: every record below it was acknowledged. Recovery uses it to tell a torn
 /// unsynced tail (cut it, even inside a sealed segment) from damage to acknowledged records
 /// (report it). Layout: offset u64 LE, crc32c of those 8 bytes u32 LE, 4 zero bytes.
+///
+/// It is written through a shared mapping of the file, a 16-byte store after each sync: the
+/// `pwrite` it replaced cost about 10 us per sync (with its inode time update), 2% of a busy
+/// shard. The kernel writes the page back in its own time, as it did the `pwrite`'s.
 struct Checkpoint {
-    file: File,
+    map: MmapMut,
 }
 
 impl Checkpoint {
     fn open(dir: &Path) -> Result<(Checkpoint, Option<u64>)> {
-        let file = open_or_create(&dir.join(CHECKPOINT_NAME))?;
-        let mut buf = [0u8; CHECKPOINT_LEN];
-        let value = match std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0) {
-            Ok(()) => {
-                let offset = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
-                let crc = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
-                // A torn or foreign checkpoint counts as none: recovery then only reports.
-                (crc == crc32c::crc32c(&buf[..8])).then_some(offset)
-            }
-            Err(_) => None,
-        };
-        Ok((Checkpoint { file }, value))
+        let path = dir.join(CHECKPOINT_NAME);
+        let file = open_or_create(&path)?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat", &path, e))?
+            .len();
+        // A new file (or one a crash left short) reads as zeros: no valid checkpoint.
+        if len < CHECKPOINT_LEN as u64 {
+            file.set_len(CHECKPOINT_LEN as u64)
+                .map_err(|e| Error::io("extend", &path, e))?;
+        }
+        // SAFETY: the log's directory lock keeps other kefu processes out of this file; a
+        // foreign writer can only make the checkpoint invalid, which its CRC catches.
+        let map = unsafe { memmap2::MmapOptions::new().len(CHECKPOINT_LEN).map_mut(&file) }
+            .map_err(|e| Error::io("mmap", &path, e))?;
+        let offset = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
+        let crc = u32::from_le_bytes(map[8..12].try_into().expect("4 bytes"));
+        // A torn, zero or foreign checkpoint counts as none: recovery then only reports.
+        let value = (crc == crc32c::crc32c(&map[..8])).then_some(offset);
+        Ok((Checkpoint { map }, value))
     }
 
-    /// Best effort: a failed or lost write leaves an older, lower value, which only makes
-    /// recovery report instead of cut.
-    fn record(&self, offset: u64) {
+    /// Best effort: a lost write leaves an older, lower value, which only makes recovery
+    /// report instead of cut.
+    fn record(&mut self, offset: u64) {
         let mut buf = [0u8; CHECKPOINT_LEN];
         buf[..8].copy_from_slice(&offset.to_le_bytes());
         let crc = crc32c::crc32c(&buf[..8]);
         buf[8..12].copy_from_slice(&crc.to_le_bytes());
-        let _ = std::os::unix::fs::FileExt::write_all_at(&self.file, &buf, 0);
+        self.map.copy_from_slice(&buf);
     }
 }
 
