@@ -396,7 +396,11 @@ const TEND_IO_WORKERS_EVERY_MS: u64 = 1000;
 /// `realtime` (`server.sync_realtime`): gives them `SCHED_FIFO`, see
 /// [`crate::shard::SYNC_THREAD_FIFO_PRIORITY`]. Returns whether to keep doing so: false once
 /// the kernel refused.
-fn tend_io_workers(shard_tid: libc::pid_t, widen: Option<&libc::cpu_set_t>, realtime: bool) -> bool {
+fn tend_io_workers(
+    shard_tid: libc::pid_t,
+    widen: Option<&libc::cpu_set_t>,
+    realtime: bool,
+) -> bool {
     let mut realtime = realtime;
     let name = format!("iou-wrk-{shard_tid}");
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
@@ -420,8 +424,7 @@ fn tend_io_workers(shard_tid: libc::pid_t, widen: Option<&libc::cpu_set_t>, real
             // SAFETY: cpu_set_t is plain data; the affinity calls read and write `size` bytes.
             unsafe {
                 let mut now: libc::cpu_set_t = std::mem::zeroed();
-                if libc::sched_getaffinity(tid, size, &mut now) == 0
-                    && !libc::CPU_EQUAL(&now, cpus)
+                if libc::sched_getaffinity(tid, size, &mut now) == 0 && !libc::CPU_EQUAL(&now, cpus)
                 {
                     libc::sched_setaffinity(tid, size, cpus);
                 }
