@@ -1661,7 +1661,10 @@ fn sends_move_into_a_zero_filled_segment_and_survive_sigkill() {
 /// threads of `pid` whose name starts with `prefix`.
 fn thread_policies(pid: u32, prefix: &str) -> Vec<u32> {
     let mut policies = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         // A thread that exits meanwhile has no stat any more.
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
@@ -1698,7 +1701,10 @@ fn sync_threads_run_realtime_unless_turned_off() {
                 "always",
                 &[
                     ("driver = \"auto\"", &format!("driver = \"{driver}\"")),
-                    ("sync_realtime = true", &format!("sync_realtime = {realtime}")),
+                    (
+                        "sync_realtime = true",
+                        &format!("sync_realtime = {realtime}"),
+                    ),
                 ],
             );
             let mut http = kefu.http();
