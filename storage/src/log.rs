@@ -68,8 +68,12 @@ impl Checkpoint {
         }
         // SAFETY: the log's directory lock keeps other kefu processes out of this file; a
         // foreign writer can only make the checkpoint invalid, which its CRC catches.
-        let map = unsafe { memmap2::MmapOptions::new().len(CHECKPOINT_LEN).map_mut(&file) }
-            .map_err(|e| Error::io("mmap", &path, e))?;
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .len(CHECKPOINT_LEN)
+                .map_mut(&file)
+        }
+        .map_err(|e| Error::io("mmap", &path, e))?;
         let offset = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
         let crc = u32::from_le_bytes(map[8..12].try_into().expect("4 bytes"));
         // A torn, zero or foreign checkpoint counts as none: recovery then only reports.
