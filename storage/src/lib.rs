@@ -99,8 +99,8 @@
 //! active (last) segment is cut at its first torn or corrupt record; the cut bytes are zeroed
 //! so no stale record behind the cut can ever look like a successor, and the cut is reported
 //! as [`Truncation`] (offset, position, bytes). `CHECKPOINT` holds the target of the last
-//! completed sync (written after it, never synced itself, so a lower bound of what was
-//! acknowledged). Damage inside a sealed segment at or above it is a torn unsynced tail (a
+//! completed sync (stored through a shared mapping after it, never synced itself, so a lower
+//! bound of what was acknowledged). Damage inside a sealed segment at or above it is a torn unsynced tail (a
 //! power loss after a roll): the log is cut there and later segments are deleted, reported
 //! as a [`Truncation`]. Damage below it, or with no valid checkpoint, is never skipped
 //! silently and never cut: it is reported as [`SealedCorruption`] and reading those offsets
