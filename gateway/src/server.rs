@@ -379,7 +379,10 @@ fn pin_to_cpu(cpu: usize) {
 }
 
 /// How often a shard tends its io_uring workers (CPUs and priority, see [`tend_io_workers`]).
-const TEND_IO_WORKERS_EVERY_MS: u64 = 1000;
+/// The kernel lets an idle worker exit after 5 s and starts a new one at the next sync, so
+/// after a quiet spell the first syncs run on an untended worker for up to this long. A pass
+/// reads `/proc/self/task` (a handful of threads): tens of microseconds.
+const TEND_IO_WORKERS_EVERY_MS: u64 = 200;
 
 /// Tends the kernel's io_uring workers of this shard thread, the threads that run its fsyncs
 /// (`/proc/self/task/*/comm` = `iou-wrk-<shard tid>`); a worker the kernel creates between two
