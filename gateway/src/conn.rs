@@ -240,9 +240,16 @@ impl Conn {
         would_block_or(io::Error::last_os_error())
     }
 
+    /// Whether [`Conn::try_send`] may write this connection's bytes: plain (no TLS, whose
+    /// records rustls frames) and no tracer wanting every send on the ring.
+    pub fn sends_directly(&self) -> bool {
+        self.tls.is_none() && self.direct_io()
+    }
+
     /// One non-blocking `send` of `data`: how much went out, or `None` when the send buffer
-    /// is full (the caller falls back to the ring) or direct I/O is off.
-    fn try_send(&self, data: &[u8]) -> Option<io::Result<usize>> {
+    /// is full (the caller falls back to the ring) or direct I/O is off. Raw bytes: on a TLS
+    /// connection only after [`Conn::sends_directly`] said no TLS.
+    pub fn try_send(&self, data: &[u8]) -> Option<io::Result<usize>> {
         if !self.direct_io() || data.is_empty() {
             return None;
         }

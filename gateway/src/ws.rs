@@ -27,7 +27,7 @@ use crate::engine::{Actor, Delivery, Outbox, Sent};
 use crate::http::{HttpError, call, known_shard, token};
 use crate::metrics::{Disconnect, Stage};
 use crate::recycle::Recycled;
-use crate::server::{DeadlineOrStop, ShardCtx, Woken};
+use crate::server::{ShardCtx, Woken};
 use crate::shard::{Command, Outcome, SendBody, give_vec, pooled_string, recycle_string, take_vec};
 
 /// An accepted upgrade: the 101 answer is written; the token was checked (or not).
@@ -215,6 +215,10 @@ struct Session {
 struct Following {
     outbox: Arc<Outbox>,
     subscriptions: Vec<u64>,
+    /// Frames of deliveries the socket's send buffer did not take at once while it waited
+    /// ([`deliver_waiting`]): the next step writes them before anything else. Here rather
+    /// than in `Socket`, so a socket that follows nothing does not pay for it.
+    unsent: Option<Vec<u8>>,
 }
 
 impl Session {
@@ -224,6 +228,7 @@ impl Session {
             Box::new(Following {
                 outbox: Outbox::new(depth),
                 subscriptions: Vec::new(),
+                unsent: None,
             })
         })
     }
@@ -561,6 +566,7 @@ async fn open(
             Some(Box::new(Following {
                 outbox,
                 subscriptions: Vec::new(),
+                unsent: None,
             }))
         }
         _ => None,
@@ -652,20 +658,8 @@ impl Socket {
                     }
                     Ok(false) => {}
                 }
-                // (Read from the config on every round rather than kept: whatever this future
-                // keeps across its wait, every idle socket holds.)
-                let ctx = &self.session.ctx;
-                let idle = ms_u32(ctx.shared.config.limits.idle_timeout_ms);
-                let ping_every = ping_interval_ms(ctx);
-                let now = now_ms();
-                let since_rx = now.wrapping_sub(self.last_rx);
-                let since_ping = now.wrapping_sub(self.last_ping);
-                if since_rx >= idle {
-                    work = Work::IdleTimeout;
-                    continue;
-                }
-                if since_ping >= ping_every {
-                    work = Work::Ping;
+                if let Err(due) = self.due() {
+                    work = due;
                     continue;
                 }
                 // TLS records waiting to go out: the read step flushes them first.
@@ -673,15 +667,39 @@ impl Socket {
                     work = Work::Read;
                     continue;
                 };
-                let wait_ms = (ping_every - since_ping).min(idle - since_rx);
-                let wake_at = Instant::now() + Duration::from_millis(u64::from(wait_ms));
-                work = match (Wait {
-                    readable,
-                    outbox: self.session.outbox().map(|o| &**o),
-                    deadline: ctx.deadline_or_stop(self.conn_id, wake_at),
-                })
-                .await
-                {
+                let mut readable = std::pin::pin!(readable);
+                let woke = loop {
+                    // (The deadline is worked out again for each wait rather than kept:
+                    // whatever this future keeps across its wait, every idle socket holds.)
+                    // A ping or idle timeout that came due while deliveries flowed goes first.
+                    let wait_ms = match self.due() {
+                        Ok(ms) => ms,
+                        Err(due) => break Some(due),
+                    };
+                    let wake_at = Instant::now() + Duration::from_millis(u64::from(wait_ms));
+                    let woke = Wait {
+                        readable: readable.as_mut(),
+                        socket: self,
+                        deadline_ms: self.session.ctx.deadline_ms(wake_at),
+                    }
+                    .await;
+                    // Deliveries go out from here when they can, so the readiness poll stays
+                    // armed; else (and for everything else) a step runs.
+                    if woke != Some(Work::Deliver) {
+                        break woke;
+                    }
+                    match deliver_waiting(&self.conn, &mut self.session) {
+                        Waiting::Sent => continue,
+                        Waiting::NotHere => break woke,
+                        Waiting::Rest(rest) => {
+                            if let Some(f) = &mut self.session.following {
+                                f.unsent = Some(rest);
+                            }
+                            break woke;
+                        }
+                    }
+                };
+                work = match woke {
                     Some(w) => w,
                     None => break Disconnect::IoError,
                 };
@@ -689,11 +707,43 @@ impl Socket {
         }
     }
 
+    /// How long the socket may wait (ms) before its next ping or its idle timeout, or which of
+    /// the two is due now. (Read from the config each time rather than kept: whatever the
+    /// socket's future keeps across its wait, every idle socket holds.)
+    fn due(&self) -> Result<u32, Work> {
+        let ctx = &self.session.ctx;
+        let idle = ms_u32(ctx.shared.config.limits.idle_timeout_ms);
+        let ping_every = ping_interval_ms(ctx);
+        let now = now_ms();
+        let since_rx = now.wrapping_sub(self.last_rx);
+        let since_ping = now.wrapping_sub(self.last_ping);
+        if since_rx >= idle {
+            return Err(Work::IdleTimeout);
+        }
+        if since_ping >= ping_every {
+            return Err(Work::Ping);
+        }
+        Ok((ping_every - since_ping).min(idle - since_rx))
+    }
+
     /// One round of work: read and decode what arrived, act on it, write what is due.
     /// `Ok(true)`: deliveries are still queued. Boxed by [`Socket::run`], so a waiting
     /// socket's future holds none of this state.
     async fn step(&mut self, work: Work) -> Result<bool, Disconnect> {
         let ctx = self.session.ctx.clone();
+        // Deliveries sent in part while the socket waited come first.
+        if let Some(rest) = self
+            .session
+            .following
+            .as_mut()
+            .and_then(|f| f.unsent.take())
+        {
+            let (res, rest) = self.conn.write_all(rest).await;
+            ctx.pool.give(rest);
+            if res.is_err() {
+                return Err(Disconnect::IoError);
+            }
+        }
         // Pooled, and given back after the write: a step allocates no output buffer.
         let mut out = ctx.pool.take();
         match work {
@@ -950,30 +1000,31 @@ pub async fn ready(outbox: &Option<Arc<Outbox>>) {
 /// What a waiting socket parks in: readability, a delivery, its deadline or shutdown, polled
 /// by hand (`monoio::select!` would add its own state to every idle socket). `None`: the
 /// socket failed.
-struct Wait<'a, R> {
-    readable: R,
-    outbox: Option<&'a Outbox>,
-    deadline: DeadlineOrStop<'a>,
+struct Wait<'a, 'r, R> {
+    /// Borrowed, so it outlives this wait: a delivery sent from the run loop between two
+    /// waits keeps the same readiness poll armed.
+    readable: Pin<&'r mut R>,
+    socket: &'a Socket,
+    /// Milliseconds since the shard's epoch ([`ShardCtx::deadline_ms`]). This wait is a
+    /// deadline waiter of its own (no `DeadlineOrStop` in it, whose copies of the shard and
+    /// connection id would add 16 bytes to every idle socket).
+    deadline_ms: u64,
 }
 
-impl<R: std::future::Future<Output = std::io::Result<()>>> std::future::Future for Wait<'_, R> {
+impl<R: std::future::Future<Output = std::io::Result<()>>> std::future::Future for Wait<'_, '_, R> {
     type Output = Option<Work>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Work>> {
-        // SAFETY: `readable` is structurally pinned: it is never moved out of a pinned
-        // `Wait` (no `Unpin` impl, no `Drop`, no method moves it); the other fields are
-        // `Unpin`.
-        let this = unsafe { self.get_unchecked_mut() };
+        let this = self.get_mut();
+        let ctx = &this.socket.session.ctx;
         // Shutdown first, so a socket that always has input still hears it.
-        if this.deadline.stopping() {
+        if ctx.stopping.get() {
             return Poll::Ready(Some(Work::Stop));
         }
-        // SAFETY: see above.
-        let readable = unsafe { Pin::new_unchecked(&mut this.readable) };
-        if let Poll::Ready(r) = readable.poll(cx) {
+        if let Poll::Ready(r) = this.readable.as_mut().poll(cx) {
             return Poll::Ready(r.ok().map(|()| Work::Read));
         }
-        if let Some(outbox) = this.outbox {
+        if let Some(outbox) = this.socket.session.outbox() {
             // `Outbox::ready` keeps no state of its own: a fresh one registers the waker
             // and looks at the queue, which is all a poll needs.
             let ready = std::pin::pin!(outbox.ready());
@@ -981,12 +1032,79 @@ impl<R: std::future::Future<Output = std::io::Result<()>>> std::future::Future f
                 return Poll::Ready(Some(Work::Deliver));
             }
         }
-        match Pin::new(&mut this.deadline).poll(cx) {
+        match ctx.poll_deadline_or_stop(this.socket.conn_id, this.deadline_ms, cx) {
             // The run loop finds what is due.
             Poll::Ready(Woken::Deadline) => Poll::Ready(Some(Work::Deliver)),
             Poll::Ready(Woken::Stop) => Poll::Ready(Some(Work::Stop)),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+impl<R> Drop for Wait<'_, '_, R> {
+    fn drop(&mut self) {
+        self.socket.session.ctx.leave_deadline(self.socket.conn_id);
+    }
+}
+
+/// What [`deliver_waiting`] did.
+enum Waiting {
+    /// Every queued delivery went out.
+    Sent,
+    /// Nothing for it to do: nothing queued (a deadline woke the socket), an overflow to
+    /// close for, or a connection whose bytes go through the ring (TLS, a tracer attached).
+    NotHere,
+    /// The deliveries were taken, but the send buffer did not take all of their frames: the
+    /// rest goes first in the next step.
+    Rest(Vec<u8>),
+}
+
+/// Writes the deliveries queued for a waiting socket with one non-blocking `send`, without
+/// leaving its wait. Leaving it (to run a step) dropped the socket's pending readiness poll,
+/// which monoio cancels in the kernel and keeps boxed until the cancel completes: one
+/// allocation and two more ring ops per delivery to a socket whose peer is quiet, the usual
+/// state of a chat's receiving side.
+fn deliver_waiting(conn: &Conn, session: &mut Session) -> Waiting {
+    if !conn.sends_directly() {
+        return Waiting::NotHere;
+    }
+    let ctx = &session.ctx;
+    let Some(outbox) = session.following.as_ref().map(|f| &f.outbox) else {
+        return Waiting::NotHere;
+    };
+    if outbox.is_empty() || outbox.is_overflowed() {
+        return Waiting::NotHere;
+    }
+    let started = Instant::now();
+    let mut out = ctx.pool.take();
+    let mut delivered = 0;
+    while let Some(d) = outbox.pop() {
+        // As `Session::text`, on the fields: `outbox` borrows `session.following`.
+        session
+            .ws
+            .send_text(&mut out, std::str::from_utf8(&d.json).unwrap_or("{}"));
+        give_back_delivery(&ctx.shared.delivery_returns, d);
+        delivered += 1;
+    }
+    ctx.metrics.delivered(delivered);
+    ctx.metrics
+        .latency(Stage::Deliver, started.elapsed().as_micros() as u64);
+    match conn.try_send(&out) {
+        Some(Ok(n)) if n == out.len() => {
+            ctx.pool.give(out);
+            // An overflow that came meanwhile is the step's to close for.
+            if outbox.is_overflowed() {
+                Waiting::NotHere
+            } else {
+                Waiting::Sent
+            }
+        }
+        Some(Ok(n)) => {
+            out.drain(..n);
+            Waiting::Rest(out)
+        }
+        // Full (the ring waits for room), or failed (the ring's write fails the same way).
+        _ => Waiting::Rest(out),
     }
 }
 
