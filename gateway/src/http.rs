@@ -659,7 +659,12 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
                 Next::Continue { keep_alive }
             }
         };
-        let status = status_of(&out[status_before..]);
+        // An upgrade's 101 is written by its session (`ws::open`), once it is ready.
+        let status = if matches!(next, Next::WebSocket(_)) {
+            101
+        } else {
+            status_of(&out[status_before..])
+        };
         ctx.metrics.response(status);
         if traced {
             let mut rec = trace.borrow_mut();
@@ -953,7 +958,7 @@ async fn route(
             })
         }
         (Method::Get, ["v1", "ws"]) => {
-            let up = crate::ws::upgrade(ctx, head, out)?;
+            let up = crate::ws::upgrade(ctx, head)?;
             Ok(Next::WebSocket(up))
         }
         (Method::Get, ["v1", "stream"]) => {

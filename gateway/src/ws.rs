@@ -30,18 +30,16 @@ use crate::recycle::Recycled;
 use crate::server::{ShardCtx, Woken};
 use crate::shard::{Command, Outcome, SendBody, give_vec, pooled_string, recycle_string, take_vec};
 
-/// An accepted upgrade: the 101 answer is written; the token was checked (or not).
+/// An accepted upgrade: the token was checked (or not); the session writes the 101 answer
+/// (with `accept`) once it is ready for the client, see [`open`].
 pub struct Upgraded {
     actor: Result<Actor, String>,
+    accept: [u8; 28],
 }
 
-/// Checks the handshake and writes the 101 answer. A bad or missing token still upgrades, so
-/// the client sees close code 4001 (browsers cannot read an HTTP 401 on a WebSocket).
-pub fn upgrade(
-    ctx: &ShardCtx,
-    head: &RequestHead<'_>,
-    out: &mut Vec<u8>,
-) -> Result<Upgraded, HttpError> {
+/// Checks the handshake. A bad or missing token still upgrades, so the client sees close
+/// code 4001 (browsers cannot read an HTTP 401 on a WebSocket).
+pub fn upgrade(ctx: &ShardCtx, head: &RequestHead<'_>) -> Result<Upgraded, HttpError> {
     let up = check_upgrade(head).map_err(|e| HttpError::new(e.status(), e.to_string()))?;
     let actor = match token(head) {
         None => Err("missing token".to_owned()),
@@ -51,8 +49,20 @@ pub fn upgrade(
             .authenticate(&t)
             .map_err(|e| e.to_string()),
     };
+    Ok(Upgraded {
+        actor,
+        accept: up.accept,
+    })
+}
+
+/// The 101 answer of an upgrade.
+fn write_switching(out: &mut Vec<u8>, accept: [u8; 28]) {
+    let up = kefu_protocol::ws::WsUpgrade {
+        key: "",
+        protocols: None,
+        accept,
+    };
     write_accept(out, &up, None);
-    Ok(Upgraded { actor })
 }
 
 /// One replay step for a subscriber: records after `after` and whether the subscription
@@ -549,16 +559,21 @@ async fn open(
         frame_payload_bytes_max: limits.ws_frame_bytes_max as u64,
         message_bytes_max: limits.ws_frame_bytes_max,
     });
+    let mut out = Vec::new();
+    write_switching(&mut out, up.accept);
     let actor = match up.actor {
         Ok(a) => a,
         Err(reason) => {
-            let mut out = Vec::new();
             ws.send_close(&mut out, close_code::UNAUTHORIZED, &reason);
             let _ = conn.write_all(out).await;
             crate::server::ended(&ctx, conn_id, Disconnect::Unauthorized);
             return None;
         }
     };
+    // An agent's socket answers the upgrade only once its inbox is registered on every shard:
+    // a client that sees the 101 and then (over another connection) makes a conversation
+    // assigned to this agent must get the `assigned` notice on this socket. Answering first
+    // lost such notices when the registration was slower than the client.
     let following = match actor {
         Actor::Agent { .. } => {
             let outbox = Outbox::new(limits.subscriber_queue_depth);
@@ -571,6 +586,14 @@ async fn open(
         }
         _ => None,
     };
+    let (res, _) = conn.write_all(out).await;
+    if res.is_err() {
+        if let Some(f) = &following {
+            f.outbox.close();
+        }
+        crate::server::ended(&ctx, conn_id, Disconnect::IoError);
+        return None;
+    }
     // Each connection's ping phase is spread over the interval (by its id): sockets opened
     // in one burst would otherwise all be pinged in the same sweep, a burst of writes that
     // delays every other socket of the shard.

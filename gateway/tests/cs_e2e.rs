@@ -1039,3 +1039,33 @@ fn visitor_rate_limit_answers_429_per_conversation() {
     // Another visitor of the same tenant is not affected.
     assert_eq!(send(&mut http, &other, &other_visitor).status, 201);
 }
+
+/// An agent socket's upgrade is answered only once its inbox is registered on every shard: a
+/// conversation made right after the 101 (over another connection) and assigned to that
+/// agent reaches the socket as an `assigned` notice. Eight shards on this machine's cores
+/// make the registration's round trips slow enough that answering first lost notices (as
+/// `kefu-loadtest chat` did, about one run in 25, with two shards).
+#[test]
+fn an_agent_socket_gets_assignments_made_right_after_its_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start_with(dir.path(), "8", 600_000, 30_000);
+    let mut http = kefu.http();
+    status(&mut http, GA, "online");
+    for round in 0..30 {
+        // No first message to wait for: the 101 alone must be enough.
+        let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={GA}")).expect("upgrade");
+        let (id, _, _) = create(&mut http, "globex", "hello");
+        let mut notices = 0;
+        loop {
+            match ws.recv() {
+                WsMsg::Text(v) if v["event"] == "assigned" && v["conversation_id"] == id => break,
+                WsMsg::Text(_) => notices += 1,
+                other => panic!("round {round}: {other:?}"),
+            }
+            assert!(notices < 50, "round {round}: no assigned notice for {id}");
+        }
+        // Free the agent's capacity (4) for the next round.
+        let r = act(&mut http, &id, GA, "resolve", "");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+}
