@@ -616,13 +616,44 @@ async fn session_loop(
             Timer,
             Stop,
         }
-        let woke = monoio::select! {
-            r = conn.readable() => Woke::Readable(r.is_ok()),
-            _ = crate::ws::ready(&outbox) => Woke::Outbox,
-            w = ctx.deadline_or_stop(conn_id, wake_at) => match w {
-                Woken::Deadline => Woke::Timer,
-                Woken::Stop => Woke::Stop,
-            },
+        // Deliveries go out from the wait itself when the send buffer takes them all, so its
+        // readiness poll stays armed: leaving the wait cancelled the poll, one allocation and
+        // two ring ops per delivery (see `ws::deliver_waiting`). What the buffer does not take
+        // stays in `out`, ahead of whatever the next round appends.
+        let woke = {
+            let mut readable = std::pin::pin!(conn.readable());
+            loop {
+                let woke = monoio::select! {
+                    r = readable.as_mut() => Woke::Readable(r.is_ok()),
+                    _ = crate::ws::ready(&outbox) => Woke::Outbox,
+                    w = ctx.deadline_or_stop(conn_id, wake_at) => match w {
+                        Woken::Deadline => Woke::Timer,
+                        Woken::Stop => Woke::Stop,
+                    },
+                };
+                let Some(o) = outbox.as_ref().filter(|_| matches!(woke, Woke::Outbox)) else {
+                    break woke;
+                };
+                // TLS, a tracer, or an overflow to answer: the round does it.
+                if !conn.sends_directly() || o.is_overflowed() {
+                    break woke;
+                }
+                let mut delivered = 0;
+                while let Some(d) = o.pop() {
+                    out.extend_from_slice(&d.frame);
+                    give_back_delivery(&ctx.shared.delivery_returns, d);
+                    delivered += 1;
+                }
+                ctx.metrics.delivered(delivered);
+                match conn.try_send(&out) {
+                    Some(Ok(n)) if n == out.len() && !o.is_overflowed() => out.clear(),
+                    Some(Ok(n)) => {
+                        out.drain(..n);
+                        break woke;
+                    }
+                    _ => break woke,
+                }
+            }
         };
         match woke {
             Woke::Readable(false) => return Ok(Disconnect::IoError),

@@ -1009,6 +1009,57 @@ fn binary_protocol_roundtrip() {
     assert!(matches!(junk.recv(), Some(BinMsg::Error { code: 400, .. })));
 }
 
+/// The binary protocol's version of
+/// `a_websocket_that_stops_reading_gets_every_delivery_once_it_reads_again`: a subscriber that
+/// stops reading while ~30 MB of records are delivered gets every record once, whole (its CRC
+/// checks) and in seq order once it reads again.
+#[test]
+fn a_binary_subscriber_that_stops_reading_gets_every_record_once_it_reads_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start_with(
+        &dir,
+        "1",
+        "never",
+        &[("text_bytes_max = 8192", "text_bytes_max = 32768")],
+    );
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, Some("hello"));
+    let conv = ConversationId::parse(&id).unwrap();
+    let mut bin = Bin::connect(kefu.tcp);
+    bin.send(&ClientMsg::Hello { token: &visitor });
+    assert!(matches!(bin.recv(), Some(BinMsg::Welcome { .. })));
+    bin.send(&ClientMsg::Subscribe {
+        conversation_id: conv,
+        after_seq: 0,
+    });
+    // The subscription is live once the replay's first record arrived.
+    let mut last = match bin.recv() {
+        Some(BinMsg::Record { seq, .. }) => seq,
+        other => panic!("{other:?}"),
+    };
+    for i in 0..1000 {
+        let text = format!("{i:06}:{}", "w".repeat(30_000));
+        let r = http.post(
+            &format!("/v1/conversations/{id}/messages"),
+            Some(&visitor),
+            &json!({ "text": text }).to_string(),
+        );
+        assert_eq!(r.status, 201, "send {i}");
+    }
+    let end = last_seq(&mut http, &id, &visitor);
+    while last < end {
+        match bin.recv() {
+            Some(BinMsg::Record { seq, bytes, .. }) => {
+                assert_eq!(seq, last + 1, "records in seq order, none missing");
+                let (f, used) = frame::decode(&bytes, u32::MAX).expect("a whole stored frame");
+                assert_eq!((used, f.header.seq), (bytes.len(), seq));
+                last = seq;
+            }
+            other => panic!("after seq {last}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn stream_bytes_equal_the_segment_records() {
     let dir = tempfile::tempdir().unwrap();
