@@ -1009,6 +1009,29 @@ fn binary_protocol_roundtrip() {
     assert!(matches!(junk.recv(), Some(BinMsg::Error { code: 400, .. })));
 }
 
+/// One shard, no syncs, and texts of up to 32 KiB: for the flooded-subscriber tests.
+fn start_for_floods(dir: &tempfile::TempDir) -> Kefu {
+    start_with(
+        dir,
+        "1",
+        "never",
+        &[("text_bytes_max = 8192", "text_bytes_max = 32768")],
+    )
+}
+
+/// Sends `n` messages of 30 KB into conversation `id`; message `i`'s text starts `{i:06}:`.
+fn flood(http: &mut Http, id: &str, token: &str, n: u64) {
+    for i in 0..n {
+        let text = format!("{i:06}:{}", "w".repeat(30_000));
+        let r = http.post(
+            &format!("/v1/conversations/{id}/messages"),
+            Some(token),
+            &json!({ "text": text }).to_string(),
+        );
+        assert_eq!(r.status, 201, "send {i}");
+    }
+}
+
 /// The binary protocol's version of
 /// `a_websocket_that_stops_reading_gets_every_delivery_once_it_reads_again`: a subscriber that
 /// stops reading while ~30 MB of records are delivered gets every record once, whole (its CRC
@@ -1016,12 +1039,7 @@ fn binary_protocol_roundtrip() {
 #[test]
 fn a_binary_subscriber_that_stops_reading_gets_every_record_once_it_reads_again() {
     let dir = tempfile::tempdir().unwrap();
-    let kefu = start_with(
-        &dir,
-        "1",
-        "never",
-        &[("text_bytes_max = 8192", "text_bytes_max = 32768")],
-    );
+    let kefu = start_for_floods(&dir);
     let mut http = kefu.http();
     let (id, visitor) = create_conversation(&mut http, Some("hello"));
     let conv = ConversationId::parse(&id).unwrap();
@@ -1037,15 +1055,7 @@ fn a_binary_subscriber_that_stops_reading_gets_every_record_once_it_reads_again(
         Some(BinMsg::Record { seq, .. }) => seq,
         other => panic!("{other:?}"),
     };
-    for i in 0..1000 {
-        let text = format!("{i:06}:{}", "w".repeat(30_000));
-        let r = http.post(
-            &format!("/v1/conversations/{id}/messages"),
-            Some(&visitor),
-            &json!({ "text": text }).to_string(),
-        );
-        assert_eq!(r.status, 201, "send {i}");
-    }
+    flood(&mut http, &id, &visitor, 1000);
     let end = last_seq(&mut http, &id, &visitor);
     while last < end {
         match bin.recv() {
@@ -1170,12 +1180,7 @@ fn slow_websocket_consumer_is_closed_with_4008() {
 #[test]
 fn a_websocket_that_stops_reading_gets_every_delivery_once_it_reads_again() {
     let dir = tempfile::tempdir().unwrap();
-    let kefu = start_with(
-        &dir,
-        "1",
-        "never",
-        &[("text_bytes_max = 8192", "text_bytes_max = 32768")],
-    );
+    let kefu = start_for_floods(&dir);
     let mut http = kefu.http();
     let (id, visitor) = create_conversation(&mut http, None);
     let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).expect("upgrade");
@@ -1185,17 +1190,9 @@ fn a_websocket_that_stops_reading_gets_every_delivery_once_it_reads_again() {
         WsMsg::Text(v) => v["seq"].as_u64().expect("a stored record"),
         other => panic!("{other:?}"),
     };
-    // 1,000 messages of 30 KB, below the 1,024-slot queue; the socket is not read meanwhile.
+    // Below the 1,024-slot queue; the socket is not read meanwhile.
     let sends = 1000u64;
-    for i in 0..sends {
-        let text = format!("{i:06}:{}", "w".repeat(30_000));
-        let r = http.post(
-            &format!("/v1/conversations/{id}/messages"),
-            Some(&visitor),
-            &json!({ "text": text }).to_string(),
-        );
-        assert_eq!(r.status, 201, "send {i}");
-    }
+    flood(&mut http, &id, &visitor, sends);
     let mut next = 0u64;
     while next < sends {
         let v = match ws.recv_stored() {
