@@ -2,7 +2,8 @@
 # Allocations per message in the running gateway: uprobes on mimalloc's entry points
 # (`perf probe`), counted with `perf stat` over a window of each load, divided by the
 # `kefu_messages_in_total` delta. Loads: HTTP sends (`kefu-loadtest send`), WebSocket chat
-# (`kefu-loadtest chat`, 16 visitors) and long-polls (gateway/scripts/long-poll-load.py).
+# (`kefu-loadtest chat`, 16 visitors), long-polls (gateway/scripts/long-poll-load.py) and
+# binary-protocol subscribers (gateway/scripts/binary-load.py).
 # Usage: gateway/scripts/count-allocs.sh KEFU_BIN [KEFU_LOADTEST_BIN]
 # Needs perf with uprobes, python3, curl. Adds probes named after the binary's inode, removes
 # them at the end.
@@ -38,6 +39,7 @@ start() {
   for _ in $(seq 100); do grep -q "^kefu ready" "$WORK/out" && break; sleep 0.1; done
   grep -q "^kefu ready" "$WORK/out" || { cat "$WORK/out" >&2; exit 1; }
   PORT=$(grep -o 'http=127.0.0.1:[0-9]*' "$WORK/out" | cut -d: -f2)
+  TCP_PORT=$(grep -o 'tcp=127.0.0.1:[0-9]*' "$WORK/out" | cut -d: -f2)
 }
 stop() { kill "$PID"; wait "$PID" 2>/dev/null || true; PID=; }
 
@@ -63,4 +65,12 @@ LOAD=$!
 window "long-poll" 3 3
 wait "$LOAD"
 cat "$WORK/lp.out"
+stop
+
+start
+python3 "$(dirname "$0")/binary-load.py" "$PORT" "$TCP_PORT" 32 8 0.005 > "$WORK/bin.out" &
+LOAD=$!
+window "binary" 3 3
+wait "$LOAD"
+cat "$WORK/bin.out"
 stop
