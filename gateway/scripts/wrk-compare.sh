@@ -73,6 +73,7 @@ idle() { awk '/^cpu / {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /p
 # Context switches (voluntary + involuntary) of the given pids' threads, io_uring workers included.
 ctxsw() { local p; for p in "$@"; do cat /proc/$p/task/*/status 2>/dev/null; done | awk '/ctxt_switches/ {n += $2} END {print n}'; }
 NGINX_PIDS=$(cat "$WORK/nginx.pid"; pgrep -P "$(cat "$WORK/nginx.pid")")
+RATES=()
 # Prints wrk's rate and percentiles, and the server's CPU time per request: on a machine shared
 # with other work the CPU cost is steadier than the rate. $1 label, $2 "nginx" or "kefu".
 run() {
@@ -90,6 +91,7 @@ run() {
   sw1=$(ctxsw $pids)
   idle1=$(idle)
   grep -E 'Requests/sec|  50%|  99%|Non-2xx|Socket errors' "$WORK/wrk.out"
+  RATES+=("$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.out")")
   local reqs
   reqs=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
   python3 -c "import sys; t, n, hz = map(int, sys.argv[1:]); print(f'server CPU per request: {t / hz * 1e6 / max(n, 1):.1f} us')" \
@@ -107,4 +109,6 @@ if [[ -n "${PERF_OUT:-}" ]]; then
 fi
 run "kefu POST message (durable, ${KEFU_FLAGS:-default durability})" kefu -s "$WORK/post.lua" "http://127.0.0.1:$PORT"
 [[ -n "${PERF_PID:-}" ]] && wait "$PERF_PID"
+# The issue's measure: each kefu rate against nginx's in this run.
+python3 -c "import sys; n, g, p = map(float, sys.argv[1:]); print(f'vs nginx: GET /healthz {g / n:.2f}x, durable POST {p / n:.2f}x')" "${RATES[@]}"
 curl -s "127.0.0.1:$PORT/metrics" | grep -E 'stage="(log_sync|command)",quantile="0.(5|99)"'
