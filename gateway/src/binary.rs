@@ -477,6 +477,18 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64) -> Discon
     }
 }
 
+/// Appends the stored frame of every delivery queued in `outbox` to `out` and gives each back
+/// to its shard's pool; returns how many.
+fn frame_deliveries(outbox: &Outbox, ctx: &ShardCtx, out: &mut Vec<u8>) -> u64 {
+    let mut delivered = 0;
+    while let Some(d) = outbox.pop() {
+        out.extend_from_slice(&d.frame);
+        give_back_delivery(&ctx.shared.delivery_returns, d);
+        delivered += 1;
+    }
+    delivered
+}
+
 /// `Err` carries a stream request: the caller turns the connection into a stream.
 async fn session_loop(
     ctx: &Rc<ShardCtx>,
@@ -571,13 +583,10 @@ async fn session_loop(
             let _ = conn.write_all(out).await;
             return Ok(Disconnect::BadRequest);
         }
-        let mut delivered = 0;
         let outbox = s.outbox.clone();
-        while let Some(d) = outbox.as_ref().and_then(|o| o.pop()) {
-            out.extend_from_slice(&d.frame);
-            give_back_delivery(&ctx.shared.delivery_returns, d);
-            delivered += 1;
-        }
+        let delivered = outbox
+            .as_ref()
+            .map_or(0, |o| frame_deliveries(o, ctx, &mut out));
         if outbox.as_ref().is_some_and(|o| o.is_overflowed()) {
             error_frame(
                 &mut out,
@@ -638,12 +647,7 @@ async fn session_loop(
                 if !conn.sends_directly() || o.is_overflowed() {
                     break woke;
                 }
-                let mut delivered = 0;
-                while let Some(d) = o.pop() {
-                    out.extend_from_slice(&d.frame);
-                    give_back_delivery(&ctx.shared.delivery_returns, d);
-                    delivered += 1;
-                }
+                let delivered = frame_deliveries(o, ctx, &mut out);
                 ctx.metrics.delivered(delivered);
                 match conn.try_send(&out) {
                     Some(Ok(n)) if n == out.len() && !o.is_overflowed() => out.clear(),

@@ -276,13 +276,6 @@ pub struct DeadlineOrStop<'a> {
     deadline_ms: u64,
 }
 
-impl DeadlineOrStop<'_> {
-    /// The shard is shutting down (what a poll would also say, without touching the map).
-    pub fn stopping(&self) -> bool {
-        self.ctx.stopping.get()
-    }
-}
-
 impl std::future::Future for DeadlineOrStop<'_> {
     type Output = Woken;
 
@@ -426,9 +419,8 @@ const TEND_IO_WORKERS_EVERY_MS: u64 = 1000;
 fn tend_io_workers(
     shard_tid: libc::pid_t,
     widen: Option<&libc::cpu_set_t>,
-    realtime: bool,
+    mut realtime: bool,
 ) -> bool {
-    let mut realtime = realtime;
     let name = format!("iou-wrk-{shard_tid}");
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
         return realtime;

@@ -258,9 +258,7 @@ impl Session {
     }
 
     fn text(&mut self, out: &mut Vec<u8>, json: &[u8]) {
-        // Writing into a Vec cannot fail; `send_text` wants &str and JSON is UTF-8.
-        let text = std::str::from_utf8(json).unwrap_or("{}");
-        self.ws.send_text(out, text);
+        write_text(&mut self.ws, out, json);
     }
 
     /// A client message (borrowing from `text`), or why the text is not one.
@@ -884,11 +882,7 @@ impl Socket {
         let started = Instant::now();
         let outbox = self.session.outbox().cloned();
         if let Some(outbox) = &outbox {
-            while let Some(d) = outbox.pop() {
-                self.session.text(&mut out, &d.json);
-                give_back_delivery(&ctx.shared.delivery_returns, d);
-                delivered += 1;
-            }
+            delivered = frame_deliveries(&mut self.session.ws, outbox, &ctx, &mut out);
             if outbox.is_overflowed() {
                 return Err(self
                     .close(
@@ -1070,6 +1064,28 @@ impl<R> Drop for Wait<'_, '_, R> {
     }
 }
 
+/// Frames `json` as a text message (JSON is UTF-8; writing into a `Vec` cannot fail).
+fn write_text(ws: &mut WsConnection, out: &mut Vec<u8>, json: &[u8]) {
+    ws.send_text(out, std::str::from_utf8(json).unwrap_or("{}"));
+}
+
+/// Frames every delivery queued in `outbox` into `out` and gives each back to its shard's
+/// pool; returns how many.
+fn frame_deliveries(
+    ws: &mut WsConnection,
+    outbox: &Outbox,
+    ctx: &ShardCtx,
+    out: &mut Vec<u8>,
+) -> u64 {
+    let mut delivered = 0;
+    while let Some(d) = outbox.pop() {
+        write_text(ws, out, &d.json);
+        give_back_delivery(&ctx.shared.delivery_returns, d);
+        delivered += 1;
+    }
+    delivered
+}
+
 /// What [`deliver_waiting`] did.
 enum Waiting {
     /// Every queued delivery went out.
@@ -1100,19 +1116,14 @@ fn deliver_waiting(conn: &Conn, session: &mut Session) -> Waiting {
     }
     let started = Instant::now();
     let mut out = ctx.pool.take();
-    let mut delivered = 0;
-    while let Some(d) = outbox.pop() {
-        // As `Session::text`, on the fields: `outbox` borrows `session.following`.
-        session
-            .ws
-            .send_text(&mut out, std::str::from_utf8(&d.json).unwrap_or("{}"));
-        give_back_delivery(&ctx.shared.delivery_returns, d);
-        delivered += 1;
-    }
+    // On the session's fields: `outbox` borrows `session.following`.
+    let delivered = frame_deliveries(&mut session.ws, outbox, ctx, &mut out);
+    let sent = conn.try_send(&out);
+    // As a step counts them: framed and handed to the socket.
     ctx.metrics.delivered(delivered);
     ctx.metrics
         .latency(Stage::Deliver, started.elapsed().as_micros() as u64);
-    match conn.try_send(&out) {
+    match sent {
         Some(Ok(n)) if n == out.len() => {
             ctx.pool.give(out);
             // An overflow that came meanwhile is the step's to close for.
