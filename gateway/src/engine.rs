@@ -42,6 +42,20 @@ pub trait RecordLog {
     /// Appends one record and returns its log offset. The record is not durable until the
     /// committer syncs.
     fn append(&mut self, header: &Header, payload: &[u8]) -> Result<u64, String>;
+    /// [`append`](Self::append), and appends the record's frame as stored (header with
+    /// `log_offset` and CRC, then `payload`) to `frame`.
+    fn append_framed(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        frame: &mut Vec<u8>,
+    ) -> Result<u64, String> {
+        let offset = self.append(header, payload)?;
+        let mut stored = *header;
+        stored.log_offset = offset;
+        frame::encode_into(&stored, payload, frame);
+        Ok(offset)
+    }
     /// Calls `each` with the records of `conv` whose seq is above `after_seq`, oldest first, at
     /// most `limit` of them.
     fn read_conversation(
@@ -155,6 +169,13 @@ impl Outbox {
 
     pub fn is_overflowed(&self) -> bool {
         self.overflowed.load(Ordering::Acquire)
+    }
+
+    /// Marks the outbox overflowed without a delivery: its socket closes with 4008 and
+    /// resumes from the log with `after`.
+    pub fn give_up(&self) {
+        self.overflowed.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// The socket is gone: the engine drops the outbox on its next delivery.
@@ -516,7 +537,7 @@ impl Engine {
         while let Some((at, _)) = self.pending.front()
             && *at <= durable_offset
         {
-            let (_, delivery) = self.pending.pop_front().expect("front exists");
+            let (_, mut delivery) = self.pending.pop_front().expect("front exists");
             if let Some(conv) = self.conversations.get_mut(&delivery.conversation_id) {
                 if delivery.seq > 0 {
                     assert_eq!(delivery.seq, conv.released_seq + 1, "dense release order");
@@ -524,6 +545,17 @@ impl Engine {
                 }
                 conv.subscribers
                     .retain(|s| !s.is_closed() && !s.is_overflowed());
+                if delivery.json.is_empty()
+                    && !conv.subscribers.is_empty()
+                    && !render_late(&mut delivery)
+                {
+                    // Cannot happen for a record this engine wrote; should it, the
+                    // subscribers resume from the log rather than miss the record.
+                    debug_assert!(false, "a stored record failed to render");
+                    for sub in conv.subscribers.drain(..) {
+                        sub.give_up();
+                    }
+                }
                 for sub in &conv.subscribers {
                     sub.push(delivery.clone());
                 }
@@ -957,8 +989,12 @@ impl Engine {
         self.scratch.clear();
         serde_json::to_writer(&mut self.scratch, &record)
             .map_err(|e| EngineError::Storage(e.to_string()))?;
-        let d = Arc::get_mut(&mut delivery).expect("a fresh delivery is unshared");
-        record.write_ws_json(&mut d.json);
+        // The JSON form only for a conversation someone follows; if a subscriber comes in
+        // before the record is released, `release` renders it then, from the frame.
+        if !conv.subscribers.is_empty() {
+            let d = Arc::get_mut(&mut delivery).expect("a fresh delivery is unshared");
+            record.write_ws_json(&mut d.json);
+        }
         let log_offset = self.write(log, Kind::Message, id, seq, now_us, delivery)?;
         let conv = self.conversations.get_mut(&id).expect("checked");
         conv.last_seq = seq;
@@ -985,17 +1021,16 @@ impl Engine {
         mut delivery: Arc<Delivery>,
     ) -> Result<u64, EngineError> {
         let header = Header::new(kind, id, seq, now_us);
-        let offset = log.append(&header, &self.scratch).map_err(|e| {
-            self.poison(e.clone());
-            EngineError::Storage(e)
-        })?;
-        let mut stored = header;
-        stored.log_offset = offset;
         let d = Arc::get_mut(&mut delivery).expect("a delivery is shared only once queued");
+        d.frame.clear();
+        let offset = log
+            .append_framed(&header, &self.scratch, &mut d.frame)
+            .map_err(|e| {
+                self.poison(e.clone());
+                EngineError::Storage(e)
+            })?;
         d.conversation_id = id;
         d.seq = seq;
-        d.frame.clear();
-        frame::encode_into(&stored, &self.scratch, &mut d.frame);
         self.appended_end = offset + 1;
         self.pending.push_back((offset + 1, delivery));
         Ok(offset)
@@ -1844,6 +1879,31 @@ impl Engine {
     pub fn idempotency_keys(&self) -> (usize, usize) {
         (self.keys.kept, self.keys.order.len())
     }
+}
+
+/// Fills in the JSON form of a message delivery that was queued without one (nobody followed
+/// its conversation when it was appended), from its frame. False if that fails.
+fn render_late(delivery: &mut Arc<Delivery>) -> bool {
+    let json = match frame::decode(&delivery.frame, u32::MAX) {
+        Ok((fr, _)) => match render_stored(&fr.header, fr.payload) {
+            Ok(json) => json,
+            Err(_) => return false,
+        },
+        Err(_) => return false,
+    };
+    match Arc::get_mut(delivery) {
+        Some(d) => d.json = json,
+        // Only the pending queue holds a delivery before its release; if not, a copy.
+        None => {
+            *delivery = Arc::new(Delivery {
+                conversation_id: delivery.conversation_id,
+                seq: delivery.seq,
+                frame: delivery.frame.clone(),
+                json,
+            })
+        }
+    }
+    true
 }
 
 /// The WebSocket/HTTP JSON form of a stored record.

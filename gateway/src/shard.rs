@@ -39,6 +39,15 @@ impl RecordLog for Log {
         Log::append(self, header, payload).map_err(|e| e.to_string())
     }
 
+    fn append_framed(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        frame: &mut Vec<u8>,
+    ) -> Result<u64, String> {
+        Log::append_framed(self, header, payload, frame).map_err(|e| e.to_string())
+    }
+
     fn read_conversation(
         &mut self,
         conv: u64,

@@ -1176,6 +1176,27 @@ impl Log {
     /// (immediately under [`Durability::Never`]); acknowledge it after [`Log::durable_offset`]
     /// passed it.
     pub fn append(&mut self, header: &Header, payload: &[u8]) -> Result<u64> {
+        self.append_inner(header, payload, None)
+    }
+
+    /// [`append`](Self::append), and also appends the record's frame, exactly the bytes just
+    /// written to the log (header with its CRC, then `payload`), to `frame`: the caller gets the
+    /// wire form without encoding it (and computing its CRC) a second time.
+    pub fn append_framed(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        frame: &mut Vec<u8>,
+    ) -> Result<u64> {
+        self.append_inner(header, payload, Some(frame))
+    }
+
+    fn append_inner(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        frame: Option<&mut Vec<u8>>,
+    ) -> Result<u64> {
         if let Some(cause) = &self.poisoned {
             return Err(Error::Poisoned(cause.clone()));
         }
@@ -1243,6 +1264,11 @@ impl Log {
             frame::decode(&map[pos..end], u32::MAX).is_ok(),
             "record verifies right after writing"
         );
+        if let Some(frame) = frame {
+            frame.reserve(frame_len as usize);
+            frame.extend_from_slice(&head);
+            frame.extend_from_slice(payload);
+        }
         seg.index
             .note((offset - seg.base) as u32, pos as u32, interval);
         seg.len = end as u64;

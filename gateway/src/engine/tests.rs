@@ -264,6 +264,45 @@ fn replay_reaches_live_edge_without_gap_or_duplicate() {
 }
 
 #[test]
+fn a_record_appended_before_anyone_followed_reaches_a_later_subscriber_whole() {
+    let mut log = MemLog::default();
+    let mut e = engine(0);
+    let c = e.create(&mut log, 0, "Ann", "web", None, None, 1).unwrap();
+    let id = c.conversation_id;
+    let visitor = Actor::Visitor {
+        tenant: 0,
+        conversation_id: id,
+    };
+    e.release(u64::MAX);
+    // Nobody follows: the delivery is queued without its JSON form.
+    e.send(&mut log, id, &visitor, "before \"anyone\"", Some("k1"), 2)
+        .unwrap();
+    let outbox = Outbox::new(16);
+    assert!(
+        e.replay(&mut log, id, &visitor, 1, 10, Some(outbox.clone()))
+            .unwrap()
+            .registered
+    );
+    // Followed now: rendered at append.
+    e.send(&mut log, id, &visitor, "after", None, 3).unwrap();
+    e.release(u64::MAX);
+    let late = outbox.pop().unwrap();
+    let live = outbox.pop().unwrap();
+    assert!(outbox.pop().is_none());
+    assert_eq!((late.seq, live.seq), (2, 3));
+    // Both forms equal what a replay from the log renders, for both paths.
+    let replayed = e.replay(&mut log, id, &visitor, 1, 10, None).unwrap();
+    assert_eq!(replayed.entries.len(), 2);
+    for (got, want) in [&late, &live].into_iter().zip(&replayed.entries) {
+        assert_eq!(got.json, want.json, "seq {}", got.seq);
+        assert_eq!(got.frame, want.frame, "seq {}", got.seq);
+    }
+    let json: serde_json::Value = serde_json::from_slice(&late.json).unwrap();
+    assert_eq!(json["text"], "before \"anyone\"");
+    assert_eq!(json["client_msg_id"], "k1");
+}
+
+#[test]
 fn slow_subscriber_overflows_instead_of_blocking() {
     let mut log = MemLog::default();
     let mut e = engine(0);
