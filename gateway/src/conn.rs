@@ -15,11 +15,47 @@ pub struct Conn {
     tls: Option<Box<Tls>>,
 }
 
-/// A TLS connection's state.
+/// A TLS session on its way to another shard with its socket (`migrate`). rustls keeps no
+/// reference to the thread or runtime that served it.
+pub struct TlsSession(Box<Tls>);
+
+/// A TLS connection's state. Its raw records pass through buffers of a per-thread pool
+/// ([`tls_buf`]): each read is fed to rustls whole and each write sent out before the buffer
+/// goes back, so an idle TLS connection holds none.
 struct Tls {
     conn: rustls::ServerConnection,
-    /// Raw TLS bytes read but not yet fed to rustls.
-    raw_in: Vec<u8>,
+}
+
+/// Size of a buffer for raw TLS records: one full record (16 KiB of plaintext plus overhead)
+/// fits.
+const TLS_BUF_BYTES: usize = 17 * 1024;
+/// Raw-record buffers kept per thread for reuse (a thread serves one TLS read or write at a
+/// time per connection, and only the busy connections hold one).
+const TLS_BUFS_KEPT_MAX: usize = 64;
+
+thread_local! {
+    static TLS_BUFS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty raw-record buffer from this thread's pool, or a new one.
+fn tls_buf() -> Vec<u8> {
+    TLS_BUFS
+        .with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(TLS_BUF_BYTES))
+}
+
+/// Gives a raw-record buffer back to this thread's pool (bounded; an oversized one is freed).
+fn give_tls_buf(mut buf: Vec<u8>) {
+    if buf.capacity() > 4 * TLS_BUF_BYTES {
+        return;
+    }
+    buf.clear();
+    let _ = TLS_BUFS.try_with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < TLS_BUFS_KEPT_MAX {
+            p.push(buf);
+        }
+    });
 }
 
 impl Conn {
@@ -31,15 +67,35 @@ impl Conn {
         let conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
         Ok(Self {
             stream,
-            tls: Some(Box::new(Tls {
-                conn,
-                raw_in: Vec::new(),
-            })),
+            tls: Some(Box::new(Tls { conn })),
         })
     }
 
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// A connection another shard started: its socket, and its TLS session if it has one.
+    pub fn resume(stream: TcpStream, tls: TlsSession) -> Self {
+        Self {
+            stream,
+            tls: Some(tls.0),
+        }
+    }
+
+    /// Takes the TLS session out to move it with the socket to another shard, if it can go:
+    /// nothing of it waits to be written (its records are all sent). Whatever rustls holds
+    /// besides (a partial record read, say) goes with it. `None` for a plain connection.
+    pub fn take_tls(&mut self) -> Option<TlsSession> {
+        if self.tls.as_ref()?.conn.wants_write() {
+            return None;
+        }
+        self.tls.take().map(TlsSession)
+    }
+
+    /// Puts back a session [`Conn::take_tls`] took, when the move did not happen.
+    pub fn restore_tls(&mut self, tls: TlsSession) {
+        self.tls = Some(tls.0);
     }
 
     /// Waits until the socket has something to read (holding no buffer meanwhile).
@@ -95,34 +151,47 @@ impl Conn {
             if let Err(e) = self.flush_tls().await {
                 return (Err(e), buf);
             }
-            let raw = std::mem::take(&mut self.tls.as_mut().expect("tls").raw_in);
-            let mut raw = if raw.capacity() == 0 {
-                Vec::with_capacity(16 * 1024)
-            } else {
-                raw
+            let mut raw = tls_buf();
+            // As for plain connections: the records that made the socket readable are taken
+            // with one non-blocking `recv`; the ring reads only when nothing is there yet.
+            let res = match self.try_recv(&mut raw) {
+                Some(res) => res,
+                None => {
+                    let cap = raw.capacity();
+                    let (res, slice) = self.stream.read(raw.slice_mut(0..cap)).await;
+                    raw = slice.into_inner();
+                    res
+                }
             };
-            raw.clear();
-            let cap = raw.capacity();
-            let (res, slice) = self.stream.read(raw.slice_mut(0..cap)).await;
-            let raw = slice.into_inner();
             match res {
-                Ok(0) => return (Ok(0), buf),
+                Ok(0) => {
+                    give_tls_buf(raw);
+                    return (Ok(0), buf);
+                }
                 Ok(_) => {}
-                Err(e) => return (Err(e), buf),
-            }
-            let tls = self.tls.as_mut().expect("tls");
-            let mut cursor = &raw[..];
-            while !cursor.is_empty() {
-                if let Err(e) = tls.conn.read_tls(&mut cursor) {
+                Err(e) => {
+                    give_tls_buf(raw);
                     return (Err(e), buf);
                 }
-                if let Err(e) = tls.conn.process_new_packets() {
-                    return (Err(io::Error::new(io::ErrorKind::InvalidData, e)), buf);
-                }
             }
-            tls.raw_in = raw;
+            let fed = feed_tls(&mut self.tls.as_mut().expect("tls").conn, &raw);
+            give_tls_buf(raw);
+            if let Err(e) = fed {
+                return (Err(e), buf);
+            }
         }
     }
+}
+
+/// Hands all of `raw` to rustls and processes it.
+fn feed_tls(tls: &mut rustls::ServerConnection, raw: &[u8]) -> io::Result<()> {
+    let mut cursor = raw;
+    while !cursor.is_empty() {
+        tls.read_tls(&mut cursor)?;
+        tls.process_new_packets()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    }
+    Ok(())
 }
 
 /// Moves decrypted bytes from rustls into `buf`: `Some(0)` when the peer closed, `None` when
@@ -153,16 +222,35 @@ fn take_plaintext(
 }
 
 impl Conn {
-    /// Sends TLS records rustls has queued (handshake, alerts, encrypted data).
+    /// Sends TLS records rustls has queued (handshake, alerts, encrypted data): one
+    /// non-blocking `send` first, the ring only for what the socket buffer did not take.
     async fn flush_tls(&mut self) -> io::Result<()> {
         loop {
             let tls = &mut self.tls.as_mut().expect("tls").conn;
             if !tls.wants_write() {
                 return Ok(());
             }
-            let mut out = Vec::with_capacity(16 * 1024);
-            tls.write_tls(&mut out)?;
-            let (res, _) = self.stream.write_all(out).await;
+            let mut out = tls_buf();
+            if let Err(e) = tls.write_tls(&mut out) {
+                give_tls_buf(out);
+                return Err(e);
+            }
+            match self.try_send(&out) {
+                Some(Ok(n)) if n == out.len() => {
+                    give_tls_buf(out);
+                    continue;
+                }
+                Some(Ok(n)) => {
+                    out.drain(..n);
+                }
+                Some(Err(e)) => {
+                    give_tls_buf(out);
+                    return Err(e);
+                }
+                None => {}
+            }
+            let (res, out) = self.stream.write_all(out).await;
+            give_tls_buf(out);
             res?;
         }
     }
@@ -248,7 +336,7 @@ impl Conn {
 
     /// One non-blocking `send` of `data`: how much went out, or `None` when the send buffer
     /// is full (the caller falls back to the ring) or direct I/O is off. Raw bytes: on a TLS
-    /// connection only after [`Conn::sends_directly`] said no TLS.
+    /// connection only the records rustls wrote (`flush_tls`), never plaintext.
     pub fn try_send(&self, data: &[u8]) -> Option<io::Result<usize>> {
         if !self.direct_io() || data.is_empty() {
             return None;

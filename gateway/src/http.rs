@@ -405,16 +405,24 @@ pub enum Served {
     },
 }
 
-/// `moves`: how often the connection moved between shards before ([`crate::migrate`]).
-pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64, moves: u8) -> Served {
+/// `tls` and `moves`: the TLS session a connection brought from another shard, and how often
+/// it moved between shards before ([`crate::migrate`]).
+pub async fn serve(
+    ctx: Rc<ShardCtx>,
+    stream: TcpStream,
+    tls: Option<crate::conn::TlsSession>,
+    conn_id: u64,
+    moves: u8,
+) -> Served {
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let peer_port = stream.peer_addr().map(|a| a.port()).unwrap_or(0);
     let peer_loopback = stream
         .peer_addr()
         .map(|a| a.ip().is_loopback())
         .unwrap_or(false);
-    let conn = match &ctx.shared.tls {
-        Some(cfg) if ctx.shared.config.tls.as_ref().is_some_and(|t| t.http) => {
+    let conn = match (&ctx.shared.tls, tls) {
+        (_, Some(session)) => Conn::resume(stream, session),
+        (Some(cfg), None) if ctx.shared.config.tls.as_ref().is_some_and(|t| t.http) => {
             match Conn::tls(stream, cfg.clone()) {
                 Ok(c) => c,
                 Err(_) => return Served::Closed(Disconnect::IoError),
@@ -470,20 +478,27 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream, conn_id: u64, moves: u8
             After::Wait { idle_from: at } => {
                 idle_from = at;
                 if let Some(to) = c.sends_to.target() {
-                    // Only between requests with nothing buffered, and never TLS (its
-                    // session state stays with the socket's first shard).
+                    // Only between requests with nothing buffered; a TLS session goes along
+                    // once all its records are written.
                     let idle = !c.parse_pending
                         && !c.continue_sent
-                        && !c.conn.is_tls()
                         && c.buf.as_ref().is_none_or(|b| b.is_empty());
-                    if idle && crate::migrate::leave(&ctx, &c.conn.stream, to, c.sends_to.moves()) {
-                        if let Some(b) = c.buf.take() {
-                            ctx.pool.give(b);
+                    let tls = if idle { c.conn.take_tls() } else { None };
+                    if idle && (tls.is_some() || !c.conn.is_tls()) {
+                        let moves = c.sends_to.moves();
+                        match crate::migrate::leave(&ctx, &c.conn.stream, tls, to, moves) {
+                            Ok(()) => {
+                                if let Some(b) = c.buf.take() {
+                                    ctx.pool.give(b);
+                                }
+                                if c.out.capacity() > 0 {
+                                    ctx.pool.give(std::mem::take(&mut c.out));
+                                }
+                                return Served::Migrated;
+                            }
+                            Err(Some(tls)) => c.conn.restore_tls(tls),
+                            Err(None) => {}
                         }
-                        if c.out.capacity() > 0 {
-                            ctx.pool.give(std::mem::take(&mut c.out));
-                        }
-                        return Served::Migrated;
                     }
                     c.sends_to.reset();
                 }

@@ -5,14 +5,17 @@
 //! cross-shard hop twice per message (the command there, the reply back): about 6 us of CPU
 //! per send and 0.3 ms at p99 each way on the development machine (see the gateway README).
 //!
-//! So when the last [`MIGRATE_AFTER_SENDS`] message sends of a plain (not TLS) keep-alive
-//! connection all went to one other shard, and nothing of the connection is buffered (no
-//! partial request read, no answer unwritten, no read in flight), the connection moves there:
-//! [`leave`] duplicates its socket, queues the copy on the target shard's bounded
-//! [`Arrivals`] queue and wakes the target, and the origin closes its own descriptor. The
-//! target's [`adopt`] task then serves the socket as if it had accepted it. The client sees
-//! nothing: the TCP connection is the same, and no byte was read by the origin that the
-//! target does not have.
+//! So when the last [`MIGRATE_AFTER_SENDS`] message sends of a keep-alive connection all went
+//! to one other shard, and nothing of the connection is buffered (no partial request read, no
+//! answer unwritten, no read in flight), the connection moves there: [`leave`] duplicates its
+//! socket, queues the copy (with the connection's TLS session, if it has one) on the target
+//! shard's bounded [`Arrivals`] queue and wakes the target, and the origin closes its own
+//! descriptor. The target's [`adopt`] task then serves the socket as if it had accepted it. The
+//! client sees nothing: the TCP connection (and TLS session) is the same, and no byte was read
+//! by the origin that the target does not have.
+//!
+//! A TLS session moves only once rustls has no record left to write; whatever else rustls
+//! holds (a partial record read, say) is part of the session and moves with it.
 //!
 //! Invariants:
 //! - A connection moves only between requests, with empty read and write buffers and no read
@@ -30,6 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 
+use crate::conn::TlsSession;
 use crate::server::ShardCtx;
 use crate::wake::ShardWaker;
 
@@ -41,9 +45,11 @@ use crate::wake::ShardWaker;
 pub const MIGRATE_AFTER_SENDS: u8 = 2;
 pub const MIGRATE_AFTER_SENDS_MAX: u8 = 64;
 
-/// A connection on its way to another shard: its socket and how often it moved before.
+/// A connection on its way to another shard: its socket, its TLS session if it has one, and
+/// how often it moved before.
 pub struct Migrant {
     fd: OwnedFd,
+    tls: Option<TlsSession>,
     moves: u8,
 }
 
@@ -135,13 +141,20 @@ impl Follow {
     }
 }
 
-/// Moves the connection whose socket is `socket` to shard `to`, if it can go: true when the
-/// target has it queued (the caller then drops its own descriptor and forgets the
-/// connection). The caller guarantees the connection is plain and idle between requests.
-pub fn leave(ctx: &ShardCtx, socket: &impl AsRawFd, to: u16, moves: u8) -> bool {
+/// Moves the connection whose socket is `socket` (with its TLS session `tls`, if any) to
+/// shard `to`, if it can go: `Ok` when the target has it queued (the caller then drops its own
+/// descriptor and forgets the connection), else the session back. The caller guarantees the
+/// connection is idle between requests.
+pub fn leave(
+    ctx: &ShardCtx,
+    socket: &impl AsRawFd,
+    tls: Option<TlsSession>,
+    to: u16,
+    moves: u8,
+) -> Result<(), Option<TlsSession>> {
     let shared = &ctx.shared;
     let Some(arrivals) = shared.arrivals.get(to as usize) else {
-        return false;
+        return Err(tls);
     };
     if to == ctx.id
         || !shared.config.migrate_connections
@@ -150,26 +163,27 @@ pub fn leave(ctx: &ShardCtx, socket: &impl AsRawFd, to: u16, moves: u8) -> bool 
         || arrivals.open.load(Ordering::Relaxed)
             >= shared.config.limits.connections_per_shard_max as u64
     {
-        return false;
+        return Err(tls);
     }
     // A second descriptor of the same socket: the origin's is closed by monoio when its
     // stream drops (which also unregisters it from an epoll driver).
     // SAFETY: fcntl on a descriptor we hold; a new descriptor is returned or -1.
     let fd = unsafe { libc::fcntl(socket.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if fd < 0 {
-        return false;
+        return Err(tls);
     }
     // SAFETY: `fd` was just returned by fcntl and is owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let migrant = Migrant {
         fd,
+        tls,
         moves: moves.saturating_add(1),
     };
-    if arrivals.queue.push(migrant).is_err() {
-        return false;
+    if let Err(back) = arrivals.queue.push(migrant) {
+        return Err(back.tls);
     }
     arrivals.waker.wake();
-    true
+    Ok(())
 }
 
 /// Serves the connections other shards move to this one, until the shard stops.
@@ -178,7 +192,7 @@ pub async fn adopt(ctx: Rc<ShardCtx>) {
     let arrivals = &ctx.shared.arrivals[ctx.id as usize];
     let limit = ctx.shared.config.limits.connections_per_shard_max as u64;
     loop {
-        let Migrant { fd, moves } = monoio::select! {
+        let Migrant { fd, tls, moves } = monoio::select! {
             m = arrivals.next() => m,
             _ = ctx.stopped(me) => break,
         };
@@ -197,7 +211,7 @@ pub async fn adopt(ctx: Rc<ShardCtx>) {
             }
         };
         ctx.metrics.connection_arrived();
-        crate::server::serve_http(&ctx, stream, moves);
+        crate::server::serve_http(&ctx, stream, tls, moves);
     }
     ctx.forget_conn(me);
     // Arrivals after the stop are closed: the shard no longer serves.
@@ -250,6 +264,7 @@ mod tests {
         let (s, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let migrant = || Migrant {
             fd: OwnedFd::from(s.try_clone().expect("dup")),
+            tls: None,
             moves: 1,
         };
         for _ in 0..ARRIVALS_QUEUED_MAX {

@@ -865,7 +865,7 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
         let _ = stream.set_nodelay(true);
         ctx.metrics.connection_opened();
         match proto {
-            Proto::Http => serve_http(&ctx, stream, 0),
+            Proto::Http => serve_http(&ctx, stream, None, 0),
             Proto::Binary => {
                 ctx.open_changed();
                 let ctx = ctx.clone();
@@ -883,7 +883,13 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
 /// Serves an HTTP connection this shard accepted or took over from another shard (its
 /// `connection_opened` or `connection_arrived` is counted already).
 /// `moves`: how often it moved between shards before ([`crate::migrate`]).
-pub(crate) fn serve_http(ctx: &Rc<ShardCtx>, stream: monoio::net::TcpStream, moves: u8) {
+/// `tls`: the TLS session of a connection another shard moved here (`migrate`).
+pub(crate) fn serve_http(
+    ctx: &Rc<ShardCtx>,
+    stream: monoio::net::TcpStream,
+    tls: Option<crate::conn::TlsSession>,
+    moves: u8,
+) {
     ctx.open_changed();
     let ctx = ctx.clone();
     // One spawn per protocol, so each connection's task is sized for its own protocol's
@@ -892,7 +898,7 @@ pub(crate) fn serve_http(ctx: &Rc<ShardCtx>, stream: monoio::net::TcpStream, mov
     // The HTTP phase is boxed before the spawn, so the task holds a pointer to it (an idle
     // keep-alive connection's task stays a few words). An upgraded connection's session then
     // runs in a task of its own, sized for it, and this one (with the HTTP state) is freed.
-    let http = Box::pin(crate::http::serve(ctx.clone(), stream, conn, moves));
+    let http = Box::pin(crate::http::serve(ctx.clone(), stream, tls, conn, moves));
     monoio::spawn(async move {
         match http.await {
             crate::http::Served::Closed(why) => ended(&ctx, conn, why),

@@ -1346,17 +1346,18 @@ fn tls_listener_serves_http_and_the_firehose() {
     .unwrap();
     let (status, created) = tls_response(&mut s);
     assert_eq!(status, 201);
-    // TLS sessions stay on the shard that accepted them (their rustls state lives there): sends
-    // into a conversation of the other shard keep working on the same session. Eight
-    // sessions, so some were accepted by the shard that does not own the conversation.
+    // A TLS session accepted by the shard that does not own the conversation moves to the
+    // owner after two sends, rustls state and all, and goes on serving on the same session.
+    // Sixteen sessions, so some were accepted by the other shard; all stay open throughout.
     let created: serde_json::Value = serde_json::from_slice(&created).unwrap();
     let (id, token) = (
         created["conversation_id"].as_str().unwrap(),
         created["visitor_token"].as_str().unwrap(),
     );
-    for session in 0..8 {
-        let mut t = tls_connect(kefu.http, &cert);
-        for i in 0..3 {
+    let mut sessions: Vec<_> = (0..16).map(|_| tls_connect(kefu.http, &cert)).collect();
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        for (session, t) in sessions.iter_mut().enumerate() {
             let body = format!(r#"{{"text":"tls {session} {i}"}}"#);
             t.write_all(
                 format!(
@@ -1366,12 +1367,40 @@ fn tls_listener_serves_http_and_the_firehose() {
                 .as_bytes(),
             )
             .unwrap();
-            assert_eq!(tls_response(&mut t).0, 201, "session {session}, send {i}");
+            let (status, answer) = tls_response(t);
+            assert_eq!(status, 201, "session {session}, send {i}");
+            let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+            seqs.push(answer["seq"].as_u64().unwrap());
         }
+    }
+    let first = seqs[0];
+    assert_eq!(
+        seqs,
+        (first..first + seqs.len() as u64).collect::<Vec<_>>(),
+        "every send stored once, in order"
+    );
+    for (session, t) in sessions.iter_mut().enumerate() {
         t.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .unwrap();
-        assert_eq!(tls_response(&mut t).0, 200, "session {session}");
+        assert_eq!(tls_response(t).0, 200, "session {session}");
     }
+    let mut m = tls_connect(kefu.http, &cert);
+    m.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let (status, text) = tls_response(&mut m);
+    assert_eq!(status, 200);
+    let text = String::from_utf8(text).unwrap();
+    let moved = |direction: &str| -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("kefu_connections_migrated_total{")
+                    && l.contains(&format!("direction=\"{direction}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert!(moved("in") > 0, "no TLS session moved:\n{text}");
+    assert_eq!(moved("in"), moved("out"));
     // The firehose copies through TLS (no sendfile): whole frames.
     let integration = kefu.integration.clone().unwrap();
     let mut total = Vec::new();
