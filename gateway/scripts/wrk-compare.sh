@@ -3,8 +3,10 @@
 # Usage: [KEFU_FLAGS='--durability never'] [PERF_OUT=perf.data] [KEFU_TENANT_EXTRA='route_on_one_shard = false']
 #        [KEFU_SET='syncs_in_flight_max=4 buffer_bytes=8192'] (replaces those keys' lines of the default config)
 #        [KEEP=DIR] (copy the data dir there at the end)
+#        [TLS=1] (all three over TLS: a self-signed certificate made with openssl, nginx with
+#        `listen ... ssl`, kefu with a [tls] section)
 #        gateway/scripts/wrk-compare.sh [KEFU_BIN] [CONNECTIONS] [SECONDS]
-# Needs wrk, nginx, curl, python3. Starts everything on loopback (free ports), stops it after.
+# Needs wrk, nginx, curl, python3 (and openssl with TLS=1). Starts everything on loopback (free ports), stops it after.
 set -euo pipefail
 BIN=${1:-target/release/kefu}
 CONNS=${2:-64}
@@ -18,15 +20,27 @@ cleanup() {
 trap cleanup EXIT
 
 source "$(dirname "$0")/nginx.sh"
-start_nginx "$WORK"
+SCHEME=http
+CURL=(curl -s)
+if [[ -n "${TLS:-}" ]]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2> /dev/null
+  start_nginx "$WORK" "$WORK/cert.pem" "$WORK/key.pem"
+  SCHEME=https
+  CURL=(curl -sk)
+else
+  start_nginx "$WORK"
+fi
 
 # The binary's own default config (`--print-default-config`: its defaults and demo tenant, so
 # the keys always match the binary), with a demo visitor rate limit above what wrk sends.
 "$BIN" --print-default-config > "$WORK/default.toml"
-python3 - "$WORK/default.toml" "$WORK/kefu.toml" <<'PY'
+python3 - "$WORK/default.toml" "$WORK/kefu.toml" "$WORK" <<'PY'
 import os, sys, re
 text = open(sys.argv[1]).read()
 head, sep, tenant = text.partition("\n[[tenant]]")
+if os.environ.get("TLS"):
+    head += '\n[tls]\ncert_path = "%s/cert.pem"\nkey_path = "%s/key.pem"\n' % (sys.argv[3], sys.argv[3])
 if not sep:
     sys.exit("kefu --print-default-config printed no [[tenant]]")
 tenant = tenant.replace('name = "demo"', 'name = "demo"\nvisitor_rate_limit = { messages_per_s = 10000, burst = 10000 }\n' + os.environ.get("KEFU_TENANT_EXTRA", ""), 1)
@@ -43,7 +57,7 @@ for _ in $(seq 100); do grep -q '^kefu ready' "$WORK/kefu.out" && break; sleep 0
 PORT=$(grep -o 'http=127.0.0.1:[0-9]*' "$WORK/kefu.out" | cut -d: -f2)
 
 for _ in $(seq 64); do
-  curl -s -X POST "127.0.0.1:$PORT/v1/conversations" -d '{"visitor":{"name":"P"},"channel":"web"}'; echo
+  "${CURL[@]}" -X POST "$SCHEME://127.0.0.1:$PORT/v1/conversations" -d '{"visitor":{"name":"P"},"channel":"web"}'; echo
 done > "$WORK/convs.json"
 python3 - "$WORK/convs.json" "$WORK/post.lua" <<'PY'
 import json, sys
@@ -100,15 +114,15 @@ run() {
   # Threads that exited during the run (io_uring workers) are not counted.
   python3 -c "import sys; s, n = map(int, sys.argv[1:]); print(f'server context switches per request: {s / max(n, 1):.2f}')" "$((sw1 - sw0))" "${reqs:-0}"
 }
-run "nginx return 200" nginx "http://127.0.0.1:$NGINX_PORT/"
-run "kefu GET /healthz" kefu "http://127.0.0.1:$PORT/healthz"
+run "nginx return 200" nginx "$SCHEME://127.0.0.1:$NGINX_PORT/"
+run "kefu GET /healthz" kefu "$SCHEME://127.0.0.1:$PORT/healthz"
 # PERF_OUT=FILE: also profile kefu (perf record -g) during the POST run.
 if [[ -n "${PERF_OUT:-}" ]]; then
   perf record -F 999 -g -p "$KEFU_PID" -o "$PERF_OUT" -- sleep "$SECS" > /dev/null 2>&1 &
   PERF_PID=$!
 fi
-run "kefu POST message (durable, ${KEFU_FLAGS:-default durability})" kefu -s "$WORK/post.lua" "http://127.0.0.1:$PORT"
+run "kefu POST message (durable, ${KEFU_FLAGS:-default durability})" kefu -s "$WORK/post.lua" "$SCHEME://127.0.0.1:$PORT"
 [[ -n "${PERF_PID:-}" ]] && wait "$PERF_PID"
 # The issue's measure: each kefu rate against nginx's in this run.
 python3 -c "import sys; n, g, p = map(float, sys.argv[1:]); print(f'vs nginx: GET /healthz {g / n:.2f}x, durable POST {p / n:.2f}x')" "${RATES[@]}"
-curl -s "127.0.0.1:$PORT/metrics" | grep -E 'stage="(log_sync|command)",quantile="0.(5|99)"'
+"${CURL[@]}" "$SCHEME://127.0.0.1:$PORT/metrics" | grep -E 'stage="(log_sync|command)",quantile="0.(5|99)"'
