@@ -18,6 +18,20 @@ fn collect_range(log: &mut Log, from: u64, max: usize) -> Vec<(u64, Vec<u8>)> {
     out
 }
 
+/// The bytes of a file run, read from its file or copied from memory.
+fn run_bytes(run: &kefu_storage::FileRun) -> Vec<u8> {
+    match &run.source {
+        RunSource::File(f) => {
+            let mut b = vec![0u8; run.len as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&**f, &mut b, run.position).unwrap();
+            b
+        }
+        RunSource::Memory(m) => {
+            m[run.position as usize..(run.position + run.len) as usize].to_vec()
+        }
+    }
+}
+
 #[test]
 fn append_sync_read_reopen_across_segments() {
     let dir = tempfile::tempdir().unwrap();
@@ -125,16 +139,7 @@ fn file_runs_cover_whole_records_in_order() {
         assert!(!runs.is_empty());
         for run in runs {
             assert_eq!(run.first_offset, next);
-            let bytes = match &run.source {
-                RunSource::File(f) => {
-                    let mut b = vec![0u8; run.len as usize];
-                    std::os::unix::fs::FileExt::read_exact_at(&**f, &mut b, run.position).unwrap();
-                    b
-                }
-                RunSource::Memory(m) => {
-                    m[run.position as usize..(run.position + run.len) as usize].to_vec()
-                }
-            };
+            let bytes = run_bytes(&run);
             let mut rest = &bytes[..];
             while !rest.is_empty() {
                 let (f, used) = frame::decode(rest, 1 << 20).unwrap();
@@ -180,16 +185,7 @@ fn append_framed_hands_out_the_bytes_the_log_stores() {
     let mut next = 0;
     while next < 120 {
         for run in log.file_runs(next, 1 << 20).unwrap() {
-            let bytes = match &run.source {
-                RunSource::File(f) => {
-                    let mut b = vec![0u8; run.len as usize];
-                    std::os::unix::fs::FileExt::read_exact_at(&**f, &mut b, run.position).unwrap();
-                    b
-                }
-                RunSource::Memory(m) => {
-                    m[run.position as usize..(run.position + run.len) as usize].to_vec()
-                }
-            };
+            let bytes = run_bytes(&run);
             let mut rest = &bytes[..];
             while !rest.is_empty() {
                 let (f, used) = frame::decode(rest, 1 << 20).unwrap();
