@@ -174,24 +174,42 @@ impl Conn {
                     return (Err(e), buf);
                 }
             }
-            let fed = feed_tls(&mut self.tls.as_mut().expect("tls").conn, &raw);
+            let fed = feed_tls(&mut self.tls.as_mut().expect("tls").conn, &raw, &mut buf);
             give_tls_buf(raw);
-            if let Err(e) = fed {
-                return (Err(e), buf);
+            match fed {
+                Ok(n) if n > 0 => return (Ok(n), buf),
+                // Nothing decrypted yet (a partial record), or the peer closed: the loop's
+                // first step says which.
+                Ok(_) => {}
+                Err(e) => return (Err(e), buf),
             }
         }
     }
 }
 
-/// Hands all of `raw` to rustls and processes it.
-fn feed_tls(tls: &mut rustls::ServerConnection, raw: &[u8]) -> io::Result<()> {
+/// Hands all of `raw` to rustls, moving the plaintext into `buf` as it comes: rustls holds at
+/// most 16 KiB of it and refuses more records until it is read (so one read of more records
+/// than that, as a client sending fast gets, would otherwise fail). Returns how much plaintext
+/// it moved.
+fn feed_tls(
+    tls: &mut rustls::ServerConnection,
+    raw: &[u8],
+    buf: &mut Vec<u8>,
+) -> io::Result<usize> {
+    let start = buf.len();
     let mut cursor = raw;
     while !cursor.is_empty() {
-        tls.read_tls(&mut cursor)?;
+        // 0: a close_notify came, after which rustls reads nothing more.
+        if tls.read_tls(&mut cursor)? == 0 {
+            break;
+        }
         tls.process_new_packets()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if take_plaintext(tls, buf)? == Some(0) {
+            break;
+        }
     }
-    Ok(())
+    Ok(buf.len() - start)
 }
 
 /// Moves decrypted bytes from rustls into `buf`: `Some(0)` when the peer closed, `None` when

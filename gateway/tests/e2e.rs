@@ -1309,9 +1309,8 @@ fn tls_response(stream: &mut impl std::io::Read) -> (u16, Vec<u8>) {
     }
 }
 
-#[test]
-fn tls_listener_serves_http_and_the_firehose() {
-    let dir = tempfile::tempdir().unwrap();
+/// A gateway with TLS on its HTTP listener (two shards), and the certificate it serves.
+fn start_tls(dir: &tempfile::TempDir) -> (Kefu, rcgen::CertifiedKey) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
     std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
@@ -1326,6 +1325,94 @@ fn tls_listener_serves_http_and_the_firehose() {
         &dir.path().join("data"),
         &["--config", &cfg, "--shards", "2"],
     );
+    (kefu, cert)
+}
+
+#[test]
+fn websockets_over_tls_carry_a_conversation_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kefu, cert) = start_tls(&dir);
+    let mut s = tls_connect(kefu.http, &cert);
+    let body = r#"{"visitor":{"name":"T"},"channel":"web","text":"hello over tls"}"#;
+    s.write_all(
+        format!(
+            "POST /v1/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let (status, created) = tls_response(&mut s);
+    assert_eq!(status, 201);
+    let created: serde_json::Value = serde_json::from_slice(&created).unwrap();
+    let id = created["conversation_id"].as_str().unwrap().to_owned();
+    let visitor = created["visitor_token"].as_str().unwrap().to_owned();
+    // Two subscribers over TLS, so at least one likely sits on the shard that does not own
+    // the conversation (its deliveries cross shards), and a sender over TLS.
+    let mut subs: Vec<_> = (0..2)
+        .map(|_| {
+            let mut ws = Ws::upgrade(
+                tls_connect(kefu.http, &cert),
+                &format!("/v1/ws?token={visitor}"),
+            );
+            ws.send_json(&json!({"type": "subscribe", "conversation_id": id, "after": 0}));
+            ws
+        })
+        .collect();
+    // Each replays the opening records up to the first message.
+    for ws in &mut subs {
+        loop {
+            match ws.recv_stored() {
+                WsMsg::Text(v) if v["type"] == "message" => {
+                    assert_eq!(v["text"], "hello over tls");
+                    break;
+                }
+                WsMsg::Text(_) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let mut sender = Ws::upgrade(
+        tls_connect(kefu.http, &cert),
+        &format!("/v1/ws?token={visitor}"),
+    );
+    // Messages of several TLS records each (8 KB, a record holds at most 16 KiB of the
+    // frames a burst writes), sent and delivered in order, each once.
+    const MESSAGES: usize = 40;
+    for i in 0..MESSAGES {
+        let text = format!("{i:04}{}", "x".repeat(8000));
+        sender.send_json(&json!({"type": "send", "conversation_id": id, "text": text, "client_msg_id": format!("t{i}")}));
+    }
+    let mut acked = 0;
+    while acked < MESSAGES {
+        match sender.recv_stored() {
+            WsMsg::Text(v) if v["type"] == "ack" => acked += 1,
+            WsMsg::Text(v) if v["type"] == "error" => panic!("{v}"),
+            WsMsg::Text(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    for (n, ws) in subs.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < MESSAGES {
+            match ws.recv_stored() {
+                WsMsg::Text(v) if v["type"] == "message" => {
+                    let text = v["text"].as_str().unwrap();
+                    assert_eq!(text.len(), 8004, "subscriber {n}");
+                    got.push(text[..4].parse::<usize>().unwrap());
+                }
+                WsMsg::Text(_) => {}
+                other => panic!("subscriber {n}: {other:?}"),
+            }
+        }
+        assert_eq!(got, (0..MESSAGES).collect::<Vec<_>>(), "subscriber {n}");
+    }
+}
+
+#[test]
+fn tls_listener_serves_http_and_the_firehose() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kefu, cert) = start_tls(&dir);
     let mut s = tls_connect(kefu.http, &cert);
     // Keep-alive over TLS: several requests on one session.
     for _ in 0..3 {

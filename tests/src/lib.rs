@@ -366,11 +366,51 @@ pub enum WsMsg {
     Close(Option<u16>),
 }
 
-/// A blocking WebSocket client built on the protocol crate's codec (client role).
-pub struct Ws {
-    stream: TcpStream,
+/// A blocking WebSocket client built on the protocol crate's codec (client role), over plain
+/// TCP or any other stream (a TLS one: [`Ws::upgrade`]).
+pub struct Ws<S: Read + Write = TcpStream> {
+    stream: S,
     conn: WsConnection,
     buf: Vec<u8>,
+}
+
+fn client_codec() -> WsConnection {
+    WsConnection::with_role(
+        WsLimits {
+            frame_payload_bytes_max: 1 << 24,
+            message_bytes_max: 1 << 24,
+        },
+        Role::Client,
+    )
+}
+
+impl<S: Read + Write> Ws<S> {
+    /// Upgrades `stream` (already connected, a TLS session say) at `path`; panics unless the
+    /// answer is a 101.
+    pub fn upgrade(mut stream: S, path: &str) -> Ws<S> {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: kefu\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).expect("upgrade write");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = find(&buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+                assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+                let rest = buf[end + 4..].to_vec();
+                return Ws {
+                    stream,
+                    conn: client_codec(),
+                    buf: rest,
+                };
+            }
+            let n = stream.read(&mut chunk).expect("upgrade read");
+            assert!(n > 0, "closed before the upgrade's answer");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
 }
 
 impl Ws {
@@ -392,20 +432,16 @@ impl Ws {
                 let rest = http.buf[end + 4..].to_vec();
                 return Ok(Ws {
                     stream: http.stream,
-                    conn: WsConnection::with_role(
-                        WsLimits {
-                            frame_payload_bytes_max: 1 << 24,
-                            message_bytes_max: 1 << 24,
-                        },
-                        Role::Client,
-                    ),
+                    conn: client_codec(),
                     buf: rest,
                 });
             }
             http.fill();
         }
     }
+}
 
+impl<S: Read + Write> Ws<S> {
     pub fn send_json(&mut self, value: &serde_json::Value) {
         let mut out = Vec::new();
         self.conn.send_text(&mut out, &value.to_string());
