@@ -675,6 +675,10 @@ async fn session_loop(
                 match res {
                     Ok(0) => return Ok(Disconnect::Closed),
                     Ok(_) => last_rx = Instant::now(),
+                    // TLS records without data: traffic all the same.
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        last_rx = Instant::now()
+                    }
                     Err(_) => return Ok(Disconnect::IoError),
                 }
             }

@@ -121,7 +121,10 @@ impl Conn {
     }
 
     /// Reads what is available and appends it to `buf` (growing it by one chunk if full).
-    /// `Ok(0)` means the peer closed.
+    /// `Ok(0)` means the peer closed. On a TLS connection, `Err` of kind `WouldBlock` means
+    /// records came but no application data yet (a key update, a session ticket, part of a
+    /// record): the caller goes back to its wait, as after a partial frame on a plain socket,
+    /// instead of this read waiting for data while deliveries and deadlines wait behind it.
     pub async fn read_append(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(buf.capacity().max(4096));
@@ -138,7 +141,7 @@ impl Conn {
             let (res, slice) = self.stream.read(buf.slice_mut(len..cap)).await;
             return (res, slice.into_inner());
         }
-        loop {
+        {
             // Hand pending plaintext first.
             let tls = self.tls.as_mut().expect("tls");
             let before = buf.len();
@@ -178,11 +181,26 @@ impl Conn {
             give_tls_buf(raw);
             match fed {
                 Ok(n) if n > 0 => return (Ok(n), buf),
-                // Nothing decrypted yet (a partial record), or the peer closed: the loop's
-                // first step says which.
                 Ok(_) => {}
                 Err(e) => return (Err(e), buf),
             }
+            // No application data: the peer closed, or rustls may have an answer to send
+            // (a key update of its own).
+            match take_plaintext(&mut self.tls.as_mut().expect("tls").conn, &mut buf) {
+                Ok(Some(n)) => return (Ok(n), buf),
+                Ok(None) => {}
+                Err(e) => return (Err(e), buf),
+            }
+            if let Err(e) = self.flush_tls().await {
+                return (Err(e), buf);
+            }
+            (
+                Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "TLS records without application data",
+                )),
+                buf,
+            )
         }
     }
 }

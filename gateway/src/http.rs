@@ -567,6 +567,14 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
         match res {
             Ok(0) => return After::End(Disconnect::Closed),
             Ok(_) => {}
+            // TLS records without data: back to the wait (and its idle deadline), with a
+            // partial request, if any, still buffered.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                *parse_pending = false;
+                return After::Wait {
+                    idle_from: Instant::now(),
+                };
+            }
             Err(_) => return After::End(Disconnect::IoError),
         }
     }

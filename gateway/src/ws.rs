@@ -775,6 +775,8 @@ impl Socket {
                 match res {
                     Ok(0) => return Err(Disconnect::Closed),
                     Ok(_) => self.last_rx = now_ms(),
+                    // TLS records without data: traffic all the same.
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.last_rx = now_ms(),
                     Err(_) => return Err(Disconnect::IoError),
                 }
             }

@@ -1328,11 +1328,12 @@ fn start_tls(dir: &tempfile::TempDir) -> (Kefu, rcgen::CertifiedKey) {
     (kefu, cert)
 }
 
-#[test]
-fn websockets_over_tls_carry_a_conversation_both_ways() {
-    let dir = tempfile::tempdir().unwrap();
-    let (kefu, cert) = start_tls(&dir);
-    let mut s = tls_connect(kefu.http, &cert);
+/// Opens a conversation over TLS with the first message "hello over tls": (id, visitor token).
+fn tls_create_conversation(
+    addr: std::net::SocketAddr,
+    cert: &rcgen::CertifiedKey,
+) -> (String, String) {
+    let mut s = tls_connect(addr, cert);
     let body = r#"{"visitor":{"name":"T"},"channel":"web","text":"hello over tls"}"#;
     s.write_all(
         format!(
@@ -1345,8 +1346,73 @@ fn websockets_over_tls_carry_a_conversation_both_ways() {
     let (status, created) = tls_response(&mut s);
     assert_eq!(status, 201);
     let created: serde_json::Value = serde_json::from_slice(&created).unwrap();
-    let id = created["conversation_id"].as_str().unwrap().to_owned();
-    let visitor = created["visitor_token"].as_str().unwrap().to_owned();
+    (
+        created["conversation_id"].as_str().unwrap().to_owned(),
+        created["visitor_token"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Reads stored records until the message with `text`.
+fn recv_message<S: std::io::Read + std::io::Write>(ws: &mut Ws<S>, text: &str) {
+    loop {
+        match ws.recv_stored() {
+            WsMsg::Text(v) if v["type"] == "message" && v["text"] == text => return,
+            WsMsg::Text(_) => {}
+            other => panic!("waiting for {text:?}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_quiet_tls_websocket_gets_deliveries_after_a_key_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kefu, cert) = start_tls(&dir);
+    let (id, visitor) = tls_create_conversation(kefu.http, &cert);
+    let mut sub = Ws::upgrade(
+        tls_connect(kefu.http, &cert),
+        &format!("/v1/ws?token={visitor}"),
+    );
+    sub.send_json(&json!({"type": "subscribe", "conversation_id": id, "after": 0}));
+    recv_message(&mut sub, "hello over tls");
+    // The client rolls its keys and asks the server to roll its own, then stays quiet: the
+    // server reads a record with no data in it and has one of its own to write.
+    sub.stream_mut().conn.refresh_traffic_keys().unwrap();
+    sub.stream_mut().flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    sub.stream_mut()
+        .sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // A message sent meanwhile reaches it.
+    let mut s = tls_connect(kefu.http, &cert);
+    let body = r#"{"text":"after the key update"}"#;
+    s.write_all(
+        format!(
+            "POST /v1/conversations/{id}/messages HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {visitor}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(tls_response(&mut s).0, 201);
+    recv_message(&mut sub, "after the key update");
+    // And the socket still reads: a send over it is acked.
+    sub.send_json(&json!({"type": "send", "conversation_id": id, "text": "still here"}));
+    loop {
+        match sub.recv_stored() {
+            WsMsg::Text(v) if v["type"] == "ack" => break,
+            WsMsg::Text(v) if v["type"] == "error" => panic!("{v}"),
+            WsMsg::Text(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn websockets_over_tls_carry_a_conversation_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kefu, cert) = start_tls(&dir);
+    let (id, visitor) = tls_create_conversation(kefu.http, &cert);
     // Two subscribers over TLS, so at least one likely sits on the shard that does not own
     // the conversation (its deliveries cross shards), and a sender over TLS.
     let mut subs: Vec<_> = (0..2)

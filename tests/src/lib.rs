@@ -442,6 +442,11 @@ impl Ws {
 }
 
 impl<S: Read + Write> Ws<S> {
+    /// The stream under the WebSocket (to act on a TLS session, say).
+    pub fn stream_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
     pub fn send_json(&mut self, value: &serde_json::Value) {
         let mut out = Vec::new();
         self.conn.send_text(&mut out, &value.to_string());
