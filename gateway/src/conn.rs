@@ -316,19 +316,37 @@ impl Conn {
             buf.clear();
             return (res.map(|_| ()), buf);
         }
+        // rustls takes plaintext only up to its buffer limit (64 KiB of records not yet
+        // sent) and then takes nothing: write what it takes, send the records, go on.
         let mut buf = buf;
-        let res = self
-            .tls
-            .as_mut()
-            .expect("tls")
-            .conn
-            .writer()
-            .write_all(&buf);
-        buf.clear();
-        if let Err(e) = res {
-            return (Err(e), buf);
+        let mut at = 0;
+        let mut res = Ok(());
+        while at < buf.len() {
+            let tls = &mut self.tls.as_mut().expect("tls").conn;
+            match tls.writer().write(&buf[at..]) {
+                Ok(0) if !tls.wants_write() => {
+                    res = Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "rustls took no plaintext",
+                    ));
+                    break;
+                }
+                Ok(n) => at += n,
+                Err(e) => {
+                    res = Err(e);
+                    break;
+                }
+            }
+            if let Err(e) = self.flush_tls().await {
+                res = Err(e);
+                break;
+            }
         }
-        (self.flush_tls().await, buf)
+        buf.clear();
+        if res.is_ok() {
+            res = self.flush_tls().await;
+        }
+        (res, buf)
     }
 }
 

@@ -1309,13 +1309,14 @@ fn tls_response(stream: &mut impl std::io::Read) -> (u16, Vec<u8>) {
     }
 }
 
-/// A gateway with TLS on its HTTP listener (two shards), and the certificate it serves.
+/// A gateway with TLS on its HTTP and binary-protocol listeners (two shards), and the
+/// certificate it serves.
 fn start_tls(dir: &tempfile::TempDir) -> (Kefu, rcgen::CertifiedKey) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
     std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
     let tls = format!(
-        "[tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\nhttp = true\n\n[limits]",
+        "[tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\nhttp = true\ntcp = true\n\n[limits]",
         dir.path().join("cert.pem").display(),
         dir.path().join("key.pem").display()
     );
@@ -1406,6 +1407,58 @@ fn a_quiet_tls_websocket_gets_deliveries_after_a_key_update() {
             other => panic!("{other:?}"),
         }
     }
+}
+
+#[test]
+fn the_binary_protocol_over_tls_sends_and_streams_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kefu, cert) = start_tls(&dir);
+    let (id, visitor) = tls_create_conversation(kefu.http, &cert);
+    let conv = ConversationId::parse(&id).unwrap();
+    let mut bin = Bin::over(tls_connect(kefu.tcp, &cert));
+    bin.send(&ClientMsg::Hello { token: &visitor });
+    assert!(matches!(bin.recv(), Some(BinMsg::Welcome { .. })));
+    bin.send(&ClientMsg::Subscribe {
+        conversation_id: conv,
+        after_seq: 0,
+    });
+    // Sends of several TLS records each, in one burst.
+    const SENDS: usize = 30;
+    let texts: Vec<String> = (0..SENDS)
+        .map(|i| format!("{i:04}{}", "b".repeat(6000)))
+        .collect();
+    let keys: Vec<String> = (0..SENDS).map(|i| format!("tls-b{i}")).collect();
+    let msgs: Vec<ClientMsg<'_>> = (0..SENDS)
+        .map(|i| ClientMsg::Send {
+            conversation_id: conv,
+            client_msg_id: Some(&keys[i]),
+            text: &texts[i],
+        })
+        .collect();
+    bin.send_all(&msgs);
+    // Every send acked once; every record streamed once, in seq order, whole.
+    let (mut acks, mut seen, mut last_seq) = (0, Vec::new(), 0);
+    while acks < SENDS || seen.len() < SENDS {
+        match bin.recv() {
+            Some(BinMsg::Ack {
+                duplicate: false, ..
+            }) => acks += 1,
+            Some(BinMsg::Record { seq, bytes, .. }) => {
+                assert_eq!(seq, last_seq + 1, "records in seq order");
+                last_seq = seq;
+                let (f, used) = frame::decode(&bytes, u32::MAX).expect("a whole stored frame");
+                assert_eq!(used, bytes.len());
+                let payload: serde_json::Value = serde_json::from_slice(f.payload).unwrap();
+                if let Some(text) = payload["text"].as_str()
+                    && text.len() == 6004
+                {
+                    seen.push(text[..4].parse::<usize>().unwrap());
+                }
+            }
+            other => panic!("unexpected {other:?} after {acks} acks"),
+        }
+    }
+    assert_eq!(seen, (0..SENDS).collect::<Vec<_>>());
 }
 
 #[test]

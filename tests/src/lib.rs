@@ -517,8 +517,8 @@ impl<S: Read + Write> Ws<S> {
 }
 
 /// A blocking binary-protocol client.
-pub struct Bin {
-    stream: TcpStream,
+pub struct Bin<S: Read + Write = TcpStream> {
+    stream: S,
     buf: Vec<u8>,
     limits: BinLimits,
 }
@@ -554,6 +554,13 @@ impl Bin {
     pub fn connect(addr: SocketAddr) -> Bin {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        Bin::over(stream)
+    }
+}
+
+impl<S: Read + Write> Bin<S> {
+    /// A binary-protocol client over an already connected stream (a TLS session, say).
+    pub fn over(stream: S) -> Bin<S> {
         Bin {
             stream,
             buf: Vec::new(),
