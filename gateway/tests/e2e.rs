@@ -1607,7 +1607,22 @@ fn tls_listener_serves_http_and_the_firehose() {
     };
     assert!(moved("in") > 0, "no TLS session moved:\n{text}");
     assert_eq!(moved("in"), moved("out"));
-    // The firehose copies through TLS (no sendfile): whole frames.
+    // The firehose copies through TLS (no sendfile): whole frames, also when a chunk of the
+    // log is larger than what rustls buffers at once (64 KiB): 16 messages of 7 KB more.
+    let big = "f".repeat(7000);
+    for i in 0..16 {
+        let body = format!(r#"{{"text":"{big}{i}"}}"#);
+        sessions[0]
+            .write_all(
+                format!(
+                    "POST /v1/conversations/{id}/messages HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+        assert_eq!(tls_response(&mut sessions[0]).0, 201, "big message {i}");
+    }
     let integration = kefu.integration.clone().unwrap();
     let mut total = Vec::new();
     for shard in 0..2 {
@@ -1627,7 +1642,11 @@ fn tls_listener_serves_http_and_the_firehose() {
             pos += used;
         }
     }
-    assert!(!total.is_empty(), "the conversation's records came through");
+    assert!(
+        total.len() > 16 * 7000,
+        "the conversation's records came through: {} bytes",
+        total.len()
+    );
     // Plain HTTP on the TLS port is refused, and the gateway keeps serving.
     let mut plain = Http::connect(kefu.http);
     plain.send_raw(b"GET /healthz HTTP/1.1\r\nHost: k\r\n\r\n");
