@@ -1329,6 +1329,26 @@ fn start_tls(dir: &tempfile::TempDir) -> (Kefu, rcgen::CertifiedKey) {
     (kefu, cert)
 }
 
+/// Sends a POST with a body (and a bearer token) on a TLS stream and reads its response.
+fn tls_post(
+    stream: &mut (impl std::io::Read + std::io::Write),
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, Vec<u8>) {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    stream
+        .write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    tls_response(stream)
+}
+
 /// Opens a conversation over TLS with the first message "hello over tls": (id, visitor token).
 fn tls_create_conversation(
     addr: std::net::SocketAddr,
@@ -1336,15 +1356,7 @@ fn tls_create_conversation(
 ) -> (String, String) {
     let mut s = tls_connect(addr, cert);
     let body = r#"{"visitor":{"name":"T"},"channel":"web","text":"hello over tls"}"#;
-    s.write_all(
-        format!(
-            "POST /v1/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .unwrap();
-    let (status, created) = tls_response(&mut s);
+    let (status, created) = tls_post(&mut s, "/v1/conversations", None, body);
     assert_eq!(status, 201);
     let created: serde_json::Value = serde_json::from_slice(&created).unwrap();
     (
@@ -1386,16 +1398,9 @@ fn a_quiet_tls_websocket_gets_deliveries_after_a_key_update() {
         .unwrap();
     // A message sent meanwhile reaches it.
     let mut s = tls_connect(kefu.http, &cert);
+    let path = format!("/v1/conversations/{id}/messages");
     let body = r#"{"text":"after the key update"}"#;
-    s.write_all(
-        format!(
-            "POST /v1/conversations/{id}/messages HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {visitor}\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .unwrap();
-    assert_eq!(tls_response(&mut s).0, 201);
+    assert_eq!(tls_post(&mut s, &path, Some(&visitor), body).0, 201);
     recv_message(&mut sub, "after the key update");
     // And the socket still reads: a send over it is acked.
     sub.send_json(&json!({"type": "send", "conversation_id": id, "text": "still here"}));
@@ -1542,15 +1547,7 @@ fn tls_listener_serves_http_and_the_firehose() {
         assert_eq!(body, br#"{"status":"ok"}"#);
     }
     let body = r#"{"visitor":{"name":"T"},"channel":"web","text":"over tls"}"#;
-    s.write_all(
-        format!(
-            "POST /v1/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .unwrap();
-    let (status, created) = tls_response(&mut s);
+    let (status, created) = tls_post(&mut s, "/v1/conversations", None, body);
     assert_eq!(status, 201);
     // A TLS session accepted by the shard that does not own the conversation moves to the
     // owner after two sends, rustls state and all, and goes on serving on the same session.
@@ -1562,18 +1559,11 @@ fn tls_listener_serves_http_and_the_firehose() {
     );
     let mut sessions: Vec<_> = (0..16).map(|_| tls_connect(kefu.http, &cert)).collect();
     let mut seqs = Vec::new();
+    let path = format!("/v1/conversations/{id}/messages");
     for i in 0..5 {
         for (session, t) in sessions.iter_mut().enumerate() {
             let body = format!(r#"{{"text":"tls {session} {i}"}}"#);
-            t.write_all(
-                format!(
-                    "POST /v1/conversations/{id}/messages HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                )
-                .as_bytes(),
-            )
-            .unwrap();
-            let (status, answer) = tls_response(t);
+            let (status, answer) = tls_post(t, &path, Some(token), &body);
             assert_eq!(status, 201, "session {session}, send {i}");
             let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
             seqs.push(answer["seq"].as_u64().unwrap());
@@ -1612,16 +1602,8 @@ fn tls_listener_serves_http_and_the_firehose() {
     let big = "f".repeat(7000);
     for i in 0..16 {
         let body = format!(r#"{{"text":"{big}{i}"}}"#);
-        sessions[0]
-            .write_all(
-                format!(
-                    "POST /v1/conversations/{id}/messages HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                )
-                .as_bytes(),
-            )
-            .unwrap();
-        assert_eq!(tls_response(&mut sessions[0]).0, 201, "big message {i}");
+        let (status, _) = tls_post(&mut sessions[0], &path, Some(token), &body);
+        assert_eq!(status, 201, "big message {i}");
     }
     let integration = kefu.integration.clone().unwrap();
     let mut total = Vec::new();
