@@ -122,8 +122,8 @@ impl Conn {
 
     /// Reads what is available and appends it to `buf` (growing it by one chunk if full).
     /// `Ok(0)` means the peer closed. On a TLS connection, `Err` of kind `WouldBlock` means
-    /// records came but no application data yet (a key update, a session ticket, part of a
-    /// record): the caller goes back to its wait, as after a partial frame on a plain socket,
+    /// records came but no application data yet (a key update, part of a record, a warning
+    /// alert): the caller goes back to its wait, as after a partial frame on a plain socket,
     /// instead of this read waiting for data while deliveries and deadlines wait behind it.
     pub async fn read_append(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         if buf.capacity() - buf.len() < 512 {
