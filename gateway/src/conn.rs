@@ -141,79 +141,66 @@ impl Conn {
             let (res, slice) = self.stream.read(buf.slice_mut(len..cap)).await;
             return (res, slice.into_inner());
         }
-        {
-            // Hand pending plaintext first.
-            let tls = self.tls.as_mut().expect("tls");
-            let before = buf.len();
-            match take_plaintext(&mut tls.conn, &mut buf) {
-                Ok(Some(n)) => return (Ok(n), buf),
-                Ok(None) => {}
-                Err(e) => return (Err(e), buf),
-            }
-            debug_assert_eq!(before, buf.len());
-            if let Err(e) = self.flush_tls().await {
-                return (Err(e), buf);
-            }
-            let mut raw = tls_buf();
-            // As for plain connections: the records that made the socket readable are taken
-            // with one non-blocking `recv`; the ring reads only when nothing is there yet.
-            let res = match self.try_recv(&mut raw) {
-                Some(res) => res,
-                None => {
-                    let cap = raw.capacity();
-                    let (res, slice) = self.stream.read(raw.slice_mut(0..cap)).await;
-                    raw = slice.into_inner();
-                    res
-                }
-            };
-            match res {
-                Ok(0) => {
-                    give_tls_buf(raw);
-                    return (Ok(0), buf);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    give_tls_buf(raw);
-                    return (Err(e), buf);
-                }
-            }
-            let fed = feed_tls(&mut self.tls.as_mut().expect("tls").conn, &raw, &mut buf);
-            give_tls_buf(raw);
-            match fed {
-                Ok(n) if n > 0 => return (Ok(n), buf),
-                Ok(_) => {}
-                Err(e) => return (Err(e), buf),
-            }
-            // No application data: the peer closed, or rustls may have an answer to send
-            // (a key update of its own).
-            match take_plaintext(&mut self.tls.as_mut().expect("tls").conn, &mut buf) {
-                Ok(Some(n)) => return (Ok(n), buf),
-                Ok(None) => {}
-                Err(e) => return (Err(e), buf),
-            }
-            if let Err(e) = self.flush_tls().await {
-                return (Err(e), buf);
-            }
-            (
-                Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    "TLS records without application data",
-                )),
-                buf,
-            )
+        // Hand pending plaintext first.
+        let tls = self.tls.as_mut().expect("tls");
+        let before = buf.len();
+        match take_plaintext(&mut tls.conn, &mut buf) {
+            Ok(Some(n)) => return (Ok(n), buf),
+            Ok(None) => {}
+            Err(e) => return (Err(e), buf),
         }
+        debug_assert_eq!(before, buf.len());
+        if let Err(e) = self.flush_tls().await {
+            return (Err(e), buf);
+        }
+        let mut raw = tls_buf();
+        // As for plain connections: the records that made the socket readable are taken
+        // with one non-blocking `recv`; the ring reads only when nothing is there yet.
+        let res = match self.try_recv(&mut raw) {
+            Some(res) => res,
+            None => {
+                let cap = raw.capacity();
+                let (res, slice) = self.stream.read(raw.slice_mut(0..cap)).await;
+                raw = slice.into_inner();
+                res
+            }
+        };
+        let fed = match res {
+            Ok(0) => Ok(Some(0)),
+            Ok(_) => feed_tls(&mut self.tls.as_mut().expect("tls").conn, &raw, &mut buf),
+            Err(e) => Err(e),
+        };
+        give_tls_buf(raw);
+        match fed {
+            Ok(Some(n)) => return (Ok(n), buf),
+            Ok(None) => {}
+            Err(e) => return (Err(e), buf),
+        }
+        // No application data, but rustls may have an answer to send (a key update of its
+        // own).
+        if let Err(e) = self.flush_tls().await {
+            return (Err(e), buf);
+        }
+        (
+            Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "TLS records without application data",
+            )),
+            buf,
+        )
     }
 }
 
 /// Hands all of `raw` to rustls, moving the plaintext into `buf` as it comes: rustls holds at
 /// most 16 KiB of it and refuses more records until it is read (so one read of more records
-/// than that, as a client sending fast gets, would otherwise fail). Returns how much plaintext
-/// it moved.
+/// than that, as a client sending fast gets, would otherwise fail). Answers as
+/// [`take_plaintext`] does: how much plaintext it moved, `Some(0)` when the peer closed,
+/// `None` when the records held no data.
 fn feed_tls(
     tls: &mut rustls::ServerConnection,
     raw: &[u8],
     buf: &mut Vec<u8>,
-) -> io::Result<usize> {
+) -> io::Result<Option<usize>> {
     let start = buf.len();
     let mut cursor = raw;
     while !cursor.is_empty() {
@@ -223,11 +210,12 @@ fn feed_tls(
         }
         tls.process_new_packets()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if take_plaintext(tls, buf)? == Some(0) {
-            break;
-        }
+        take_plaintext(tls, buf)?;
     }
-    Ok(buf.len() - start)
+    match buf.len() - start {
+        0 => take_plaintext(tls, buf),
+        moved => Ok(Some(moved)),
+    }
 }
 
 /// Moves decrypted bytes from rustls into `buf`: `Some(0)` when the peer closed, `None` when

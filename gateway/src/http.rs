@@ -483,8 +483,10 @@ pub async fn serve(
                     let idle = !c.parse_pending
                         && !c.continue_sent
                         && c.buf.as_ref().is_none_or(|b| b.is_empty());
+                    // A plain connection has no session to take; a TLS one that cannot
+                    // give its up stays.
                     let tls = if idle { c.conn.take_tls() } else { None };
-                    if idle && (tls.is_some() || !c.conn.is_tls()) {
+                    if idle && !c.conn.is_tls() {
                         let moves = c.sends_to.moves();
                         match crate::migrate::leave(&ctx, &c.conn.stream, tls, to, moves) {
                             Ok(()) => {
