@@ -27,7 +27,13 @@ use crate::ws::{
     replay_step,
 };
 
-fn error_frame(out: &mut Vec<u8>, conv: u64, code: u16, client_msg_id: Option<&str>, reason: &str) {
+pub(crate) fn error_frame(
+    out: &mut Vec<u8>,
+    conv: u64,
+    code: u16,
+    client_msg_id: Option<&str>,
+    reason: &str,
+) {
     let reason: String = reason.chars().take(200).collect();
     let _ = encode_server(
         &ServerMsg::Error {
@@ -295,6 +301,7 @@ async fn handle(
     s: &mut Session,
     msg: Owned,
     out: &mut Vec<u8>,
+    conn: &mut Conn,
     conn_id: u64,
     trace: Option<&RefCell<RequestRecord>>,
 ) -> Verdict {
@@ -386,6 +393,16 @@ async fn handle(
                             after = d.seq;
                         }
                         ctx.metrics.delivered(entries.len() as u64);
+                        // A long history goes out in pieces (see `ws::REPLAY_FLUSH_BYTES`).
+                        if !registered && out.len() >= crate::ws::REPLAY_FLUSH_BYTES {
+                            let (res, o) = conn.write_all(std::mem::take(out)).await;
+                            *out = o;
+                            if let Err(e) = res {
+                                // Nothing more is written on a failed connection.
+                                out.clear();
+                                return Verdict::Close(Disconnect::of_write(&e));
+                            }
+                        }
                         if registered {
                             s.subscriptions.push(id);
                             return Verdict::Fine;
@@ -550,8 +567,16 @@ async fn session_loop(
                 return Ok(why);
             }
             let out_len_before = out.len();
-            let verdict =
-                Recycled::new(handle(ctx, s, msg, &mut out, conn_id, trace.as_deref())).await;
+            let verdict = Recycled::new(handle(
+                ctx,
+                s,
+                msg,
+                &mut out,
+                conn,
+                conn_id,
+                trace.as_deref(),
+            ))
+            .await;
             finish_trace(trace.as_deref(), &out, out_len_before);
             match verdict {
                 Verdict::Fine => {}
@@ -565,8 +590,8 @@ async fn session_loop(
                     follow,
                 } => {
                     let (res, _) = conn.write_all(std::mem::take(&mut out)).await;
-                    if res.is_err() {
-                        return Ok(Disconnect::IoError);
+                    if let Err(e) = res {
+                        return Ok(Disconnect::of_write(&e));
                     }
                     return Err((shard, from, follow));
                 }
@@ -602,8 +627,8 @@ async fn session_loop(
         if !out.is_empty() {
             let (res, o) = conn.write_all(std::mem::take(&mut out)).await;
             out = o;
-            if res.is_err() {
-                return Ok(Disconnect::IoError);
+            if let Err(e) = res {
+                return Ok(Disconnect::of_write(&e));
             }
         }
         if buf.as_ref().is_some_and(|b| b.is_empty())

@@ -180,6 +180,14 @@ pub struct Limits {
     pub text_bytes_max: usize,
     pub client_msg_id_bytes_max: usize,
     pub idle_timeout_ms: u64,
+    /// An HTTP request must arrive whole this long after its first bytes (plus one second
+    /// per `upload_bytes_per_s_min` bytes of its body), else 408 and the connection closes.
+    pub request_timeout_ms: u64,
+    /// The slowest body upload rate allowed for (see `request_timeout_ms`).
+    pub upload_bytes_per_s_min: u64,
+    /// A write that the peer takes no byte of for this long closes the connection
+    /// (`kefu_disconnects_total{reason="write_timeout"}`).
+    pub write_timeout_ms: u64,
     pub ws_ping_interval_ms: u64,
     pub long_poll_timeout_ms_max: u64,
     pub history_limit_max: usize,
@@ -217,6 +225,9 @@ impl Default for Limits {
             text_bytes_max: 8192,
             client_msg_id_bytes_max: 128,
             idle_timeout_ms: 60_000,
+            request_timeout_ms: 30_000,
+            upload_bytes_per_s_min: 65_536,
+            write_timeout_ms: 30_000,
             ws_ping_interval_ms: 20_000,
             long_poll_timeout_ms_max: 60_000,
             history_limit_max: 1000,
@@ -352,6 +363,26 @@ impl Limits {
             return Err(ConfigError::new(
                 "limits.segment_bytes_max",
                 "must be in 1048576..=2147483648",
+            ));
+        }
+        for (key, value) in [
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("write_timeout_ms", self.write_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&value) {
+                return Err(ConfigError::new(
+                    format!("limits.{key}"),
+                    format!("{value} is not in 100..=3600000"),
+                ));
+            }
+        }
+        if !(1024..=(1 << 30)).contains(&self.upload_bytes_per_s_min) {
+            return Err(ConfigError::new(
+                "limits.upload_bytes_per_s_min",
+                format!(
+                    "{} is not in 1024..=1073741824",
+                    self.upload_bytes_per_s_min
+                ),
             ));
         }
         if !(10..=self.idle_timeout_ms).contains(&self.ws_ping_interval_ms) {

@@ -5,7 +5,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncReadRent;
 use monoio::net::TcpStream;
 
 /// Every idle WebSocket holds one of these: the TLS state is boxed in one piece, so a plain
@@ -32,6 +32,63 @@ const TLS_BUF_BYTES: usize = 17 * 1024;
 /// Raw-record buffers kept per thread for reuse (a thread serves one TLS read or write at a
 /// time per connection, and only the busy connections hold one).
 const TLS_BUFS_KEPT_MAX: usize = 64;
+
+/// How long one write may wait for the peer to take any bytes (`limits.write_timeout_ms`,
+/// set once at start by [`set_write_timeout_ms`]). A peer that stops reading would otherwise
+/// hold its connection, and everything queued for it, for ever: a blocked write is past the
+/// checks (idle, ping, the 4008 overflow) that run between a socket's steps.
+static WRITE_TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(30_000);
+
+/// Sets the write timeout of every connection of this process (from the config, at start).
+pub fn set_write_timeout_ms(ms: u64) {
+    WRITE_TIMEOUT_MS.store(ms.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The write timeout ([`set_write_timeout_ms`]).
+pub fn write_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(WRITE_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// The error a write that made no progress for the write timeout ends with (kind `TimedOut`;
+/// see [`crate::metrics::Disconnect::of_write`]).
+pub fn write_timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the peer took no bytes for write_timeout_ms",
+    )
+}
+
+/// Waits until `stream` can take bytes, at most the write timeout.
+pub async fn writable(stream: &TcpStream) -> io::Result<()> {
+    match monoio::time::timeout(write_timeout(), stream.writable(false)).await {
+        Ok(res) => res,
+        Err(_) => Err(write_timed_out()),
+    }
+}
+
+/// Writes all of `buf` through the ring, each write within the write timeout (a slow peer
+/// that keeps taking bytes is not cut off, one that takes none is). Returns the buffer,
+/// except after a timeout: the abandoned op keeps it until the kernel lets go of it.
+async fn ring_write_all(stream: &mut TcpStream, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+    use monoio::buf::IoBuf;
+    use monoio::io::AsyncWriteRent;
+    let mut buf = buf;
+    let mut at = 0;
+    while at < buf.len() {
+        match monoio::time::timeout(write_timeout(), stream.write(buf.slice(at..))).await {
+            Ok((Ok(0), slice)) => {
+                return (Err(io::ErrorKind::WriteZero.into()), slice.into_inner());
+            }
+            Ok((Ok(n), slice)) => {
+                buf = slice.into_inner();
+                at += n;
+            }
+            Ok((Err(e), slice)) => return (Err(e), slice.into_inner()),
+            Err(_) => return (Err(write_timed_out()), Vec::new()),
+        }
+    }
+    (Ok(()), buf)
+}
 
 thread_local! {
     static TLS_BUFS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -273,7 +330,7 @@ impl Conn {
                 }
                 None => {}
             }
-            let (res, out) = self.stream.write_all(out).await;
+            let (res, out) = ring_write_all(&mut self.stream, out).await;
             give_tls_buf(out);
             res?;
         }
@@ -300,9 +357,9 @@ impl Conn {
                 }
                 None => {}
             }
-            let (res, mut buf) = self.stream.write_all(buf).await;
+            let (res, mut buf) = ring_write_all(&mut self.stream, buf).await;
             buf.clear();
-            return (res.map(|_| ()), buf);
+            return (res, buf);
         }
         // rustls takes plaintext only up to its buffer limit (64 KiB of records not yet
         // sent) and then takes nothing: write what it takes, send the records, go on.

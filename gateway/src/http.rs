@@ -33,6 +33,9 @@ use crate::shard::{Command, Outcome, ReplySlot};
 
 const JSON: &str = "application/json";
 
+/// Answers to pipelined requests are written once they reach this many bytes (see `burst`).
+const OUT_FLUSH_BYTES: usize = 256 * 1024;
+
 /// Why a handler could not answer normally.
 pub struct HttpError {
     pub status: u16,
@@ -212,6 +215,68 @@ fn check_body_len(ctx: &ShardCtx, body: &[u8]) -> Result<(), HttpError> {
     Ok(())
 }
 
+/// The largest body the request's endpoint takes: an attachment upload the largest tenant
+/// limit (each tenant's own is checked by the upload), everything else
+/// `request_body_bytes_max`.
+fn body_bytes_max(ctx: &ShardCtx, head: &RequestHead<'_>) -> u64 {
+    let mut segments = [""; PATH_SEGMENTS_MAX + 1];
+    let n = path_segments(head.path, &mut segments);
+    match (head.method, &segments[..n]) {
+        (Method::Post, ["v1", "conversations", _, "attachments"]) => {
+            ctx.shared.http_limits.body_bytes_max
+        }
+        _ => ctx.shared.json_body_bytes_max as u64,
+    }
+}
+
+/// Refuses an incomplete request whose body is already known to be too large for its
+/// endpoint: a `Content-Length` above [`body_bytes_max`], or more chunked bytes buffered than
+/// that limit plus the chunks' framing can explain. `buffered` counts the head too.
+fn check_body_framing(
+    ctx: &ShardCtx,
+    head: &RequestHead<'_>,
+    buffered: usize,
+) -> Result<(), HttpError> {
+    let max = body_bytes_max(ctx, head);
+    let too_large = match head.body {
+        kefu_protocol::http::BodyFraming::None => false,
+        kefu_protocol::http::BodyFraming::Length(n) => n > max,
+        // Chunk size lines and CRLFs: generously a quarter of the data plus 1 KiB.
+        kefu_protocol::http::BodyFraming::Chunked => {
+            buffered.saturating_sub(head.head_len) as u64 > max + max / 4 + 1024
+        }
+    };
+    if too_large {
+        return Err(HttpError::new(
+            413,
+            format!("body larger than this endpoint's limit of {max} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// When an incomplete request that began arriving at `since` must be whole:
+/// `request_timeout_ms` after its first bytes, plus one second per `upload_bytes_per_s_min`
+/// bytes of its body (its `Content-Length`, or for a chunked body the endpoint's limit), so a
+/// large upload over a slow link still fits but a trickling peer does not hold on for ever.
+fn partial_request_deadline(
+    ctx: &ShardCtx,
+    since: Instant,
+    head: Option<&RequestHead<'_>>,
+) -> Instant {
+    let limits = &ctx.shared.config.limits;
+    let body_bytes = match head {
+        Some(h) => match h.body {
+            kefu_protocol::http::BodyFraming::Length(n) => n,
+            kefu_protocol::http::BodyFraming::Chunked => body_bytes_max(ctx, h),
+            kefu_protocol::http::BodyFraming::None => 0,
+        },
+        None => 0,
+    };
+    let body_ms = body_bytes.saturating_mul(1000) / limits.upload_bytes_per_s_min.max(1);
+    since + Duration::from_millis(limits.request_timeout_ms.saturating_add(body_ms))
+}
+
 fn body_json<T: serde::de::DeserializeOwned + Validate>(
     ctx: &ShardCtx,
     body: &[u8],
@@ -384,6 +449,11 @@ struct HttpConn {
     conn_id: u64,
     /// Where its message sends went: a connection moves to their shard ([`crate::migrate`]).
     sends_to: crate::migrate::Follow,
+    /// When the first bytes of the buffered, incomplete request were seen, and when it must be
+    /// complete ([`partial_request_deadline`]); `None` between requests. Every byte resets
+    /// the idle timer, so without this a peer that trickles a request (one byte a minute)
+    /// would hold its connection and buffer for ever.
+    partial: Option<(Instant, Instant)>,
 }
 
 /// How an HTTP connection ended: closed, or handed over to a WebSocket or stream session,
@@ -443,6 +513,7 @@ pub async fn serve(
         peer_loopback,
         conn_id,
         sends_to: crate::migrate::Follow::moved(moves),
+        partial: None,
     };
     loop {
         if !c.parse_pending {
@@ -457,13 +528,33 @@ pub async fn serve(
             if c.out.capacity() > 0 {
                 ctx.pool.give(std::mem::take(&mut c.out));
             }
-            let deadline = idle_from + idle;
+            let idle_deadline = idle_from + idle;
+            let deadline = c
+                .partial
+                .map_or(idle_deadline, |(_, due)| due.min(idle_deadline));
             let ready = monoio::select! {
                 r = c.conn.readable() => r.is_ok(),
-                w = ctx.deadline_or_stop(conn_id, deadline) => return Served::Closed(match w {
-                    Woken::Deadline => Disconnect::IdleTimeout,
-                    Woken::Stop => Disconnect::Shutdown,
-                }),
+                w = ctx.deadline_or_stop(conn_id, deadline) => match w {
+                    Woken::Deadline if c.partial.is_some_and(|(_, due)| deadline == due) => {
+                        let limits = &ctx.shared.config.limits;
+                        let err = HttpError::new(
+                            408,
+                            format!(
+                                "the request did not arrive whole within request_timeout_ms = {} \
+                                 (plus 1 s per upload_bytes_per_s_min = {} bytes of its body)",
+                                limits.request_timeout_ms, limits.upload_bytes_per_s_min
+                            ),
+                        );
+                        let mut out = std::mem::take(&mut c.out);
+                        out.clear();
+                        write_error(&mut out, &err, false);
+                        ctx.metrics.response(err.status);
+                        let _ = c.conn.write_all(out).await;
+                        return Served::Closed(Disconnect::RequestTimeout);
+                    }
+                    Woken::Deadline => return Served::Closed(Disconnect::IdleTimeout),
+                    Woken::Stop => return Served::Closed(Disconnect::Shutdown),
+                },
             };
             if !ready {
                 return Served::Closed(Disconnect::IoError);
@@ -555,6 +646,7 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
         peer_loopback,
         conn_id,
         sends_to,
+        partial,
     } = c;
     let (local_port, peer_port, peer_loopback, conn_id) =
         (*local_port, *peer_port, *peer_loopback, *conn_id);
@@ -615,8 +707,22 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
         let req = match parsed {
             Ok(req) => req,
             Err(ParseError::Incomplete { .. }) => {
+                // One clock read per read of an incomplete request, none for whole ones.
+                let since = partial.map_or_else(Instant::now, |(since, _)| since);
+                let head = parse_head(b, &ctx.shared.http_limits).ok();
+                if let Some(head) = &head
+                    && let Err(err) = check_body_framing(ctx, head, b.len())
+                {
+                    // Refused from its head: the body is neither waited for nor buffered
+                    // (and a client that sent `Expect: 100-continue` gets this, not a 100).
+                    write_error(out, &err, false);
+                    ctx.metrics.response(err.status);
+                    let (_, _) = conn.write_all(std::mem::take(out)).await;
+                    return After::End(Disconnect::BadRequest);
+                }
+                *partial = Some((since, partial_request_deadline(ctx, since, head.as_ref())));
                 if !*continue_sent
-                    && let Ok(head) = parse_head(b, &ctx.shared.http_limits)
+                    && let Some(head) = &head
                     && head.expect_continue
                 {
                     write_continue(out);
@@ -633,6 +739,7 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
             }
         };
         *continue_sent = false;
+        *partial = None;
         let consumed = req.consumed;
         let keep_alive = req.head.keep_alive && !ctx.stopping.get();
         let mut body_copy = Vec::new();
@@ -707,12 +814,21 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
         if !matches!(next, Next::Continue { keep_alive: true }) {
             break;
         }
+        // Pipelined answers go out once they add up to this much, rather than all at the
+        // end: many buffered requests for large answers (history pages) do not pile up.
+        if out.len() >= OUT_FLUSH_BYTES {
+            let (res, o) = conn.write_all(std::mem::take(out)).await;
+            *out = o;
+            if let Err(e) = res {
+                return After::End(Disconnect::of_write(&e));
+            }
+        }
     }
     if !out.is_empty() {
         let (res, o) = conn.write_all(std::mem::take(out)).await;
         *out = o;
-        if res.is_err() {
-            return After::End(Disconnect::IoError);
+        if let Err(e) = res {
+            return After::End(Disconnect::of_write(&e));
         }
     }
     match next {
@@ -725,16 +841,21 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
             actor,
             keep_alive,
         } => {
-            if let Err(e) = Box::pin(download(ctx, conn, &id, &actor, keep_alive)).await {
-                let mut out = Vec::new();
-                write_error(&mut out, &e, keep_alive);
-                ctx.metrics.response(e.status);
-                let (res, _) = conn.write_all(out).await;
-                if res.is_err() {
-                    return After::End(Disconnect::IoError);
+            match Box::pin(download(ctx, conn, &id, &actor, keep_alive)).await {
+                Err(e) => {
+                    let mut out = Vec::new();
+                    write_error(&mut out, &e, keep_alive);
+                    ctx.metrics.response(e.status);
+                    let (res, _) = conn.write_all(out).await;
+                    if let Err(e) = res {
+                        return After::End(Disconnect::of_write(&e));
+                    }
                 }
-            } else {
-                ctx.metrics.response(200);
+                Ok(Err(e)) => {
+                    ctx.metrics.response(200);
+                    return After::End(Disconnect::of_write(&e));
+                }
+                Ok(Ok(())) => ctx.metrics.response(200),
             }
             if !keep_alive {
                 return After::End(Disconnect::Closed);
@@ -1118,7 +1239,7 @@ async fn download(
     id: &str,
     actor: &Actor,
     keep_alive: bool,
-) -> Result<(), HttpError> {
+) -> Result<std::io::Result<()>, HttpError> {
     let tenant = tenant_of(actor);
     let name = ctx.shared.access.tenant_name(tenant);
     let (meta, file) = ctx
@@ -1132,12 +1253,13 @@ async fn download(
         .content_type(&meta.content_type)
         .keep_alive(keep_alive);
     kefu_protocol::http::write_response_head(&mut out, &head, meta.size);
+    // From the head on, a failure can only end the connection: an error answer would land
+    // in the middle of this one.
     let (res, _) = conn.write_all(out).await;
-    res.map_err(|e| HttpError::new(500, e.to_string()))?;
-    crate::stream::send_file(conn, &file, 0, meta.size)
-        .await
-        .map_err(|e| HttpError::new(500, e.to_string()))?;
-    Ok(())
+    if let Err(e) = res {
+        return Ok(Err(e));
+    }
+    Ok(crate::stream::send_file(conn, &file, 0, meta.size).await)
 }
 
 /// Writes a history page, `{"messages":[...],"last_seq":N}`, into `page` (cleared first):

@@ -16,9 +16,25 @@ pub enum Disconnect {
     Unauthorized,
     Shutdown,
     IoError,
+    /// A request did not arrive whole in time (`limits.request_timeout_ms`): answered 408.
+    RequestTimeout,
+    /// A write made no progress for `limits.write_timeout_ms`: the peer stopped reading.
+    WriteTimeout,
 }
 
-const DISCONNECTS: [(Disconnect, &str); 7] = [
+impl Disconnect {
+    /// Why a connection whose write failed with `e` ends: [`Disconnect::WriteTimeout`] for
+    /// the write timeout (`conn::write_timed_out`), else [`Disconnect::IoError`].
+    pub fn of_write(e: &std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            Self::WriteTimeout
+        } else {
+            Self::IoError
+        }
+    }
+}
+
+const DISCONNECTS: [(Disconnect, &str); 9] = [
     (Disconnect::Closed, "closed"),
     (Disconnect::IdleTimeout, "idle_timeout"),
     (Disconnect::BadRequest, "bad_request"),
@@ -26,6 +42,8 @@ const DISCONNECTS: [(Disconnect, &str); 7] = [
     (Disconnect::Unauthorized, "unauthorized"),
     (Disconnect::Shutdown, "shutdown"),
     (Disconnect::IoError, "io_error"),
+    (Disconnect::RequestTimeout, "request_timeout"),
+    (Disconnect::WriteTimeout, "write_timeout"),
 ];
 
 /// Request stages whose latency is tracked (microseconds).
@@ -65,7 +83,7 @@ pub struct ShardMetrics {
     pub commands_handled: Cell<u64>,
     pub pending_deliveries: Cell<u64>,
     pub held_replies: Cell<u64>,
-    disconnects: [Cell<u64>; 7],
+    disconnects: [Cell<u64>; DISCONNECTS.len()],
     latency: RefCell<Vec<Histogram<u64>>>,
 }
 

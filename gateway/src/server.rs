@@ -522,6 +522,7 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
     let mut http_limits = http_limits;
     http_limits.body_bytes_max = http_limits.body_bytes_max.max(attachment_bytes_max);
     let json_body_bytes_max = config.limits.request_body_bytes_max;
+    crate::conn::set_write_timeout_ms(config.limits.write_timeout_ms);
     let (doorbells, doorbell_readers) =
         crate::wake::Doorbells::new(shards).context("creating the shards' doorbells")?;
     let shared = Arc::new(Shared {
@@ -839,6 +840,56 @@ pub enum Proto {
     Binary,
 }
 
+/// Tells a connection refused for the connection limit why, if it can be done without
+/// waiting: a 503 with `Retry-After` on a plain HTTP listener, an error frame (code 503) on a
+/// plain binary one (nothing on TLS listeners: that would take a handshake). Whatever the
+/// client already sent is read and dropped first, so the close is a FIN after the answer, not
+/// a reset that could discard it.
+fn answer_refused(ctx: &ShardCtx, stream: &monoio::net::TcpStream, proto: Proto) {
+    const REASON: &str = "the gateway has too many connections; retry shortly";
+    let tls = ctx.shared.config.tls.as_ref();
+    let mut out = Vec::with_capacity(256);
+    match proto {
+        Proto::Http if !tls.is_some_and(|t| t.http) => {
+            let head = kefu_protocol::http::ResponseHead::new(503)
+                .content_type("application/json")
+                .keep_alive(false)
+                .retry_after_secs(1);
+            kefu_protocol::http::write_json_error(&mut out, &head, REASON);
+        }
+        Proto::Binary if !tls.is_some_and(|t| t.tcp) => {
+            crate::binary::error_frame(&mut out, 0, 503, None, REASON);
+        }
+        _ => return,
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
+    let mut scratch = [0u8; 4096];
+    // Bounded: at most 16 reads of what is already there.
+    for _ in 0..16 {
+        // SAFETY: reading into a local buffer from a descriptor we own, without waiting.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                scratch.as_mut_ptr().cast(),
+                scratch.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+    }
+    // SAFETY: sending from a local buffer on a descriptor we own, without waiting.
+    let _ = unsafe {
+        libc::send(
+            fd,
+            out.as_ptr().cast(),
+            out.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+}
+
 async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, proto: Proto) {
     let me = ctx.next_conn_id();
     let limit = ctx.shared.config.limits.connections_per_shard_max as u64;
@@ -859,6 +910,7 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
         if ctx.metrics.connections_open.get() >= limit || !ctx.shared.connections.take() {
             let refused = &ctx.metrics.connections_refused;
             refused.set(refused.get() + 1);
+            answer_refused(&ctx, &stream, proto);
             drop(stream);
             continue;
         }

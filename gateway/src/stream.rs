@@ -80,8 +80,8 @@ pub async fn serve(
             } else {
                 copy_run(&mut conn, run).await
             };
-            if sent.is_err() {
-                return Disconnect::IoError;
+            if let Err(e) = sent {
+                return Disconnect::of_write(&e);
             }
             from = run.end_offset;
         }
@@ -101,7 +101,7 @@ async fn send_run(conn: &Conn, fd: i32, run: &FileRun) -> std::io::Result<()> {
                 if n < 0 {
                     let e = std::io::Error::last_os_error();
                     if e.kind() == std::io::ErrorKind::WouldBlock {
-                        conn.stream.writable(false).await?;
+                        crate::conn::writable(&conn.stream).await?;
                         continue;
                     }
                     return Err(e);
@@ -121,7 +121,7 @@ async fn send_run(conn: &Conn, fd: i32, run: &FileRun) -> std::io::Result<()> {
                 if n < 0 {
                     let e = std::io::Error::last_os_error();
                     if e.kind() == std::io::ErrorKind::WouldBlock {
-                        conn.stream.writable(false).await?;
+                        crate::conn::writable(&conn.stream).await?;
                         continue;
                     }
                     return Err(e);
@@ -189,7 +189,7 @@ pub async fn send_file(
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::WouldBlock {
-                if let Err(e) = conn.stream.writable(false).await {
+                if let Err(e) = crate::conn::writable(&conn.stream).await {
                     result = Err(e);
                     break;
                 }

@@ -210,7 +210,13 @@ type Queued = (PendingSend, Option<Trace>);
 enum Verdict {
     Fine,
     Close(u16, String),
+    /// The connection failed (a write): end it without a close frame.
+    Gone(Disconnect),
 }
+
+/// A subscribe's replay writes what it has gathered once it holds this much, before its next
+/// step: a long history goes out in pieces instead of being built whole in memory.
+pub const REPLAY_FLUSH_BYTES: usize = 256 * 1024;
 
 struct Session {
     ctx: Rc<ShardCtx>,
@@ -355,6 +361,7 @@ impl Session {
         &mut self,
         msg: ClientMessage,
         out: &mut Vec<u8>,
+        conn: &mut Conn,
         trace: Option<&RefCell<RequestRecord>>,
     ) -> Verdict {
         let ctx = self.ctx.clone();
@@ -393,6 +400,13 @@ impl Session {
                                 after = d.seq;
                             }
                             ctx.metrics.delivered(entries.len() as u64);
+                            if !registered && out.len() >= REPLAY_FLUSH_BYTES {
+                                let (res, o) = conn.write_all(std::mem::take(out)).await;
+                                *out = o;
+                                if let Err(e) = res {
+                                    return Verdict::Gone(Disconnect::of_write(&e));
+                                }
+                            }
                             if registered {
                                 self.following().subscriptions.push(conv);
                                 return Verdict::Fine;
@@ -761,8 +775,8 @@ impl Socket {
         {
             let (res, rest) = self.conn.write_all(rest).await;
             ctx.pool.give(rest);
-            if res.is_err() {
-                return Err(Disconnect::IoError);
+            if let Err(e) = res {
+                return Err(Disconnect::of_write(&e));
             }
         }
         // Pooled, and given back after the write: a step allocates no output buffer.
@@ -865,13 +879,26 @@ impl Socket {
                             return Err(self.close_with(out, close).await);
                         }
                         // Boxed: a subscribe's replay state only lives while it runs.
-                        Recycled::new(self.session.handle_msg(msg, &mut out, trace_ref)).await
+                        Recycled::new(self.session.handle_msg(
+                            msg,
+                            &mut out,
+                            &mut self.conn,
+                            trace_ref,
+                        ))
+                        .await
                     }
                 },
             };
             finish_trace(trace_ref, &verdict);
-            if let Verdict::Close(code, reason) = verdict {
-                return Err(self.close_with(out, (code, reason)).await);
+            match verdict {
+                Verdict::Fine => {}
+                Verdict::Close(code, reason) => {
+                    return Err(self.close_with(out, (code, reason)).await);
+                }
+                Verdict::Gone(why) => {
+                    ctx.pool.give(out);
+                    return Err(why);
+                }
             }
         }
         if let Some(close) = self.answer_pending(&mut pending, &mut out).await {
@@ -901,8 +928,8 @@ impl Socket {
         } else {
             let (res, out) = self.conn.write_all(out).await;
             ctx.pool.give(out);
-            if res.is_err() {
-                return Err(Disconnect::IoError);
+            if let Err(e) = res {
+                return Err(Disconnect::of_write(&e));
             }
             if delivered > 0 {
                 ctx.metrics.delivered(delivered);

@@ -725,6 +725,10 @@ fn the_open_file_limit_caps_connections_and_keeps_descriptors_for_the_log() {
     }
     let mut over = kefu.http();
     over.send_raw(b"GET /healthz HTTP/1.1\r\nHost: k\r\n\r\n");
+    // Refused with a reason, then closed.
+    let r = over.read_response();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("retry-after"), Some("1"));
     assert!(over.is_closed(), "the 41st connection is refused");
     for (i, http) in open.iter_mut().enumerate() {
         assert_eq!(send(http, &format!("again {i}")), 201, "connection {i}");
@@ -1752,6 +1756,292 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
     assert!(http.is_closed(), "an idle HTTP connection is closed");
     // The WebSocket was pinged but never answered (this client did not read): going away.
     assert_eq!(ws.recv(), WsMsg::Close(Some(1001)));
+}
+
+/// A peer that trickles a request, one byte at a time (each resets the idle timer), gets 408
+/// once `request_timeout_ms` has passed since the request's first bytes; a body too large for
+/// its endpoint is refused from the head alone (413, no `100 Continue`, nothing buffered),
+/// while an upload of the same size is still waited for.
+#[test]
+fn a_trickled_request_gets_408_and_a_body_too_large_for_its_endpoint_413_from_its_head() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start_with(
+        &dir,
+        "1",
+        "never",
+        &[("request_timeout_ms = 30000", "request_timeout_ms = 600")],
+    );
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, None);
+
+    let mut s = std::net::TcpStream::connect(kefu.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nX-a: ").unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Bounded: 100 bytes, 100 ms apart.
+    for _ in 0..100 {
+        if s.write_all(b"a").is_err() {
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+        if !got.is_empty() {
+            break;
+        }
+    }
+    let waited = started.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text:?}");
+    assert!(text.contains("request_timeout_ms"), "{text:?}");
+    assert!(
+        waited >= Duration::from_millis(550) && waited < Duration::from_secs(5),
+        "408 after {waited:?}"
+    );
+    assert_eq!(
+        shard0_metric(
+            &mut http,
+            "kefu_disconnects_total{shard=\"0\",reason=\"request_timeout\"}"
+        ),
+        Some(1)
+    );
+
+    // 413 from the head: no body sent, and no `100 Continue` either.
+    let head_only = |req: String| {
+        let mut s = std::net::TcpStream::connect(kefu.http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let refused = head_only(
+        "POST /v1/conversations HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000000\r\nExpect: 100-continue\r\n\r\n"
+            .into(),
+    );
+    assert!(refused.starts_with("HTTP/1.1 413 "), "{refused:?}");
+    let refused = head_only(format!(
+        "POST /v1/conversations/{id}/messages HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer \
+         {visitor}\r\nContent-Length: 70000\r\n\r\n"
+    ));
+    assert!(refused.starts_with("HTTP/1.1 413 "), "{refused:?}");
+    // The same size as an attachment upload (limit 10 MiB) is waited for.
+    let go_on = head_only(format!(
+        "POST /v1/conversations/{id}/attachments HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer \
+         {visitor}\r\nContent-Type: image/png\r\nContent-Length: 1000000\r\n\
+         Expect: 100-continue\r\n\r\n"
+    ));
+    assert!(go_on.starts_with("HTTP/1.1 100 "), "{go_on:?}");
+    assert_eq!(http.get("/healthz", None).status, 200);
+}
+
+/// A TCP connection to `addr` whose receive buffer is 4 KiB, set before the handshake so the
+/// window the peer sees stays small.
+fn connect_small_rcvbuf(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let std::net::SocketAddr::V4(v4) = addr else {
+        panic!("tests listen on IPv4");
+    };
+    // SAFETY: plain socket calls on a descriptor this function owns until it is wrapped.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let size: libc::c_int = 4096;
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0);
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        std::net::TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// A client that stops reading in the middle of a response is dropped once a write has taken
+/// nothing for `write_timeout_ms` (counted as `write_timeout`), instead of holding its
+/// connection for ever; everyone else is served meanwhile.
+#[test]
+fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start_with(
+        &dir,
+        "1",
+        "never",
+        &[("write_timeout_ms = 30000", "write_timeout_ms = 500")],
+    );
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, None);
+    // 9 MB: more than the socket buffers hold (the send buffer grows to tcp_wmem's 4 MiB; the
+    // reader's is 4 KiB), less than the attachment limit (10 MiB).
+    let size = 9_000_000;
+    let mut req = format!(
+        "POST /v1/conversations/{id}/attachments HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer \
+         {visitor}\r\nContent-Type: image/png\r\nContent-Length: {size}\r\n\r\n"
+    )
+    .into_bytes();
+    req.resize(req.len() + size, 7);
+    http.send_raw(&req);
+    let r = http.read_response();
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let att = r.json()["attachment_id"].as_str().unwrap().to_owned();
+
+    let mut reader = connect_small_rcvbuf(kefu.http);
+    reader
+        .write_all(
+            format!("GET /v1/attachments/{att} HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer {visitor}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    let timed_out = "kefu_disconnects_total{shard=\"0\",reason=\"write_timeout\"}";
+    // Bounded: 100 looks, 100 ms apart.
+    let mut dropped = false;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(100));
+        if shard0_metric(&mut http, timed_out) == Some(1) {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(dropped, "the stalled download was not dropped");
+    // What the socket buffers held arrives, then the end: never the whole attachment.
+    reader
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(got > 0 && got < size, "read {got} bytes");
+    assert_eq!(http.get("/healthz", None).status, 200);
+}
+
+/// A history of several times `ws::REPLAY_FLUSH_BYTES` (256 KiB) replays to a WebSocket and
+/// to a binary subscriber whole, in order and once, across the pieces it is written in, and
+/// the live stream follows without a gap; pipelined history pages come back in order.
+#[test]
+fn a_long_history_replays_in_pieces_whole_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir, "1", "never");
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, None);
+    let conv = ConversationId::parse(&id).unwrap();
+    let n = 150u64;
+    for i in 1..=n {
+        let text = format!("{i:04}{}", "h".repeat(7000));
+        let r = http.post(
+            &format!("/v1/conversations/{id}/messages"),
+            Some(&visitor),
+            &json!({ "text": text }).to_string(),
+        );
+        assert_eq!(r.status, 201);
+    }
+    let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).expect("upgrade");
+    ws.send_json(&json!({"type": "subscribe", "conversation_id": id, "after": 0}));
+    let mut bin = Bin::connect(kefu.tcp);
+    bin.send(&ClientMsg::Hello { token: &visitor });
+    assert!(matches!(bin.recv(), Some(BinMsg::Welcome { .. })));
+    bin.send(&ClientMsg::Subscribe {
+        conversation_id: conv,
+        after_seq: 0,
+    });
+    // Events (queued, ...) have seqs too: everything up to the last one, dense.
+    let last = last_seq(&mut http, &id, &visitor);
+    let mut ws_seqs = Vec::new();
+    let mut texts = Vec::new();
+    while ws_seqs.last() != Some(&last) {
+        match ws.recv_stored() {
+            WsMsg::Text(v) if v["seq"].is_u64() => {
+                ws_seqs.push(v["seq"].as_u64().unwrap());
+                if v["type"] == "message" {
+                    texts.push(v["text"].as_str().unwrap()[..4].to_owned());
+                }
+            }
+            WsMsg::Text(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(ws_seqs, (1..=last).collect::<Vec<_>>());
+    let want: Vec<String> = (1..=n).map(|i| format!("{i:04}")).collect();
+    assert_eq!(texts, want);
+    for want in 1..=last {
+        match bin.recv() {
+            Some(BinMsg::Record { seq, .. }) => assert_eq!(seq, want),
+            other => panic!("{other:?}"),
+        }
+    }
+    let n = last;
+    let r = http.post(
+        &format!("/v1/conversations/{id}/messages"),
+        Some(&visitor),
+        &json!({"text": "live"}).to_string(),
+    );
+    assert_eq!(r.status, 201);
+    loop {
+        match ws.recv_stored() {
+            WsMsg::Text(v) if v["type"] == "message" => {
+                assert_eq!(v["seq"].as_u64(), Some(n + 1));
+                break;
+            }
+            WsMsg::Text(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    match bin.recv() {
+        Some(BinMsg::Record { seq, .. }) => assert_eq!(seq, n + 1),
+        other => panic!("{other:?}"),
+    }
+    // Three pipelined pages of ~350 KB each: written as they are ready, read back in order.
+    let mut pipelined = Vec::new();
+    for after in [0u64, 50, 100] {
+        pipelined.extend_from_slice(
+            format!(
+                "GET /v1/conversations/{id}/messages?after={after}&limit=50 HTTP/1.1\r\nHost: k\r\n\
+                 Authorization: Bearer {visitor}\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    http.send_raw(&pipelined);
+    for after in [0u64, 50, 100] {
+        let page = http.read_response();
+        assert_eq!(page.status, 200);
+        let seqs: Vec<u64> = page.json()["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, (after + 1..=after + 50).collect::<Vec<_>>());
+    }
 }
 
 #[test]
