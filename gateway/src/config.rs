@@ -403,9 +403,69 @@ impl Limits {
                 "must leave 1024 bytes of request_body_bytes_max for the JSON around it",
             ));
         }
+        // The log refuses a record larger than a segment: a text that could be stored larger
+        // than that could never be stored at all.
+        if self.record_bytes_max() > self.segment_bytes_max {
+            return Err(ConfigError::new(
+                "limits.text_bytes_max",
+                format!(
+                    "a text of {} bytes may be stored as a record of {} bytes (JSON escapes a \
+                     control character as \\u00XX, {JSON_ESCAPED_BYTES_PER_BYTE_MAX} bytes), \
+                     more than limits.segment_bytes_max = {}",
+                    self.text_bytes_max,
+                    self.message_record_bytes_max(),
+                    self.segment_bytes_max
+                ),
+            ));
+        }
         Ok(())
     }
+
+    /// The largest stored message record (frame header and JSON payload) these limits let
+    /// through, with every string at its longest and escaped at its worst.
+    ///
+    /// A message record is `MessageRecordRef` as JSON: tenant, sender id, text and
+    /// `client_msg_id`, plus numbers. Its text is checked as UTF-8 bytes before it is stored
+    /// (`text_bytes_max`; an agent's canned reply or the tenant's auto-reply may be up to
+    /// `tenant::REPLY_TEXT_BYTES_MAX` instead) and written escaped, where a control character
+    /// takes six bytes (`\u0001`). Over HTTP and WebSocket the client had to escape it the
+    /// same way, but the binary protocol carries the text raw: 8 KiB of control characters in
+    /// a `Send` frame are a 48 KiB record.
+    pub fn message_record_bytes_max(&self) -> u64 {
+        use kefu_protocol::model::{ConversationId, MessageRecordRef, ParticipantRef, Role};
+        let empty = MessageRecordRef {
+            tenant: "",
+            conversation_id: ConversationId(u64::MAX),
+            seq: u64::MAX,
+            ts: u64::MAX,
+            from: ParticipantRef {
+                role: Role::Visitor,
+                id: "",
+            },
+            text: "",
+            client_msg_id: Some(""),
+        };
+        let skeleton = serde_json::to_vec(&empty).map_or(0, |v| v.len());
+        let names = crate::tenant::NAME_BYTES_MAX;
+        let text = self.text_bytes_max.max(crate::tenant::REPLY_TEXT_BYTES_MAX);
+        let strings = names + names + text + self.client_msg_id_bytes_max;
+        (kefu_protocol::frame::HEADER_LEN + skeleton + strings * JSON_ESCAPED_BYTES_PER_BYTE_MAX)
+            as u64
+    }
+
+    /// The shard log's `record_bytes_max`: room for the largest message record
+    /// ([`Self::message_record_bytes_max`]; event records are far smaller), and never less
+    /// than the `request_body_bytes_max + 4096`, at least 64 KiB, that bounded records before,
+    /// so no message taken before is refused now.
+    pub fn record_bytes_max(&self) -> u64 {
+        let before = (self.request_body_bytes_max as u64 + 4096).max(1 << 16);
+        before.max(self.message_record_bytes_max())
+    }
 }
+
+/// Most bytes serde_json writes for one byte of a string: a control character becomes
+/// `\u00XX` (any other character is written as it is, or as a two-byte escape).
+pub const JSON_ESCAPED_BYTES_PER_BYTE_MAX: usize = 6;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -805,6 +865,113 @@ mod tests {
             resolve(file, &Flags::default()).unwrap_err().key,
             "tenant[0].agent[0].token"
         );
+    }
+
+    /// The bound is exact: a message with every string at its limit, all of it control
+    /// characters, is stored as exactly that many bytes; and no character escapes to more than
+    /// six bytes per byte.
+    #[test]
+    fn the_largest_message_record_is_what_the_record_limit_allows_for() {
+        use kefu_protocol::model::{ConversationId, MessageRecordRef, ParticipantRef, Role};
+        for c in (0..=0x7f_u8)
+            .map(char::from)
+            .chain(['\u{80}', 'é', '中', '\u{2028}', '\u{feff}', '😀'])
+        {
+            let escaped = serde_json::to_string(&c.to_string()).unwrap().len() - 2;
+            assert!(
+                escaped <= JSON_ESCAPED_BYTES_PER_BYTE_MAX * c.len_utf8(),
+                "{c:?} is written as {escaped} bytes"
+            );
+        }
+        for text_bytes_max in [1, 4096, 5000, 32_768] {
+            let limits = Limits {
+                text_bytes_max,
+                request_body_bytes_max: 1 << 20,
+                ..Limits::default()
+            };
+            let worst = |n: usize| "\u{1}".repeat(n);
+            let name = worst(crate::tenant::NAME_BYTES_MAX);
+            let text = worst(text_bytes_max.max(crate::tenant::REPLY_TEXT_BYTES_MAX));
+            let key = worst(limits.client_msg_id_bytes_max);
+            let record = MessageRecordRef {
+                tenant: &name,
+                conversation_id: ConversationId(u64::MAX),
+                seq: u64::MAX,
+                ts: u64::MAX,
+                from: ParticipantRef {
+                    role: Role::Visitor,
+                    id: &name,
+                },
+                text: &text,
+                client_msg_id: Some(&key),
+            };
+            let stored =
+                kefu_protocol::frame::HEADER_LEN + serde_json::to_vec(&record).unwrap().len();
+            assert_eq!(stored as u64, limits.message_record_bytes_max());
+            assert!(limits.record_bytes_max() >= stored as u64);
+        }
+        // Never below the limit used so far.
+        let limits = Limits::default();
+        assert_eq!(limits.record_bytes_max(), 65_536 + 4096);
+    }
+
+    /// Event records carry names, ids and short reasons only: the record limit's 64 KiB floor
+    /// holds the largest with room to spare.
+    #[test]
+    fn the_largest_event_record_is_far_below_the_record_limit() {
+        use kefu_protocol::model::{
+            ConversationId, Event, EventRecord, ModelLimits, Opened, Participant, Role,
+        };
+        let m = ModelLimits::DEFAULT;
+        let worst = |n: usize| "\u{1}".repeat(n);
+        let name = worst(crate::tenant::NAME_BYTES_MAX);
+        let record = EventRecord {
+            tenant: name.clone(),
+            conversation_id: ConversationId(u64::MAX),
+            seq: u64::MAX,
+            ts: u64::MAX,
+            from: Some(Participant::new(Role::Visitor, name.clone())),
+            event: Event::Queued {
+                group: name.clone(),
+                queue_position: u32::MAX,
+                reason: Some(worst(m.reason_bytes_max)),
+            },
+            opened: Some(Opened {
+                channel: worst(m.channel_bytes_max),
+                visitor_id: name.clone(),
+                visitor_name: worst(m.name_bytes_max),
+            }),
+        };
+        let stored = kefu_protocol::frame::HEADER_LEN + serde_json::to_vec(&record).unwrap().len();
+        assert!(stored < 16_384, "{stored} bytes");
+        assert!((stored as u64) < Limits::default().record_bytes_max());
+    }
+
+    #[test]
+    fn a_text_limit_whose_records_cannot_fit_a_segment_is_refused() {
+        let limits = Limits {
+            text_bytes_max: 1 << 20,
+            request_body_bytes_max: 2 << 20,
+            segment_bytes_max: 4 << 20,
+            ..Limits::default()
+        };
+        let err = limits.check().unwrap_err();
+        assert_eq!(err.key, "limits.text_bytes_max");
+        let line = err.to_string();
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.contains("limits.segment_bytes_max = 4194304"),
+            "{line}"
+        );
+        assert!(line.contains("\\u00XX"), "{line}");
+        // With segments of 8 MiB it fits, and the log's record limit has room for it.
+        let limits = Limits {
+            segment_bytes_max: 8 << 20,
+            ..limits
+        };
+        limits.check().unwrap();
+        assert!(limits.record_bytes_max() >= 6 << 20);
+        assert!(limits.record_bytes_max() <= limits.segment_bytes_max);
     }
 
     #[test]

@@ -56,6 +56,20 @@ pub trait RecordLog {
         frame::encode_into(&stored, payload, frame);
         Ok(offset)
     }
+    /// [`append_framed`](Self::append_framed), telling a record the log refused without
+    /// writing any of it from a failure of the log (see [`AppendError`]): the engine poisons
+    /// itself on the second kind only. The default reads the error's text
+    /// ([`AppendError::from_message`]); a log with typed errors should classify those instead
+    /// (for `kefu_storage::Log`: [`AppendError::from_storage`]).
+    fn append_record(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        frame: &mut Vec<u8>,
+    ) -> Result<u64, AppendError> {
+        self.append_framed(header, payload, frame)
+            .map_err(AppendError::from_message)
+    }
     /// Calls `each` with the records of `conv` whose seq is above `after_seq`, oldest first, at
     /// most `limit` of them.
     fn read_conversation(
@@ -65,6 +79,61 @@ pub trait RecordLog {
         limit: usize,
         each: &mut dyn FnMut(&Header, &[u8]),
     ) -> Result<(), String>;
+}
+
+/// Why the log did not take a record, as far as the shard is concerned: can it go on?
+///
+/// Only a failure of the log itself poisons the engine (fjall-style: after a failed write or
+/// sync nothing appended since may be promised durable). A record the log refuses before
+/// writing any byte of it is the problem of the one command that made it: API.md, "a bad
+/// request never takes a shard down".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendError {
+    /// The record is larger than the log's `record_bytes_max`; nothing was written. Answered
+    /// 413 ([`EngineError::TooLarge`]).
+    TooLarge(String),
+    /// Refused before anything was written, the log sound: a shard-wide storage limit (the
+    /// conversation index is full, offsets ran out) or a header the log does not store.
+    /// This command fails with 503; later ones may succeed.
+    Refused(String),
+    /// The log failed (I/O, or poisoned by a failed sync) or disagrees with the engine's seqs:
+    /// the engine poisons itself and refuses writes until a restart recovers from the log.
+    Failed(String),
+}
+
+impl AppendError {
+    /// The classification of a `kefu_storage` append error.
+    pub fn from_storage(e: &kefu_storage::Error) -> Self {
+        use kefu_storage::Error as E;
+        let message = e.to_string();
+        match e {
+            E::RecordTooLarge { .. } => Self::TooLarge(message),
+            E::LimitExceeded(_) | E::NotARecord(_) | E::BadFlags(_) => Self::Refused(message),
+            // `SeqNotIncreasing` wrote nothing either, but it says the engine's seqs and the
+            // log's are out of step: only recovery from the log (a restart) puts them back.
+            _ => Self::Failed(message),
+        }
+    }
+
+    /// [`from_storage`](Self::from_storage) from the error's text, for a log that hands the
+    /// engine strings (the texts are `kefu_storage::Error`'s; a test holds the two
+    /// classifications together). Anything not recognized is a failure: poisoning when in
+    /// doubt is safe, taking a record as not written when part of it was is not.
+    pub fn from_message(message: String) -> Self {
+        let too_large =
+            message.starts_with("record of ") && message.contains(" exceeds record_bytes_max ");
+        let refused = message.starts_with("limit reached: ")
+            || message.starts_with("unknown frame flags ")
+            || (message.starts_with("frame kind ")
+                && message.ends_with(" is not a stored record kind"));
+        if too_large {
+            Self::TooLarge(message)
+        } else if refused {
+            Self::Refused(message)
+        } else {
+            Self::Failed(message)
+        }
+    }
 }
 
 /// A record (or an ephemeral event) on its way to subscribers, rendered once and shared.
@@ -265,6 +334,10 @@ pub enum EngineError {
     },
     #[error("{0}")]
     BadRequest(String),
+    /// The command's record is larger than the shard log stores (see [`AppendError`]):
+    /// nothing was written, and the shard goes on.
+    #[error("too large to store: {0}")]
+    TooLarge(String),
     /// The visitor sends faster than the tenant's rate limit.
     #[error("rate limit exceeded: retry after {retry_after_s} s")]
     RateLimited { retry_after_s: u64 },
@@ -283,6 +356,7 @@ impl EngineError {
             Self::Forbidden(_) => 403,
             Self::Conflict { .. } => 409,
             Self::BadRequest(_) => 400,
+            Self::TooLarge(_) => 413,
             Self::RateLimited { .. } => 429,
             Self::Overloaded(_) | Self::Storage(_) => 503,
         }
@@ -1011,6 +1085,12 @@ impl Engine {
 
     /// Appends `self.scratch` as the payload of a record and queues its delivery (`delivery`:
     /// unshared, its `json` already rendered; the frame and ids are filled in here).
+    ///
+    /// A record the log refuses without writing it fails this command only (413 when too
+    /// large, see [`AppendError`]); callers change no state before their record is written, so
+    /// the conversation stays as it was. Records the same command wrote before stay: a visitor
+    /// send that reopened a conversation keeps the reopen. (A create's first message cannot be
+    /// too large: it comes in an HTTP body, and the record limit is above the body limit.)
     fn write(
         &mut self,
         log: &mut dyn RecordLog,
@@ -1024,10 +1104,16 @@ impl Engine {
         let d = Arc::get_mut(&mut delivery).expect("a delivery is shared only once queued");
         d.frame.clear();
         let offset = log
-            .append_framed(&header, &self.scratch, &mut d.frame)
-            .map_err(|e| {
-                self.poison(e.clone());
-                EngineError::Storage(e)
+            .append_record(&header, &self.scratch, &mut d.frame)
+            .map_err(|e| match e {
+                AppendError::TooLarge(why) => EngineError::TooLarge(why),
+                AppendError::Refused(why) => {
+                    EngineError::Overloaded(format!("the shard log refused the record: {why}"))
+                }
+                AppendError::Failed(why) => {
+                    self.poison(why.clone());
+                    EngineError::Storage(why)
+                }
             })?;
         d.conversation_id = id;
         d.seq = seq;

@@ -730,3 +730,159 @@ fn idempotency_keys_inline_and_long_are_found_by_their_text() {
     }
     assert_eq!(map.get("kk kk"), None);
 }
+
+/// A shard log (the real one) whose records hold at most `record_bytes_max` bytes, with no
+/// syncs, in `dir`.
+fn small_record_log(dir: &std::path::Path, record_bytes_max: u32) -> kefu_storage::Log {
+    let mut config = kefu_storage::LogConfig::new(dir);
+    config.segment_bytes_max = 1 << 20;
+    config.record_bytes_max = record_bytes_max;
+    config.durability = kefu_storage::Durability::Never;
+    kefu_storage::Log::open(config).unwrap().0
+}
+
+/// A record larger than the log takes fails its own send with 413 and nothing else: no seq is
+/// used up, nothing is stored, the engine is not poisoned and later sends go in, dense.
+#[test]
+fn an_oversized_record_is_refused_with_413_and_the_shard_keeps_accepting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = small_record_log(dir.path(), 4096);
+    let mut e = engine(0);
+    let c = e
+        .create(&mut log, 0, "Ann", "web", Some("hello"), Some("support"), 1)
+        .unwrap();
+    let id = c.conversation_id;
+    let visitor = Actor::Visitor {
+        tenant: 0,
+        conversation_id: id,
+    };
+    let before = e.send(&mut log, id, &visitor, "short", None, 2).unwrap();
+    // Plain bytes over the limit, and a text of 700 bytes that is stored as 4,200: a control
+    // character is escaped as `\u00XX`, six bytes.
+    for (text, key) in [("x".repeat(5000), "k1"), ("\u{1}".repeat(700), "k2")] {
+        let err = e
+            .send(&mut log, id, &visitor, &text, Some(key), 3)
+            .unwrap_err();
+        assert_eq!(err.status(), 413, "{err}");
+        assert!(err.to_string().contains("record_bytes_max 4096"), "{err}");
+        assert_eq!(e.poisoned(), None);
+    }
+    let after = e
+        .send(&mut log, id, &visitor, "still here", Some("k1"), 4)
+        .unwrap();
+    assert_eq!(after.seq, before.seq + 1, "the refused records took no seq");
+    assert!(!after.duplicate, "a refused send does not keep its key");
+    let agent_alice = agent("alice");
+    e.transition(&mut log, id, "alice", 0, &Transition::Accept, 5)
+        .unwrap();
+    e.send(&mut log, id, &agent_alice, "hi Ann", None, 6)
+        .unwrap();
+    e.release(log.durable_offset());
+    let mut seqs = Vec::new();
+    log.read_conversation(id, 0, 100, |fr| seqs.push(fr.header.seq))
+        .unwrap();
+    let last = e.state(id).unwrap().1;
+    assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+    assert_eq!(e.view(id, &visitor).unwrap().last_seq, last);
+}
+
+/// A log that fails every append the way a disk does.
+struct BrokenLog;
+
+impl RecordLog for BrokenLog {
+    fn append(&mut self, _header: &Header, _payload: &[u8]) -> Result<u64, String> {
+        Err(kefu_storage::Error::Io {
+            op: "write",
+            path: "shard-0/00000000000000000000.log".into(),
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        }
+        .to_string())
+    }
+
+    fn read_conversation(
+        &mut self,
+        _conv: u64,
+        _after_seq: u64,
+        _limit: usize,
+        _each: &mut dyn FnMut(&Header, &[u8]),
+    ) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failing_log_still_poisons_the_engine() {
+    let mut log = MemLog::default();
+    let mut e = engine(0);
+    let c = e
+        .create(&mut log, 0, "Ann", "web", None, Some("support"), 1)
+        .unwrap();
+    let visitor = Actor::Visitor {
+        tenant: 0,
+        conversation_id: c.conversation_id,
+    };
+    let err = e
+        .send(&mut BrokenLog, c.conversation_id, &visitor, "hi", None, 2)
+        .unwrap_err();
+    assert_eq!(err.status(), 503, "{err}");
+    assert!(e.poisoned().is_some_and(|why| why.contains("write")));
+    let err = e
+        .send(&mut log, c.conversation_id, &visitor, "hi", None, 3)
+        .unwrap_err();
+    assert_eq!(err.status(), 503, "poisoned until restarted: {err}");
+}
+
+/// The text classification (what the engine gets through `RecordLog`'s strings) agrees with the
+/// typed one for every kind of storage error, so a reworded storage error fails here instead of
+/// poisoning a shard over one large message.
+#[test]
+fn append_errors_are_classified_alike_from_storage_errors_and_from_their_text() {
+    use kefu_storage::Error as E;
+    let io = || std::io::Error::from_raw_os_error(libc::EIO);
+    let errors = [
+        E::Config("x".into()),
+        E::Io {
+            op: "sync",
+            path: "p".into(),
+            source: io(),
+        },
+        E::Poisoned(Arc::new(io())),
+        E::Locked("p".into()),
+        E::RecordTooLarge {
+            len: 70_000,
+            max: 65_536,
+        },
+        E::NotARecord(Kind::Hello),
+        E::BadFlags(0x8000),
+        E::SeqNotIncreasing {
+            conversation_id: 1,
+            last: 3,
+            got: 3,
+        },
+        E::LimitExceeded("conversation_index_entries_max 16 reached".into()),
+        E::BelowStart {
+            requested: 1,
+            start: 2,
+        },
+        E::Corrupt {
+            offset: 1,
+            segment_base: 0,
+            reason: "crc".into(),
+        },
+    ];
+    let mut kinds = std::collections::BTreeMap::new();
+    for e in &errors {
+        let typed = AppendError::from_storage(e);
+        assert_eq!(AppendError::from_message(e.to_string()), typed, "{e}");
+        let kind = match typed {
+            AppendError::TooLarge(_) => "too large",
+            AppendError::Refused(_) => "refused",
+            AppendError::Failed(_) => "failed",
+        };
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    assert_eq!(
+        kinds,
+        [("failed", 7), ("refused", 3), ("too large", 1)].into()
+    );
+}
