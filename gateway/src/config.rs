@@ -189,6 +189,15 @@ pub struct Limits {
     /// (`kefu_disconnects_total{reason="write_timeout"}`).
     pub write_timeout_ms: u64,
     pub ws_ping_interval_ms: u64,
+    /// `POST /v1/conversations` per peer address and shard: sustained rate (0: no limit) and
+    /// burst, over a table of at most `conversation_create_ips_tracked_max` addresses (429
+    /// with `Retry-After` beyond). IPv6 peers count by /64. Loopback peers are not limited
+    /// unless `conversation_creates_limit_loopback` (a reverse proxy on the same host then
+    /// counts as one address).
+    pub conversation_creates_per_ip_per_s: u32,
+    pub conversation_creates_per_ip_burst: u32,
+    pub conversation_create_ips_tracked_max: usize,
+    pub conversation_creates_limit_loopback: bool,
     pub long_poll_timeout_ms_max: u64,
     pub history_limit_max: usize,
     pub conversations_per_shard_max: usize,
@@ -229,6 +238,10 @@ impl Default for Limits {
             upload_bytes_per_s_min: 65_536,
             write_timeout_ms: 30_000,
             ws_ping_interval_ms: 20_000,
+            conversation_creates_per_ip_per_s: 2,
+            conversation_creates_per_ip_burst: 20,
+            conversation_create_ips_tracked_max: 65_536,
+            conversation_creates_limit_loopback: false,
             long_poll_timeout_ms_max: 60_000,
             history_limit_max: 1000,
             conversations_per_shard_max: 100_000,
@@ -373,6 +386,26 @@ impl Limits {
                 return Err(ConfigError::new(
                     format!("limits.{key}"),
                     format!("{value} is not in 100..=3600000"),
+                ));
+            }
+        }
+        if self.conversation_creates_per_ip_per_s > 0 {
+            if !(1..=1_000_000).contains(&self.conversation_creates_per_ip_burst) {
+                return Err(ConfigError::new(
+                    "limits.conversation_creates_per_ip_burst",
+                    format!(
+                        "{} is not in 1..=1000000",
+                        self.conversation_creates_per_ip_burst
+                    ),
+                ));
+            }
+            if !(1..=(1 << 24)).contains(&self.conversation_create_ips_tracked_max) {
+                return Err(ConfigError::new(
+                    "limits.conversation_create_ips_tracked_max",
+                    format!(
+                        "{} is not in 1..=16777216",
+                        self.conversation_create_ips_tracked_max
+                    ),
                 ));
             }
         }

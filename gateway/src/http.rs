@@ -446,6 +446,8 @@ struct HttpConn {
     local_port: u16,
     peer_port: u16,
     peer_loopback: bool,
+    /// `ratelimit::ip_key` of the peer's address (conversation starts are limited by it).
+    peer_ip: u64,
     conn_id: u64,
     /// Where its message sends went: a connection moves to their shard ([`crate::migrate`]).
     sends_to: crate::migrate::Follow,
@@ -454,6 +456,15 @@ struct HttpConn {
     /// the idle timer, so without this a peer that trickles a request (one byte a minute)
     /// would hold its connection and buffer for ever.
     partial: Option<(Instant, Instant)>,
+}
+
+/// The peer of an HTTP connection, as its requests need it.
+#[derive(Clone, Copy)]
+struct Peer {
+    /// `/metrics` is served to loopback peers only; by default they are not rate-limited.
+    loopback: bool,
+    /// `ratelimit::ip_key` of its address.
+    ip: u64,
 }
 
 /// How an HTTP connection ended: closed, or handed over to a WebSocket or stream session,
@@ -485,11 +496,10 @@ pub async fn serve(
     moves: u8,
 ) -> Served {
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
-    let peer_port = stream.peer_addr().map(|a| a.port()).unwrap_or(0);
-    let peer_loopback = stream
-        .peer_addr()
-        .map(|a| a.ip().is_loopback())
-        .unwrap_or(false);
+    let peer = stream.peer_addr().ok();
+    let peer_port = peer.map_or(0, |a| a.port());
+    let peer_loopback = peer.is_some_and(|a| a.ip().is_loopback());
+    let peer_ip = peer.map_or(0, |a| crate::ratelimit::ip_key(a.ip()));
     let conn = match (&ctx.shared.tls, tls) {
         (_, Some(session)) => Conn::resume(stream, session),
         (Some(cfg), None) if ctx.shared.config.tls.as_ref().is_some_and(|t| t.http) => {
@@ -511,6 +521,7 @@ pub async fn serve(
         local_port,
         peer_port,
         peer_loopback,
+        peer_ip,
         conn_id,
         sends_to: crate::migrate::Follow::moved(moves),
         partial: None,
@@ -644,12 +655,16 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
         local_port,
         peer_port,
         peer_loopback,
+        peer_ip,
         conn_id,
         sends_to,
         partial,
     } = c;
-    let (local_port, peer_port, peer_loopback, conn_id) =
-        (*local_port, *peer_port, *peer_loopback, *conn_id);
+    let (local_port, peer_port, conn_id) = (*local_port, *peer_port, *conn_id);
+    let peer = Peer {
+        loopback: *peer_loopback,
+        ip: *peer_ip,
+    };
     let mut read_at_ns = 0;
     if !*parse_pending {
         let b = buf.take().unwrap_or_else(|| ctx.pool.take());
@@ -772,14 +787,7 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
             // the burst's box stays small (see the idle-memory figures in the README).
             None => {
                 Recycled::new(route(
-                    ctx,
-                    &req.head,
-                    body,
-                    keep_alive,
-                    peer_loopback,
-                    out,
-                    conn_id,
-                    trace_ref,
+                    ctx, &req.head, body, keep_alive, peer, out, conn_id, trace_ref,
                 ))
                 .await
             }
@@ -912,7 +920,7 @@ async fn route(
     head: &RequestHead<'_>,
     body: &[u8],
     keep_alive: bool,
-    peer_loopback: bool,
+    peer: Peer,
     out: &mut Vec<u8>,
     conn_id: u64,
     trace: Option<&RefCell<RequestRecord>>,
@@ -934,7 +942,7 @@ async fn route(
             Ok(done)
         }
         (Method::Get, ["metrics"]) => {
-            if !peer_loopback {
+            if !peer.loopback {
                 return Err(HttpError::new(
                     403,
                     "metrics are served to loopback clients only",
@@ -948,7 +956,7 @@ async fn route(
             Ok(done)
         }
         (Method::Post, ["v1", "conversations"]) => {
-            create(ctx, head, body, keep_alive, out, trace).await?;
+            create(ctx, head, body, keep_alive, peer, out, trace).await?;
             Ok(done)
         }
         (Method::Get, ["v1", "conversations", id]) => {
@@ -1278,14 +1286,33 @@ pub fn write_page<'a>(page: &mut Vec<u8>, entries: impl Iterator<Item = &'a [u8]
     let _ = write!(page, "],\"last_seq\":{last_seq}}}");
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn create(
     ctx: &Rc<ShardCtx>,
     head: &RequestHead<'_>,
     body: &[u8],
     keep_alive: bool,
+    peer: Peer,
     out: &mut Vec<u8>,
     trace: Option<&RefCell<RequestRecord>>,
 ) -> Result<(), HttpError> {
+    // Anyone may start a conversation, and each one is kept: starts are limited per peer
+    // address (before the body is even parsed), so one client cannot fill the conversation
+    // table.
+    if (!peer.loopback || ctx.shared.config.limits.conversation_creates_limit_loopback)
+        && let Some(limiter) = ctx.create_limiter.borrow_mut().as_mut()
+        && let Err(limited) = limiter.check(peer.ip, crate::shard::now_ms())
+    {
+        let mut e = HttpError::new(
+            429,
+            format!(
+                "too many conversations started from this address: {limited} \
+                 (limits.conversation_creates_per_ip_per_s)"
+            ),
+        );
+        e.retry_after_s = limited.retry_after_s().min(u64::from(u32::MAX)) as u32;
+        return Err(e);
+    }
     let req: CreateConversationRequest = body_json(ctx, body)?;
     // Tenant: the `Kefu-Tenant` header or `?tenant=`, else the first configured tenant.
     let tenant_name = head

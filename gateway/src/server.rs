@@ -154,6 +154,9 @@ pub struct ShardCtx {
     /// The clock `stop_waiters` deadlines count from.
     epoch: Instant,
     next_conn_id: Cell<u64>,
+    /// Conversation starts per peer address on this shard (`limits.conversation_creates_per_ip_*`;
+    /// `None` when turned off). Loopback peers are not limited.
+    pub create_limiter: RefCell<Option<crate::ratelimit::RateLimiter>>,
 }
 
 /// A `stop_waiters` entry that waits for shutdown only.
@@ -710,7 +713,9 @@ async fn shard_main(
     log_config.segment_bytes_max = config.limits.segment_bytes_max;
     log_config.syncs_in_flight_max = config.limits.syncs_in_flight_max;
     log_config.zero_fill_segments = config.limits.zero_fill_segments;
-    log_config.record_bytes_max = (config.limits.request_body_bytes_max as u32 + 4096).max(1 << 16);
+    // Room for the largest message record the limits let through (worst-case escaping).
+    log_config.record_bytes_max =
+        u32::try_from(config.limits.record_bytes_max()).unwrap_or(u32::MAX);
     let (mut log, report) = Log::open(log_config).context("opening the shard log")?;
     if let Some(t) = &report.truncated {
         eprintln!("kefu: shard {id}: log tail cut at recovery: {t:?}");
@@ -755,6 +760,15 @@ async fn shard_main(
         stop_waiters: RefCell::new(HashMap::default()),
         epoch: Instant::now(),
         next_conn_id: Cell::new(1),
+        create_limiter: RefCell::new((config.limits.conversation_creates_per_ip_per_s > 0).then(
+            || {
+                crate::ratelimit::RateLimiter::new(&crate::tenant::RateLimitConfig {
+                    messages_per_s: config.limits.conversation_creates_per_ip_per_s,
+                    burst: config.limits.conversation_creates_per_ip_burst,
+                    visitors_tracked_max: config.limits.conversation_create_ips_tracked_max,
+                })
+            },
+        )),
     });
     let inbox = shared.inboxes[id as usize].clone();
     // Under the legacy driver, `ring` syncs run on a flusher thread.

@@ -2044,6 +2044,63 @@ fn a_long_history_replays_in_pieces_whole_and_in_order() {
     }
 }
 
+/// Starting conversations is limited per peer address (here with loopback peers counted):
+/// the burst passes, the next start gets 429 with `Retry-After` and creates nothing, and
+/// conversations already started go on.
+#[test]
+fn conversation_starts_are_rate_limited_per_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start_with(
+        &dir,
+        "1",
+        "never",
+        &[
+            (
+                "conversation_creates_per_ip_burst = 20",
+                "conversation_creates_per_ip_burst = 3",
+            ),
+            (
+                "conversation_creates_limit_loopback = false",
+                "conversation_creates_limit_loopback = true",
+            ),
+        ],
+    );
+    let mut http = kefu.http();
+    let body = json!({"visitor": {"name": "v"}, "channel": "web"}).to_string();
+    let mut started = Vec::new();
+    for _ in 0..3 {
+        let r = http.post("/v1/conversations", None, &body);
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        started.push((
+            r.json()["conversation_id"].as_str().unwrap().to_owned(),
+            r.json()["visitor_token"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let r = http.post("/v1/conversations", None, &body);
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.header("retry-after").is_some());
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("conversation_creates_per_ip_per_s"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // A refused start stores nothing: the shard holds the three conversations only.
+    assert_eq!(
+        shard0_metric(&mut http, "kefu_conversations{shard=\"0\"}"),
+        Some(3)
+    );
+    let (id, token) = &started[0];
+    let r = http.post(
+        &format!("/v1/conversations/{id}/messages"),
+        Some(token),
+        &json!({"text": "still here"}).to_string(),
+    );
+    assert_eq!(r.status, 201);
+    // The bucket refills at 2 per second.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(http.post("/v1/conversations", None, &body).status, 201);
+}
+
 #[test]
 fn overload_answers_503_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
@@ -2361,5 +2418,63 @@ fn sync_threads_run_realtime_unless_turned_off() {
                 "driver {driver}, sync_realtime {realtime}: {prefix}* policies {seen:?}, want {want}"
             );
         }
+    }
+}
+
+/// Typing and read notices are rate-limited per sender like messages (the tenant's
+/// `visitor_rate_limit`, here burst 3): over a WebSocket, typing beyond the limit is dropped
+/// without an answer, a read beyond it is answered with a rate-limit `error`.
+#[test]
+fn typing_and_read_notices_beyond_the_rate_limit_are_dropped_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &[]);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "visitor_rate_limit = { messages_per_s = 10000, burst = 10000 }",
+        "visitor_rate_limit = { messages_per_s = 1, burst = 3 }",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let kefu = Kefu::start(
+        Path::new(BIN),
+        &dir.path().join("data"),
+        &["--config", &cfg, "--shards", "1", "--durability", "never"],
+    );
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, None);
+    let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).expect("upgrade");
+    ws.send_json(&json!({"type": "subscribe", "conversation_id": id, "after": 0}));
+    let queued = ws.recv();
+    assert!(
+        matches!(&queued, WsMsg::Text(v) if v["event"] == "queued"),
+        "{queued:?}"
+    );
+    let mut burst = Vec::new();
+    for seq in 1..=10 {
+        burst.push(json!({"type": "typing", "conversation_id": id}).to_string());
+        burst.push(json!({"type": "read", "conversation_id": id, "seq": seq}).to_string());
+    }
+    burst.push(
+        json!({"type": "send", "conversation_id": id, "text": "marker", "client_msg_id": "m1"})
+            .to_string(),
+    );
+    ws.send_texts(&burst);
+    // Answers come in order and the notices before the message's delivery: read until both the
+    // send's ack and the message itself arrived.
+    let (mut typing, mut read, mut errors, mut acked, mut delivered) =
+        (0, 0, Vec::new(), false, false);
+    while !(acked && delivered) {
+        match ws.recv() {
+            WsMsg::Text(v) if v["type"] == "error" => errors.push(v),
+            WsMsg::Text(v) if v["event"] == "typing" => typing += 1,
+            WsMsg::Text(v) if v["event"] == "read" => read += 1,
+            WsMsg::Text(v) if v["type"] == "ack" => acked = true,
+            WsMsg::Text(v) if v["type"] == "message" => delivered = v["text"] == "marker",
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((typing, read), (3, 3));
+    assert_eq!(errors.len(), 7, "one per read over the limit: {errors:?}");
+    for e in &errors {
+        let reason = e["error"].as_str().unwrap();
+        assert!(reason.contains("rate limit"), "{e}");
     }
 }
