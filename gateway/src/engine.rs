@@ -383,6 +383,9 @@ struct Tenant {
     router: Router,
     /// Visitor messages per conversation (the owning shard sees all of them: exact).
     rate: RateLimiter,
+    /// Typing and read notices per conversation, sender and kind ([`notice_key`]), with the
+    /// same settings: each notice fans out to every subscriber of the conversation.
+    notices: RateLimiter,
     /// Idle-close timers of its resolved conversations on this shard.
     auto_close: AutoClose,
     /// Groups of each agent, by `AgentId::index`.
@@ -485,6 +488,8 @@ pub struct Engine {
     scratch: Vec<u8>,
     fold_scratch: String,
     poisoned: Option<String>,
+    /// Typing notices over their sender's rate limit, dropped (see [`Engine::ephemeral`]).
+    notices_dropped: u64,
     registry: Arc<TenantRegistry>,
     /// The agent accepting a conversation, so its `assigned` event names who did it (audit).
     accepted_by: Option<(u64, Participant)>,
@@ -527,6 +532,7 @@ impl Engine {
                 name: setup.name.as_str().into(),
                 router,
                 rate: RateLimiter::new(&setup.visitor_rate_limit),
+                notices: RateLimiter::new(&setup.visitor_rate_limit),
                 auto_close: AutoClose::new(setup.auto_close_idle_ms),
                 agent_groups,
                 inboxes: HashMap::new(),
@@ -554,6 +560,7 @@ impl Engine {
             scratch: Vec::new(),
             fold_scratch: String::new(),
             poisoned: None,
+            notices_dropped: 0,
             registry,
             accepted_by: None,
             queue_reason: None,
@@ -1507,6 +1514,18 @@ impl Engine {
     }
 
     /// Typing and read notices: delivered live in order with the batch, never stored.
+    ///
+    /// Each one fans out to every subscriber of the conversation (up to
+    /// `subscribers_per_conversation_max`), so each sender is rate-limited like a visitor's
+    /// messages: the tenant's `visitor_rate_limit`, in a bucket per conversation, sender (the
+    /// visitor, each agent, the integrations) and kind, so typing cannot use up the reads.
+    /// Over the limit:
+    /// - `typing` is dropped silently (answered `Ok`, counted in [`Self::notices_dropped`]): a
+    ///   typing indicator is a hint that the other side lets expire and the next keystroke
+    ///   renews, and a client sending one per keystroke should not get an error for each;
+    /// - `read` is refused with 429 ([`EngineError::RateLimited`]; a WebSocket `error`, a binary
+    ///   `Error` frame with code 429): it says how far the sender has read, which a silent drop
+    ///   would lose, so the client sends its latest position again after `retry_after_s`.
     pub fn ephemeral(
         &mut self,
         id: u64,
@@ -1516,15 +1535,48 @@ impl Engine {
     ) -> Result<(), EngineError> {
         self.check_read(id, actor)?;
         let conv = self.conv(id)?;
-        let from = match actor {
-            Actor::Visitor { .. } => Participant::new(Role::Visitor, &*conv.visitor_id),
-            Actor::Agent { name, .. } => Participant::new(Role::Agent, &**name),
-            Actor::Integration { .. } => Participant::new(Role::System, "kefu"),
+        let tenant = &self.tenants[conv.tenant as usize];
+        let (from, sender) = match actor {
+            Actor::Visitor { .. } => (
+                Participant::new(Role::Visitor, &*conv.visitor_id),
+                NoticeSender::Visitor,
+            ),
+            Actor::Agent { name, .. } => {
+                let agent = tenant
+                    .router
+                    .agent_id(name)
+                    .ok_or_else(|| EngineError::Forbidden("unknown agent".into()))?;
+                (
+                    Participant::new(Role::Agent, &**name),
+                    NoticeSender::Agent(agent.index()),
+                )
+            }
+            Actor::Integration { .. } => (
+                Participant::new(Role::System, "kefu"),
+                NoticeSender::Integration,
+            ),
         };
         apply_event(Some(conv.state), &event).map_err(|e| EngineError::Conflict {
             reason: e.to_string(),
             state: conv.state,
         })?;
+        let typing = matches!(event, Event::Typing);
+        let tenant = conv.tenant as usize;
+        let allowed = self.tenants[tenant]
+            .notices
+            .check(notice_key(id, sender, typing), now_us / 1000);
+        match allowed {
+            Ok(()) => {}
+            Err(_) if typing => {
+                self.notices_dropped += 1;
+                return Ok(());
+            }
+            Err(limited) => {
+                return Err(EngineError::RateLimited {
+                    retry_after_s: limited.retry_after_s(),
+                });
+            }
+        }
         let message = kefu_protocol::model::EventMessage {
             conversation_id: ConversationId(id),
             seq: 0,
@@ -1534,6 +1586,11 @@ impl Engine {
         };
         self.push_unstored(message)
             .map_err(|e| EngineError::BadRequest(e.to_string()))
+    }
+
+    /// Typing notices dropped by the rate limit so far (see [`Self::ephemeral`]).
+    pub fn notices_dropped(&self) -> u64 {
+        self.notices_dropped
     }
 
     /// The conversation as `GET /v1/conversations/{id}` shows it.
@@ -1788,6 +1845,34 @@ impl Engine {
             .get(&id)
             .map(|c| (c.state, c.released_seq))
     }
+}
+
+/// Who sends a typing or read notice, for its rate-limit bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoticeSender {
+    Visitor,
+    Integration,
+    /// By `AgentId::index`.
+    Agent(usize),
+}
+
+/// Senders of one conversation: the visitor, the integrations, and each agent.
+const NOTICE_SENDERS_MAX: usize = 2 + crate::tenant::AGENTS_PER_TENANT_MAX;
+const _: () = assert!(NOTICE_SENDERS_MAX <= 1 << 15);
+
+/// The notice rate-limit key of a sender in conversation `id`: the conversation's local part
+/// (48 bits; the shard is this engine's), 15 bits of sender, 1 bit of kind. Distinct for
+/// distinct notices, so no two senders share a bucket.
+fn notice_key(id: u64, sender: NoticeSender, typing: bool) -> u64 {
+    let sender = match sender {
+        NoticeSender::Visitor => 0,
+        NoticeSender::Integration => 1,
+        NoticeSender::Agent(index) => {
+            assert!(2 + index < NOTICE_SENDERS_MAX, "agent index {index}");
+            2 + index as u64
+        }
+    };
+    (ConversationId(id).local() << 16) | (sender << 1) | u64::from(!typing)
 }
 
 fn route_error(state: ConversationState) -> impl Fn(RouteError) -> EngineError {

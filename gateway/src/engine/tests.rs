@@ -39,6 +39,11 @@ impl RecordLog for MemLog {
 /// The embedded demo tenant (alice: sales+support, bob: support, carol: sales) with test
 /// tokens, a generous rate limit and capacity 2.
 fn registry() -> Arc<TenantRegistry> {
+    registry_with_rate(1000, 1000)
+}
+
+/// [`registry`] with the visitor rate limit `messages_per_s` and `burst`.
+fn registry_with_rate(messages_per_s: u32, burst: u32) -> Arc<TenantRegistry> {
     use crate::tenant::{Secret, Tenant, demo_tenant_config, load_intents};
     let mut config = demo_tenant_config();
     for (i, a) in config.agent.iter_mut().enumerate() {
@@ -48,8 +53,8 @@ fn registry() -> Arc<TenantRegistry> {
     for (i, n) in config.integration.iter_mut().enumerate() {
         n.token = Some(Secret::new(format!("test-integration-token-{i:04}")));
     }
-    config.visitor_rate_limit.messages_per_s = 1000;
-    config.visitor_rate_limit.burst = 1000;
+    config.visitor_rate_limit.messages_per_s = messages_per_s;
+    config.visitor_rate_limit.burst = burst;
     config.auto_close_idle_ms = 1000;
     let intents = load_intents(&config, "tenant[0]", std::path::Path::new(".")).unwrap();
     let key = crate::auth::VisitorKey::from_bytes([7; 32]);
@@ -61,6 +66,15 @@ fn engine(shard: u16) -> Engine {
 }
 
 fn engine_with_keys(shard: u16, per_conversation: usize, per_shard: usize) -> Engine {
+    engine_with(shard, per_conversation, per_shard, registry())
+}
+
+fn engine_with(
+    shard: u16,
+    per_conversation: usize,
+    per_shard: usize,
+    registry: Arc<TenantRegistry>,
+) -> Engine {
     Engine::new(
         shard,
         EngineLimits {
@@ -71,7 +85,7 @@ fn engine_with_keys(shard: u16, per_conversation: usize, per_shard: usize) -> En
             subscribers_per_conversation_max: 8,
             model: ModelLimits::DEFAULT,
         },
-        registry(),
+        registry,
         RouterLimits::DEMO,
     )
     .unwrap()
@@ -885,4 +899,112 @@ fn append_errors_are_classified_alike_from_storage_errors_and_from_their_text() 
         kinds,
         [("failed", 7), ("refused", 3), ("too large", 1)].into()
     );
+}
+
+/// The `event` names of the deliveries waiting in `outbox`, and who sent each.
+fn drain_notices(outbox: &Outbox) -> Vec<(String, String)> {
+    std::iter::from_fn(|| outbox.pop())
+        .map(|d| {
+            let v: serde_json::Value = serde_json::from_slice(&d.json).unwrap();
+            (
+                v["event"].as_str().unwrap_or("").to_owned(),
+                v["from"]["id"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Typing and read notices are limited per sender, per kind and per conversation, with the
+/// tenant's visitor rate limit (here 1/s, burst 3): typing beyond it is dropped without an
+/// error, a read is refused with 429. Message sends keep their own bucket.
+#[test]
+fn typing_and_read_notices_are_rate_limited_per_sender() {
+    let mut log = MemLog::default();
+    let mut e = engine_with(0, 4, 1_000, registry_with_rate(1, 3));
+    let c = e
+        .create(&mut log, 0, "Ann", "web", None, Some("support"), 1_000)
+        .unwrap();
+    let id = c.conversation_id;
+    let visitor = Actor::Visitor {
+        tenant: 0,
+        conversation_id: id,
+    };
+    e.transition(&mut log, id, "bob", 0, &Transition::Accept, 1_000)
+        .unwrap();
+    e.release(u64::MAX);
+    let outbox = Outbox::new(64);
+    let last = e.state(id).unwrap().1;
+    assert!(
+        e.replay(&mut log, id, &visitor, last, 10, Some(outbox.clone()))
+            .unwrap()
+            .registered
+    );
+    let t = 10_000_000; // us
+    // Ten typing notices at once: three go out, seven are dropped, none is an error.
+    for _ in 0..10 {
+        e.ephemeral(id, &visitor, Event::Typing, t).unwrap();
+    }
+    assert_eq!(e.notices_dropped(), 7);
+    // Reads have their own bucket: three go out, the fourth is 429.
+    for seq in 1..=3 {
+        e.ephemeral(id, &visitor, Event::Read { seq }, t).unwrap();
+    }
+    let err = e
+        .ephemeral(id, &visitor, Event::Read { seq: 4 }, t)
+        .unwrap_err();
+    assert_eq!(err, EngineError::RateLimited { retry_after_s: 1 });
+    assert_eq!(err.status(), 429);
+    // Each agent has its own buckets: bob (assigned) and alice (same group).
+    for name in ["bob", "alice"] {
+        for _ in 0..4 {
+            e.ephemeral(id, &agent(name), Event::Typing, t).unwrap();
+        }
+    }
+    assert_eq!(e.notices_dropped(), 9);
+    // Messages are limited apart from notices: the visitor's send bucket is still full.
+    for i in 0..3 {
+        e.send(&mut log, id, &visitor, "hi", None, t + i).unwrap();
+    }
+    e.release(u64::MAX);
+    let got = drain_notices(&outbox);
+    let count = |event: &str, from: &str| {
+        got.iter()
+            .filter(|(ev, who)| ev == event && who == from)
+            .count()
+    };
+    let visitor_id = format!("v{id:x}");
+    assert_eq!(count("typing", &visitor_id), 3, "{got:?}");
+    assert_eq!(count("read", &visitor_id), 3, "{got:?}");
+    assert_eq!(count("typing", "bob"), 3, "{got:?}");
+    assert_eq!(count("typing", "alice"), 3, "{got:?}");
+    assert_eq!(got.len(), 12 + 3, "and the three messages: {got:?}");
+    // One second later the bucket has one more notice of each kind.
+    let t = t + 1_000_000;
+    e.ephemeral(id, &visitor, Event::Typing, t).unwrap();
+    e.ephemeral(id, &visitor, Event::Read { seq: 4 }, t)
+        .unwrap();
+    e.ephemeral(id, &visitor, Event::Typing, t).unwrap();
+    assert!(
+        e.ephemeral(id, &visitor, Event::Read { seq: 5 }, t)
+            .is_err()
+    );
+    assert_eq!(e.notices_dropped(), 10);
+    e.release(u64::MAX);
+    assert_eq!(drain_notices(&outbox).len(), 2);
+}
+
+#[test]
+fn notice_keys_are_distinct_per_conversation_sender_and_kind() {
+    let mut seen = std::collections::HashSet::new();
+    for local in [1, 2, ConversationId::LOCAL_MAX] {
+        let id = ConversationId::from_parts(5, local).unwrap().0;
+        let senders = [NoticeSender::Visitor, NoticeSender::Integration]
+            .into_iter()
+            .chain((0..crate::tenant::AGENTS_PER_TENANT_MAX).map(NoticeSender::Agent));
+        for sender in senders {
+            for typing in [true, false] {
+                assert!(seen.insert(notice_key(id, sender, typing)));
+            }
+        }
+    }
 }
