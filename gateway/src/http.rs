@@ -1065,7 +1065,16 @@ async fn route(
             };
             let req: AgentStatusRequest = body_json(ctx, body)?;
             let online = req.status == AgentStatus::Online;
-            // Every shard routes its own conversations: tell them all.
+            // Every shard routes its own conversations: tell them all. Refused up front if
+            // any is overloaded, so a status is not applied on some shards only (a push can
+            // still fail past this check; the status is idempotent, so a retry mends that).
+            let limit = ctx.shared.config.limits.overload_inflight_per_shard_max;
+            if ctx.shared.inboxes.iter().any(|inbox| inbox.len() >= limit) {
+                return Err(HttpError::new(
+                    503,
+                    "the gateway is overloaded; retry shortly",
+                ));
+            }
             let mut slots = Vec::with_capacity(ctx.shared.shards());
             for inbox in &ctx.shared.inboxes {
                 let reply = ReplySlot::new();
@@ -1140,10 +1149,21 @@ async fn route(
                 follow,
             })
         }
+        // A known path with another method.
         (_, ["healthz" | "readyz" | "metrics"])
         | (_, ["v1", "conversations"])
         | (_, ["v1", "conversations", _])
-        | (_, ["v1", "conversations", _, "messages"])
+        | (
+            _,
+            [
+                "v1",
+                "conversations",
+                _,
+                "messages" | "poll" | "attachments" | "accept" | "resolve" | "reopen" | "transfer",
+            ],
+        )
+        | (_, ["v1", "attachments", _])
+        | (_, ["v1", "ws" | "stream"])
         | (_, ["v1", "agents", "me", "status"]) => Err(HttpError::new(405, "method not allowed")),
         _ => Err(HttpError::new(404, "no such endpoint")),
     }

@@ -461,6 +461,17 @@ fn bad_input_gets_documented_errors_and_the_gateway_keeps_serving() {
         404
     );
     assert_eq!(http.get("/v1/nothing", None).status, 404);
+    // A known path with a method it does not take: 405, not 404.
+    for path in ["accept", "attachments", "transfer"] {
+        let r = http.get(&format!("/v1/conversations/{id}/{path}"), Some(&visitor));
+        assert_eq!(r.status, 405, "GET {path}");
+    }
+    assert_eq!(
+        http.post(&format!("/v1/conversations/{id}/poll"), Some(&visitor), "")
+            .status,
+        405
+    );
+    assert_eq!(http.post("/v1/ws", None, "").status, 405);
     let carol = kefu.agent("carol").to_owned();
     let r = http.post(&format!("/v1/conversations/{id}/resolve"), Some(&carol), "");
     assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
