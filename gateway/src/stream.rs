@@ -17,13 +17,50 @@ const FOLLOW_POLL_MS: u64 = 5;
 
 /// Streams shard `shard`'s log from offset `from` until the end (or forever with `follow`).
 /// With `http`, writes the response head first.
+///
+/// The body's end is the connection's end (its length is not known up front), so a stream
+/// cut short by a failure must not look like one that reached the end: after a failure the
+/// connection is reset (`SO_LINGER` 0), not closed, and the client sees an error instead of
+/// a clean end of file. Only a stream that sent everything up to the end closes normally.
 pub async fn serve(
     ctx: Rc<ShardCtx>,
     mut conn: Conn,
     shard: u16,
-    mut from: u64,
+    from: u64,
     follow: bool,
     conn_id: u64,
+    http: bool,
+) -> Disconnect {
+    let fd = conn.stream.as_raw_fd();
+    let why = stream(ctx, conn_id, &mut conn, shard, from, follow, http).await;
+    if !matches!(why, Disconnect::Closed | Disconnect::Shutdown) {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on a descriptor the caller still owns (it closes it after this
+        // returns), from a local value of the right size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+    }
+    drop(conn);
+    why
+}
+
+async fn stream(
+    ctx: Rc<ShardCtx>,
+    conn_id: u64,
+    conn: &mut Conn,
+    shard: u16,
+    mut from: u64,
+    follow: bool,
     http: bool,
 ) -> Disconnect {
     if http {
@@ -76,9 +113,9 @@ pub async fn serve(
         }
         for run in &runs {
             let sent = if plain {
-                send_run(&conn, fd, run).await
+                send_run(conn, fd, run).await
             } else {
-                copy_run(&mut conn, run).await
+                copy_run(conn, run).await
             };
             if let Err(e) = sent {
                 return Disconnect::of_write(&e);

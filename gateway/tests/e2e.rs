@@ -2055,6 +2055,80 @@ fn a_long_history_replays_in_pieces_whole_and_in_order() {
     }
 }
 
+/// A firehose cut short (here: its reader stalls past `write_timeout_ms`) ends in a reset,
+/// not a clean end of file: its body is delimited by the close, so a clean close would make a
+/// truncated export look complete. A firehose that reaches the end closes cleanly.
+#[test]
+fn a_firehose_cut_short_ends_in_a_reset_not_an_end_of_file() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start_with(
+        &dir,
+        "1",
+        "never",
+        &[("write_timeout_ms = 30000", "write_timeout_ms = 500")],
+    );
+    let mut http = kefu.http();
+    let integration = kefu.integration.clone().unwrap();
+    let (id, visitor) = create_conversation(&mut http, None);
+    // About 5 MB of records: more than the socket buffers of a 4 KiB-window reader hold.
+    let body = json!({"text": "f".repeat(7000)}).to_string();
+    for _ in 0..700 {
+        let r = http.post(
+            &format!("/v1/conversations/{id}/messages"),
+            Some(&visitor),
+            &body,
+        );
+        assert_eq!(r.status, 201);
+    }
+    let request = format!(
+        "GET /v1/stream?shard=0&from=0 HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer {integration}\r\n\r\n"
+    );
+    // Read whole: the end is a clean end of file.
+    let mut whole = std::net::TcpStream::connect(kefu.http).unwrap();
+    whole
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    whole.write_all(request.as_bytes()).unwrap();
+    let mut all = Vec::new();
+    whole
+        .read_to_end(&mut all)
+        .expect("a whole firehose ends cleanly");
+    assert!(all.len() > 4_900_000, "{} bytes", all.len());
+    // Stalled: dropped after the write timeout, and the reader then sees a reset.
+    let mut stalled = connect_small_rcvbuf(kefu.http);
+    stalled.write_all(request.as_bytes()).unwrap();
+    let timed_out = "kefu_disconnects_total{shard=\"0\",reason=\"write_timeout\"}";
+    let mut dropped = false;
+    // Bounded: 100 looks, 100 ms apart.
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(100));
+        if shard0_metric(&mut http, timed_out) == Some(1) {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(dropped, "the stalled firehose was not dropped");
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0usize;
+    let end = loop {
+        match stalled.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => got += n,
+            Err(e) => break Some(e.kind()),
+        }
+    };
+    assert_eq!(
+        end,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "after {got} bytes"
+    );
+    assert!(got < all.len());
+}
+
 /// Starting conversations is limited per peer address (here with loopback peers counted):
 /// the burst passes, the next start gets 429 with `Retry-After` and creates nothing, and
 /// conversations already started go on.
