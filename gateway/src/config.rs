@@ -19,7 +19,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             problem: problem.into(),
@@ -709,7 +709,15 @@ pub fn resolve(file: FileConfig, flags: &Flags) -> Result<Config, ConfigError> {
     };
     // 16 bits of a conversation id name its shard; far fewer threads make sense.
     if !(1..=256).contains(&shards) {
-        return Err(ConfigError::new("server.shards", "must be in 0..=256"));
+        let key = if flags.shards.is_some() {
+            "--shards"
+        } else {
+            "server.shards"
+        };
+        return Err(ConfigError::new(
+            key,
+            format!("{shards} is not in 0..=256 (0: one per core)"),
+        ));
     }
     let durability = match &flags.durability {
         Some(v) => Durability::parse(v).map_err(|p| ConfigError::new("--durability", p))?,
@@ -767,6 +775,27 @@ pub fn resolve(file: FileConfig, flags: &Flags) -> Result<Config, ConfigError> {
         tenants,
         config_dir: PathBuf::from("."),
     })
+}
+
+/// Checks what the config names outside itself: the TLS certificate and key
+/// (`tls.cert_path`, `tls.key_path`), each tenant's intents file (`tenant[i].intents`) and
+/// visitor key (kept in the data dir, created there on first start; `tenant[i].name`). Run it
+/// after the demo tokens are filled in (the registry needs every token).
+///
+/// `server::run` loads them again; checking them first makes a missing or unreadable file a
+/// bad config (exit 2, the key named) rather than a failed start (exit 1).
+pub fn check_files(config: &Config) -> Result<(), ConfigError> {
+    if let Some(tls) = &config.tls {
+        crate::tls::server_config(tls)?;
+    }
+    crate::tenant::TenantRegistry::load(
+        config.tenants.clone(),
+        None,
+        &config.config_dir,
+        &config.data_dir,
+    )
+    .map_err(|e| ConfigError::new(e.key, e.problem))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -883,6 +912,20 @@ mod tests {
                 ..Flags::default()
             }),
             "--http"
+        );
+        // The shard count names the flag when the flag set it, else the file's key.
+        let err = load(&Flags {
+            shards: Some("300".into()),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.key, "--shards");
+        assert!(err.problem.contains("300 is not in 0..=256"), "{err}");
+        let text = DEFAULT_CONFIG_TOML.replace("shards = 0 ", "shards = 300 ");
+        let file = parse_toml(&text, "x").unwrap();
+        assert_eq!(
+            resolve(file, &Flags::default()).unwrap_err().key,
+            "server.shards"
         );
         let text = DEFAULT_CONFIG_TOML.replace("buffer_bytes = 4096", "buffer_bytes = 1");
         let file = parse_toml(&text, "x").unwrap();
@@ -1005,6 +1048,75 @@ mod tests {
         limits.check().unwrap();
         assert!(limits.record_bytes_max() >= 6 << 20);
         assert!(limits.record_bytes_max() <= limits.segment_bytes_max);
+    }
+
+    /// Each file the config names is checked before the gateway starts, and a problem with it
+    /// names its key: the TLS certificate and key, an intents file, a visitor key.
+    #[test]
+    fn files_the_config_names_are_checked_with_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = load(&Flags::default()).unwrap();
+        config.data_dir = dir.path().join("data");
+        std::fs::create_dir_all(&config.data_dir).unwrap();
+        crate::demo::fill_demo_tokens(&config.data_dir, &mut config.tenants).unwrap();
+        check_files(&config).unwrap();
+        let problem = |config: &Config| {
+            let err = check_files(config).unwrap_err();
+            assert!(!err.to_string().contains('\n'), "{err}");
+            (err.key.clone(), err.problem.clone())
+        };
+
+        let path = |name: &str| dir.path().join(name);
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        std::fs::write(path("cert.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(path("key.pem"), cert.key_pair.serialize_pem()).unwrap();
+        std::fs::write(path("other-key.pem"), other.key_pair.serialize_pem()).unwrap();
+        std::fs::write(path("junk.pem"), "not a certificate\n").unwrap();
+        let with_tls = |cert: &str, key: &str| {
+            let mut c = config.clone();
+            c.tls = Some(TlsFile {
+                cert_path: path(cert),
+                key_path: path(key),
+                http: true,
+                tcp: false,
+            });
+            c
+        };
+        check_files(&with_tls("cert.pem", "key.pem")).unwrap();
+        let (key, why) = problem(&with_tls("missing.pem", "key.pem"));
+        assert_eq!(key, "tls.cert_path");
+        assert!(
+            why.contains("missing.pem") && why.contains("No such file"),
+            "{why}"
+        );
+        let (key, why) = problem(&with_tls("junk.pem", "key.pem"));
+        assert_eq!(key, "tls.cert_path");
+        assert!(why.contains("holds no PEM certificate"), "{why}");
+        let (key, why) = problem(&with_tls("cert.pem", "missing.pem"));
+        assert_eq!(key, "tls.key_path");
+        assert!(why.contains("No such file"), "{why}");
+        let (key, why) = problem(&with_tls("cert.pem", "cert.pem"));
+        assert_eq!(key, "tls.key_path");
+        assert!(why.contains("holds no PEM private key"), "{why}");
+        let (key, why) = problem(&with_tls("cert.pem", "other-key.pem"));
+        assert_eq!(key, "tls.key_path");
+        assert!(why.contains("tls.cert_path"), "{why}");
+
+        let mut missing_intents = config.clone();
+        missing_intents.tenants[0].intents = Some("no-such-intents.toml".into());
+        let (key, why) = problem(&missing_intents);
+        assert_eq!(key, "tenant[0].intents");
+        assert!(why.contains("no-such-intents.toml"), "{why}");
+
+        let key_file = config
+            .data_dir
+            .join(crate::tenant::KEYS_DIR)
+            .join(format!("{}.visitor-key", config.tenants[0].name));
+        std::fs::write(&key_file, "not hex\n").unwrap();
+        let (key, why) = problem(&config);
+        assert_eq!(key, "tenant[0].name");
+        assert!(why.contains("visitor key"), "{why}");
     }
 
     #[test]

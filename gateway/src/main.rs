@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use kefu_gateway::config::{self, Command};
+use kefu_gateway::config::{self, Command, ConfigError};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,19 +38,35 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(&mut config) {
+    match run(&mut config, &flags) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("kefu: {e:#}");
-            ExitCode::FAILURE
-        }
+        // A config error found on the way (a file the config names): exit 2 like the others.
+        Err(e) => match e.chain().find_map(|c| c.downcast_ref::<ConfigError>()) {
+            Some(bad) => {
+                eprintln!("kefu: bad config: {}", bad.to_string().replace('\n', " "));
+                ExitCode::from(2)
+            }
+            None => {
+                eprintln!("kefu: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
-fn run(config: &mut config::Config) -> anyhow::Result<()> {
-    use anyhow::Context;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+fn run(config: &mut config::Config, flags: &config::Flags) -> anyhow::Result<()> {
+    let key = if flags.data_dir.is_some() {
+        "--data-dir"
+    } else {
+        "server.data_dir"
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        ConfigError::new(
+            key,
+            format!("cannot create {}: {e}", config.data_dir.display()),
+        )
+    })?;
     let demo_lines = kefu_gateway::demo::fill_demo_tokens(&config.data_dir, &mut config.tenants)?;
+    config::check_files(config)?;
     kefu_gateway::server::run(config.clone(), demo_lines)
 }

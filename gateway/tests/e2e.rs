@@ -2563,3 +2563,49 @@ fn typing_and_read_notices_beyond_the_rate_limit_are_dropped_or_refused() {
         assert!(reason.contains("rate limit"), "{e}");
     }
 }
+
+/// Files the config names are part of the config: a missing TLS certificate or intents file is
+/// a bad config (exit 2, one line naming the key), not a failed start (exit 1).
+#[test]
+fn a_missing_tls_certificate_or_intents_file_exits_2_naming_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
+    let tls = format!(
+        "[tls]\ncert_path = \"{}\"\nkey_path = \"{}\"\n\n[limits]",
+        dir.path().join("no-such-cert.pem").display(),
+        dir.path().join("key.pem").display()
+    );
+    let intents = (
+        "intents = \"builtin:demo\"",
+        "intents = \"no-such-intents.toml\"",
+    );
+    for (replace, key, file) in [
+        (
+            ("[limits]", tls.as_str()),
+            "tls.cert_path",
+            "no-such-cert.pem",
+        ),
+        (intents, "tenant[0].intents", "no-such-intents.toml"),
+    ] {
+        let cfg = config(dir.path(), &[replace]);
+        let out = std::process::Command::new(BIN)
+            .args([
+                "--config",
+                &cfg,
+                "--http",
+                "127.0.0.1:0",
+                "--tcp",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{key}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(&format!("{key}: ")), "{err}");
+        assert!(err.contains(file), "{err}");
+    }
+}
