@@ -138,16 +138,21 @@ pub fn write_accept(out: &mut Vec<u8>, upgrade: &WsUpgrade<'_>, protocol: Option
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes the JSON error answering a refused upgrade (with `Sec-WebSocket-Version: 13` and
-/// `Upgrade: websocket` on 426, as RFC 6455 §4.4 asks) and closes the connection.
+/// The headers a 426 answer to an upgrade request carries: the version this server speaks
+/// (RFC 6455 §4.4: a server refusing the client's version lists the versions it supports) and
+/// the protocol to upgrade to (RFC 9110 §15.5.22: a 426 sends `Upgrade`). For a caller that
+/// writes its own error answers: `ResponseHead::extra_headers(UPGRADE_REQUIRED_HEADERS)`.
+pub const UPGRADE_REQUIRED_HEADERS: &[(&str, &str)] = &[
+    ("Sec-WebSocket-Version", WEBSOCKET_VERSION),
+    ("Upgrade", "websocket"),
+];
+
+/// Writes the JSON error answering a refused upgrade (with [`UPGRADE_REQUIRED_HEADERS`] on
+/// 426) and closes the connection.
 pub fn write_handshake_error(out: &mut Vec<u8>, err: &HandshakeError) {
-    const UPGRADE_HEADERS: &[(&str, &str)] = &[
-        ("Sec-WebSocket-Version", WEBSOCKET_VERSION),
-        ("Upgrade", "websocket"),
-    ];
     let mut head = ResponseHead::new(err.status()).keep_alive(false);
     if err.status() == 426 {
-        head = head.extra_headers(UPGRADE_HEADERS);
+        head = head.extra_headers(UPGRADE_REQUIRED_HEADERS);
     }
     // A fixed-size message; no allocation.
     let mut msg = [0u8; 96];
@@ -246,7 +251,11 @@ Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: ch
             let out = String::from_utf8(out).unwrap();
             assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{out}");
             assert!(out.ends_with(&format!("{{\"error\": \"{err}\"}}")), "{out}");
-            assert_eq!(out.contains("Sec-WebSocket-Version: 13"), status == 426);
+            assert_eq!(
+                out.contains("\r\nSec-WebSocket-Version: 13\r\n"),
+                status == 426
+            );
+            assert_eq!(out.contains("\r\nUpgrade: websocket\r\n"), status == 426);
         }
     }
 }

@@ -15,8 +15,8 @@ pub use frame::{
     decode_header, encode_frame, encode_header, is_valid_close_code, unmask,
 };
 pub use handshake::{
-    HandshakeError, WsUpgrade, accept_key, check_upgrade, is_upgrade_request, write_accept,
-    write_handshake_error,
+    HandshakeError, UPGRADE_REQUIRED_HEADERS, WsUpgrade, accept_key, check_upgrade,
+    is_upgrade_request, write_accept, write_handshake_error,
 };
 
 #[cfg(test)]
