@@ -100,7 +100,9 @@ pub struct LogConfig {
     /// deletes some.
     pub segments_max: usize,
     /// Entries (one per record with `seq > 0`) of the in-memory conversation index, 24 bytes
-    /// each; an append past it fails until retention frees entries.
+    /// each; an append past it fails until retention or [`crate::Log::forget_conversation`]
+    /// frees entries. Not checked when a log opens: the index then holds every record of the
+    /// segments, and the caller forgets the conversations it is done with.
     pub conversation_index_entries_max: usize,
     /// Write segments full of zeros ahead of time (the first in [`crate::Log::open`], the
     /// next on a background thread) and append into those (see the crate docs' "Spare

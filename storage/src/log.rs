@@ -139,6 +139,13 @@ impl ConvIndex {
         self.entries -= removed;
     }
 
+    /// Drops a conversation's entries; how many there were.
+    fn forget(&mut self, conversation_id: u64) -> usize {
+        let removed = self.map.remove(&conversation_id).map_or(0, |v| v.len());
+        self.entries -= removed;
+        removed
+    }
+
     /// Drops entries of records below `start` (deleted by retention).
     fn prune_below(&mut self, start: u64) {
         let mut removed = 0;
@@ -801,16 +808,6 @@ impl Log {
         }
     }
 
-    fn check_conv_limit(&self) -> Result<()> {
-        if self.conv.entries > self.cfg.conversation_index_entries_max {
-            return Err(Error::LimitExceeded(format!(
-                "conversation index holds {} entries, conversation_index_entries_max is {}",
-                self.conv.entries, self.cfg.conversation_index_entries_max
-            )));
-        }
-        Ok(())
-    }
-
     fn recover_sealed(
         &mut self,
         base: u64,
@@ -866,7 +863,6 @@ impl Log {
             self.cfg.index_interval_bytes,
             |h, pos| Self::index_conv(conv, unindexed, h, pos),
         );
-        self.check_conv_limit()?;
         let expected_end = next_base.unwrap_or(scan.end);
         let damaged = match &scan.stop {
             Stop::Clean if scan.end == expected_end => None,
@@ -934,7 +930,6 @@ impl Log {
             self.cfg.index_interval_bytes,
             |h, pos| Self::index_conv(conv, unindexed, h, pos),
         );
-        self.check_conv_limit()?;
         if let Stop::Damaged {
             reason,
             garbage_bytes,
@@ -1321,6 +1316,24 @@ impl Log {
     /// The highest seq stored (durable or not) for a conversation.
     pub fn conversation_last_seq(&self, conversation_id: u64) -> Option<u64> {
         self.conv.last_seq(conversation_id)
+    }
+
+    /// Drops a conversation from the conversation index: its records stay in the segments
+    /// (offset reads and the firehose still return them), but [`Log::read_conversation`] and
+    /// [`Log::conversation_last_seq`] no longer know it, and its entries no longer count
+    /// against `conversation_index_entries_max`. For conversations the caller is done with
+    /// (closed ones): a later append to it starts a fresh index of it. Not durable: a reopen
+    /// indexes every record again, and the caller forgets again. Returns the entries dropped.
+    pub fn forget_conversation(&mut self, conversation_id: u64) -> usize {
+        self.conv.forget(conversation_id)
+    }
+
+    /// Entries of the conversation index (one per record with `seq > 0` of a conversation not
+    /// forgotten). Appends fail once this reaches `conversation_index_entries_max`; a reopen
+    /// indexes every record in the segments, which may be more (the caller then forgets
+    /// conversations it is done with).
+    pub fn conversation_index_entries(&self) -> usize {
+        self.conv.entries
     }
 
     /// Every conversation in the index with its last seq (for rebuilding state at startup).

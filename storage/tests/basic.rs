@@ -394,6 +394,57 @@ fn compressed_sealed_segments_read_transparently() {
     assert_eq!(collect_range(&mut log, 0, 1000), expected);
 }
 
+/// A forgotten conversation leaves the index (its entries no longer count against
+/// `conversation_index_entries_max`, so appends go on) but not the segments; a reopen indexes
+/// every record again, even past the limit, instead of refusing to open.
+#[test]
+fn a_forgotten_conversation_frees_the_index_and_a_reopen_indexes_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = small_cfg(dir.path());
+    cfg.conversation_index_entries_max = 4;
+    let (mut log, _) = Log::open(cfg.clone()).unwrap();
+    for s in 1..=3 {
+        log.append(&header(1, s, 1), b"one").unwrap();
+    }
+    log.append(&header(2, 1, 1), b"two").unwrap();
+    assert_eq!(log.conversation_index_entries(), 4);
+    assert!(matches!(
+        log.append(&header(2, 2, 1), b"two"),
+        Err(Error::LimitExceeded(_))
+    ));
+    assert_eq!(log.forget_conversation(1), 3);
+    assert_eq!(log.forget_conversation(1), 0);
+    assert_eq!(log.conversation_index_entries(), 1);
+    assert_eq!(log.conversation_last_seq(1), None);
+    for s in 2..=4 {
+        log.append(&header(2, s, 1), b"two").unwrap();
+    }
+    log.sync(0).unwrap();
+    let mut seqs = Vec::new();
+    log.read_conversation(1, 0, 100, |f| seqs.push(f.header.seq))
+        .unwrap();
+    assert!(seqs.is_empty());
+    log.read_conversation(2, 0, 100, |f| seqs.push(f.header.seq))
+        .unwrap();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    // The records themselves are all still there.
+    assert_eq!(collect_range(&mut log, 0, 100).len(), 7);
+    drop(log);
+    let (mut log, _) = Log::open(cfg).unwrap();
+    assert_eq!(log.conversation_index_entries(), 7);
+    let mut seqs = Vec::new();
+    log.read_conversation(1, 0, 100, |f| seqs.push(f.header.seq))
+        .unwrap();
+    assert_eq!(seqs, [1, 2, 3]);
+    // Over the limit: appends wait for forgetting.
+    assert!(matches!(
+        log.append(&header(3, 1, 1), b"three"),
+        Err(Error::LimitExceeded(_))
+    ));
+    log.forget_conversation(2);
+    log.append(&header(3, 1, 1), b"three").unwrap();
+}
+
 #[test]
 fn limits_are_enforced() {
     let dir = tempfile::tempdir().unwrap();
