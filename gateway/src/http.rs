@@ -325,6 +325,10 @@ fn write_error(out: &mut Vec<u8>, e: &HttpError, keep_alive: bool) {
     if e.status == 503 || e.status == 429 {
         head = head.retry_after_secs(e.retry_after_s);
     }
+    // Only a refused WebSocket upgrade answers 426 (RFC 6455 §4.4, RFC 9110 §15.5.22).
+    if e.status == 426 {
+        head = head.extra_headers(kefu_protocol::ws::UPGRADE_REQUIRED_HEADERS);
+    }
     match e.state {
         Some(state) => {
             let body = ErrorBody {

@@ -48,6 +48,17 @@ impl RecordLog for Log {
         Log::append_framed(self, header, payload, frame).map_err(|e| e.to_string())
     }
 
+    /// Classified by the storage error's type, not its text.
+    fn append_record(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        frame: &mut Vec<u8>,
+    ) -> Result<u64, crate::engine::AppendError> {
+        Log::append_framed(self, header, payload, frame)
+            .map_err(|e| crate::engine::AppendError::from_storage(&e))
+    }
+
     fn read_conversation(
         &mut self,
         conv: u64,

@@ -2609,3 +2609,29 @@ fn a_missing_tls_certificate_or_intents_file_exits_2_naming_its_key() {
         assert!(err.contains(file), "{err}");
     }
 }
+
+/// A refused WebSocket upgrade answers 426 with the version the server speaks
+/// (`Sec-WebSocket-Version: 13`, RFC 6455 §4.4) and `Upgrade: websocket` (RFC 9110 §15.5.22).
+#[test]
+fn a_websocket_upgrade_of_another_version_gets_426_naming_version_13() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start(&dir, "1", "never");
+    for (version, upgrade) in [("8", "Upgrade: websocket\r\n"), ("13", "")] {
+        let mut http = kefu.http();
+        http.send_raw(
+            format!(
+                "GET /v1/ws HTTP/1.1\r\nHost: kefu\r\n{upgrade}Connection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        let r = http.read_response();
+        assert_eq!(r.status, 426, "version {version}");
+        assert_eq!(
+            r.header("sec-websocket-version"),
+            Some("13"),
+            "version {version}"
+        );
+        assert_eq!(r.header("upgrade"), Some("websocket"), "version {version}");
+    }
+}
