@@ -79,7 +79,25 @@ pub trait RecordLog {
         limit: usize,
         each: &mut dyn FnMut(&Header, &[u8]),
     ) -> Result<(), String>;
+    /// Drops a conversation the engine forgot from the log's conversation index (its records
+    /// stay in the log). The default keeps it.
+    fn forget_conversation(&mut self, _conv: u64) {}
+    /// Entries of the log's conversation index and the most it takes (appends fail there), for
+    /// the engine to forget closed conversations before that. The default: no such index.
+    fn conversation_index(&self) -> (usize, usize) {
+        (0, usize::MAX)
+    }
 }
+
+/// Closed conversations forgotten at once when room is needed (a create on a full shard, the
+/// log's conversation index filling up).
+pub const FORGET_BATCH: usize = 64;
+
+/// The log's conversation index counts as filling up past this share of its limit (percent):
+/// the engine then forgets closed conversations until it is back under
+/// [`INDEX_LOW_WATER_PERCENT`].
+pub const INDEX_HIGH_WATER_PERCENT: usize = 90;
+pub const INDEX_LOW_WATER_PERCENT: usize = 80;
 
 /// Why the log did not take a record, as far as the shard is concerned: can it go on?
 ///
@@ -490,6 +508,15 @@ pub struct Engine {
     poisoned: Option<String>,
     /// Typing notices over their sender's rate limit, dropped (see [`Engine::ephemeral`]).
     notices_dropped: u64,
+    /// Closed conversations in the order they closed (live or in recovery): the oldest are
+    /// forgotten first when room is needed ([`Engine::forget_closed`]). An id whose
+    /// conversation is gone is skipped. At most one entry per conversation.
+    closed: VecDeque<u64>,
+    /// Conversations forgotten so far (`kefu_conversations_forgotten_total`).
+    forgotten_total: u64,
+    /// Conversations forgotten during recovery, which the log has not forgotten yet
+    /// ([`Engine::forget_in_log_after_recovery`]).
+    forgotten_in_recovery: Vec<u64>,
     registry: Arc<TenantRegistry>,
     /// The agent accepting a conversation, so its `assigned` event names who did it (audit).
     accepted_by: Option<(u64, Participant)>,
@@ -561,6 +588,9 @@ impl Engine {
             fold_scratch: String::new(),
             poisoned: None,
             notices_dropped: 0,
+            closed: VecDeque::new(),
+            forgotten_total: 0,
+            forgotten_in_recovery: Vec::new(),
             registry,
             accepted_by: None,
             queue_reason: None,
@@ -573,6 +603,82 @@ impl Engine {
 
     pub fn conversations_len(&self) -> usize {
         self.conversations.len()
+    }
+
+    /// Conversations forgotten so far ([`Engine::forget_closed`]).
+    pub fn conversations_forgotten(&self) -> u64 {
+        self.forgotten_total
+    }
+
+    /// Forgets up to `n` closed conversations, oldest closed first: their state, idempotency
+    /// keys and subscribers leave the engine, and (with `log`) their entries leave the log's
+    /// conversation index. Their records stay in the log: the firehose still carries them,
+    /// and a restart rebuilds them and forgets them again. To the API a forgotten conversation
+    /// is unknown (404). Only conversations whose every record is released go; returns how
+    /// many went.
+    ///
+    /// Without this a shard took `conversations_max` conversations over its whole life, and
+    /// its log `conversation_index_entries_max` messages, and then refused every new one.
+    pub fn forget_closed(&mut self, mut log: Option<&mut dyn RecordLog>, n: usize) -> usize {
+        let mut forgotten = 0;
+        while forgotten < n {
+            let Some(&id) = self.closed.front() else {
+                break;
+            };
+            let Some(conv) = self.conversations.get(&id) else {
+                self.closed.pop_front();
+                continue;
+            };
+            if conv.state != ConversationState::Closed {
+                self.closed.pop_front();
+                continue;
+            }
+            if conv.released_seq < conv.last_seq {
+                // Its close is not durable yet: the next call.
+                break;
+            }
+            self.closed.pop_front();
+            let conv = self.conversations.remove(&id).expect("looked up");
+            self.keys.kept = self.keys.kept.saturating_sub(conv.idempotency.len());
+            let tenant = &mut self.tenants[conv.tenant as usize];
+            tenant.auto_close.cancel(id);
+            match log.as_deref_mut() {
+                Some(log) => log.forget_conversation(id),
+                None => self.forgotten_in_recovery.push(id),
+            }
+            forgotten += 1;
+        }
+        self.forgotten_total += forgotten as u64;
+        forgotten
+    }
+
+    /// After recovery: drops the conversations recovery forgot from the log's index too, then
+    /// forgets closed conversations while the index is past its high-water mark (the log
+    /// indexes every record when it opens, forgotten conversations' too).
+    pub fn forget_in_log_after_recovery(&mut self, log: &mut dyn RecordLog) {
+        for id in std::mem::take(&mut self.forgotten_in_recovery) {
+            log.forget_conversation(id);
+        }
+        self.relieve_index(log);
+    }
+
+    /// Forgets closed conversations while the log's conversation index is past
+    /// [`INDEX_HIGH_WATER_PERCENT`] of its limit, down to [`INDEX_LOW_WATER_PERCENT`] (or
+    /// until no closed conversation is left to forget).
+    fn relieve_index(&mut self, log: &mut dyn RecordLog) {
+        let (entries, max) = log.conversation_index();
+        if entries.saturating_mul(100) < max.saturating_mul(INDEX_HIGH_WATER_PERCENT) {
+            return;
+        }
+        loop {
+            let (entries, max) = log.conversation_index();
+            if entries.saturating_mul(100) < max.saturating_mul(INDEX_LOW_WATER_PERCENT) {
+                return;
+            }
+            if self.forget_closed(Some(log), FORGET_BATCH) == 0 {
+                return;
+            }
+        }
     }
 
     /// The log offset a reply must wait for: everything this engine appended so far.
@@ -745,13 +851,16 @@ impl Engine {
         now_us: u64,
     ) -> Result<Created, EngineError> {
         self.check_writable()?;
+        if self.conversations.len() >= self.limits.conversations_max {
+            self.forget_closed(Some(log), FORGET_BATCH);
+        }
         let t = self
             .tenants
             .get(tenant as usize)
             .ok_or_else(|| EngineError::BadRequest("unknown tenant".into()))?;
         if self.conversations.len() >= self.limits.conversations_max {
             return Err(EngineError::Overloaded(format!(
-                "this shard holds conversations_max = {} conversations",
+                "this shard holds conversations_max = {} conversations, none of them closed",
                 self.limits.conversations_max
             )));
         }
@@ -1040,6 +1149,9 @@ impl Engine {
         self.write(log, Kind::Event, id, seq, now_us, delivery)?;
         let conv = self.conversations.get_mut(&id).expect("checked");
         fold_event(conv, &record.event, next_state);
+        if next_state == ConversationState::Closed {
+            self.closed.push_back(id);
+        }
         self.schedule_close(id, now_us);
         Ok(seq)
     }
@@ -1746,6 +1858,15 @@ impl Engine {
                 conv.last_seq = header.seq;
                 conv.released_seq = header.seq;
                 self.schedule_close(id, record.ts);
+                if next == ConversationState::Closed {
+                    self.closed.push_back(id);
+                }
+                // Recovery holds no more than the shard does live: the oldest closed
+                // conversations are forgotten as newer ones come (the log forgets them after
+                // recovery, `forget_in_log_after_recovery`).
+                if self.conversations.len() > self.limits.conversations_max {
+                    self.forget_closed(None, FORGET_BATCH);
+                }
             }
             other => return Err(format!("unexpected record kind {other:?}")),
         }
@@ -1795,6 +1916,7 @@ impl Engine {
     /// Time-driven routing work (agents whose socket grace ran out).
     pub fn tick(&mut self, log: &mut dyn RecordLog, now_ms: u64) {
         self.close_idle(log, now_ms);
+        self.relieve_index(log);
         self.notice_lost_sockets(now_ms);
         for tenant in 0..self.tenants.len() {
             let mut effects = std::mem::take(&mut self.effects);

@@ -191,11 +191,13 @@ impl ShardMetrics {
     }
 
     /// This shard's series in Prometheus text format.
-    /// `idempotency_keys`: the keys the shard's engine keeps (`Engine::idempotency_keys`).
+    /// `idempotency_keys`: the keys the shard's engine keeps (`Engine::idempotency_keys`);
+    /// `conversations`: the engine's conversations and those it forgot so far
+    /// (`Engine::forget_closed`).
     pub fn render(
         &self,
         shard: u16,
-        conversations: usize,
+        (conversations, forgotten): (usize, u64),
         idempotency_keys: usize,
         log: &Log,
     ) -> String {
@@ -242,6 +244,12 @@ impl ShardMetrics {
             self.conversations_created.get(),
         );
         line("kefu_conversations", "", conversations as u64);
+        line("kefu_conversations_forgotten_total", "", forgotten);
+        line(
+            "kefu_log_conversation_index_entries",
+            "",
+            log.conversation_index_entries() as u64,
+        );
         line("kefu_idempotency_keys", "", idempotency_keys as u64);
         line("kefu_commands_total", "", self.commands_handled.get());
         line(

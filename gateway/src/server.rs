@@ -743,6 +743,7 @@ async fn shard_main(
         from = next;
     }
     engine.finish_recovery(now_ms());
+    engine.forget_in_log_after_recovery(&mut log);
     engine.set_appended_end(log.next_offset());
     let log = Rc::new(RefCell::new(log));
     let engine = Rc::new(RefCell::new(engine));

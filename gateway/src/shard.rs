@@ -48,6 +48,17 @@ impl RecordLog for Log {
         Log::append_framed(self, header, payload, frame).map_err(|e| e.to_string())
     }
 
+    fn forget_conversation(&mut self, conv: u64) {
+        Log::forget_conversation(self, conv);
+    }
+
+    fn conversation_index(&self) -> (usize, usize) {
+        (
+            Log::conversation_index_entries(self),
+            self.config().conversation_index_entries_max,
+        )
+    }
+
     /// Classified by the storage error's type, not its text.
     fn append_record(
         &mut self,
@@ -934,7 +945,7 @@ fn handle(
         Command::Metrics { reply } => {
             let mut text = metrics.render(
                 engine.shard(),
-                engine.conversations_len(),
+                (engine.conversations_len(), engine.conversations_forgotten()),
                 engine.idempotency_keys().0,
                 log,
             );

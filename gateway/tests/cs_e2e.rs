@@ -88,15 +88,30 @@ token = "{GLOBEX_CRM}"
 }
 
 fn start_with(dir: &Path, shards: &str, auto_close_idle_ms: u64, grace_ms: u64) -> Kefu {
+    start_replacing(dir, shards, auto_close_idle_ms, grace_ms, &[])
+}
+
+/// [`start_with`] with lines of the default config replaced.
+fn start_replacing(
+    dir: &Path,
+    shards: &str,
+    auto_close_idle_ms: u64,
+    grace_ms: u64,
+    replace: &[(&str, &str)],
+) -> Kefu {
     // Pings less often than the clients' 20 s read timeout, so a notice that never comes
     // fails the test instead of blocking it.
-    let text = DEFAULT_CONFIG
+    let mut text = DEFAULT_CONFIG
         .replace(
             "segment_bytes_max = 67108864",
             "segment_bytes_max = 4194304",
         )
-        .replace("ws_ping_interval_ms = 20000", "ws_ping_interval_ms = 30000")
-        + &tenants(auto_close_idle_ms, grace_ms);
+        .replace("ws_ping_interval_ms = 20000", "ws_ping_interval_ms = 30000");
+    for (from, to) in replace {
+        assert!(text.contains(from), "config has no {from:?}");
+        text = text.replace(from, to);
+    }
+    let text = text + &tenants(auto_close_idle_ms, grace_ms);
     let cfg = dir.join("kefu.toml");
     std::fs::write(&cfg, text).unwrap();
     Kefu::start(
@@ -1068,4 +1083,81 @@ fn an_agent_socket_gets_assignments_made_right_after_its_upgrade() {
         let r = act(&mut http, &id, GA, "resolve", "");
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     }
+}
+
+/// A shard at `limits.conversations_per_shard_max` forgets its oldest closed conversations to
+/// take new ones (the forgotten answer 404, their records stay in the log), answers 503 only
+/// when none of its conversations is closed, and after a SIGKILL restart rebuilds no more than
+/// it holds and goes on the same way.
+#[test]
+fn a_full_shard_forgets_closed_conversations_and_keeps_taking_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        start_replacing(
+            dir.path(),
+            "1",
+            300,
+            600_000,
+            &[(
+                "conversations_per_shard_max = 100000",
+                "conversations_per_shard_max = 3",
+            )],
+        )
+    };
+    let mut kefu = start();
+    let mut http = kefu.http();
+    status(&mut http, PA, "online");
+    let mut closed = Vec::new();
+    for _ in 0..2 {
+        let (id, _, _) = create(&mut http, "acme", "my order is broken");
+        assert_eq!(view(&mut http, &id)["agent"], "pa");
+        assert_eq!(act(&mut http, &id, PA, "resolve", "").status, 200);
+        wait_view(&mut http, &id, Duration::from_secs(6), |v| {
+            v["state"] == "closed"
+        });
+        closed.push(id);
+    }
+    let (third, _, _) = create(&mut http, "acme", "my order is broken");
+    // Full (3): the next start forgets both closed conversations.
+    let (fourth, _, _) = create(&mut http, "acme", "my order is broken");
+    for id in &closed {
+        let r = http.get(&format!("/v1/conversations/{id}"), Some(ACME_CRM));
+        assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let metric = |http: &mut Http| {
+        let text = String::from_utf8(http.get("/metrics", None).body).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("kefu_conversations_forgotten_total{shard=\"0\"} "))
+            .map(|v| v.trim().parse::<u64>().unwrap())
+    };
+    assert_eq!(metric(&mut http), Some(2));
+    let (fifth, _, _) = create(&mut http, "acme", "my order is broken");
+    // Full, and nothing closed: 503.
+    let body = json!({"visitor": {"name": "Ann"}, "channel": "web"}).to_string();
+    let r = http.post("/v1/conversations?tenant=acme", None, &body);
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    drop(http);
+    kefu.signal_and_wait(SIGKILL);
+    let kefu = start();
+    let mut http = kefu.http();
+    for id in [&third, &fourth, &fifth] {
+        view(&mut http, id);
+    }
+    for id in &closed {
+        let r = http.get(&format!("/v1/conversations/{id}"), Some(ACME_CRM));
+        assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    }
+    assert_eq!(
+        http.post("/v1/conversations?tenant=acme", None, &body)
+            .status,
+        503
+    );
+    // The third closes (pa still holds it in the grace period after the restart): room again.
+    status(&mut http, PA, "online");
+    assert_eq!(view(&mut http, &third)["agent"], "pa");
+    assert_eq!(act(&mut http, &third, PA, "resolve", "").status, 200);
+    wait_view(&mut http, &third, Duration::from_secs(6), |v| {
+        v["state"] == "closed"
+    });
+    create(&mut http, "acme", "my order is broken");
 }

@@ -1008,3 +1008,178 @@ fn notice_keys_are_distinct_per_conversation_sender_and_kind() {
         }
     }
 }
+
+/// [`MemLog`] with a conversation index: `entries` counts the records with a seq of the
+/// conversations not forgotten, against `entries_max`.
+struct IndexedLog {
+    mem: MemLog,
+    forgotten: Vec<u64>,
+    entries_max: usize,
+}
+
+impl RecordLog for IndexedLog {
+    fn append(&mut self, header: &Header, payload: &[u8]) -> Result<u64, String> {
+        self.mem.append(header, payload)
+    }
+
+    fn read_conversation(
+        &mut self,
+        conv: u64,
+        after_seq: u64,
+        limit: usize,
+        each: &mut dyn FnMut(&Header, &[u8]),
+    ) -> Result<(), String> {
+        if self.forgotten.contains(&conv) {
+            return Ok(());
+        }
+        self.mem.read_conversation(conv, after_seq, limit, each)
+    }
+
+    fn forget_conversation(&mut self, conv: u64) {
+        self.forgotten.push(conv);
+    }
+
+    fn conversation_index(&self) -> (usize, usize) {
+        let entries = self
+            .mem
+            .frames
+            .iter()
+            .filter(|(h, _)| h.seq > 0 && !self.forgotten.contains(&h.conversation_id))
+            .count();
+        (entries, self.entries_max)
+    }
+}
+
+fn engine_holding(conversations_max: usize) -> Engine {
+    Engine::new(
+        0,
+        EngineLimits {
+            conversations_max,
+            idempotency_keys_per_conversation_max: 4,
+            idempotency_keys_per_shard_max: 1000,
+            history_limit_max: 100,
+            subscribers_per_conversation_max: 8,
+            model: ModelLimits::DEFAULT,
+        },
+        registry(),
+        RouterLimits::DEMO,
+    )
+    .unwrap()
+}
+
+/// Opens a support conversation, and with `close` has bob accept and resolve it; returns its id.
+fn open_one(e: &mut Engine, log: &mut dyn RecordLog, at_ms: u64, close: bool) -> u64 {
+    let id = e
+        .create(log, 0, "Ann", "web", None, Some("support"), at_ms * 1000)
+        .unwrap()
+        .conversation_id;
+    if close {
+        let visitor = Actor::Visitor {
+            tenant: 0,
+            conversation_id: id,
+        };
+        // Offered to an online agent at once, or accepted by bob from the queue.
+        let agent = match e.view(id, &visitor).unwrap().agent {
+            Some(agent) => agent,
+            None => {
+                e.transition(log, id, "bob", 0, &Transition::Accept, at_ms * 1000 + 1)
+                    .unwrap();
+                "bob".to_owned()
+            }
+        };
+        e.transition(log, id, &agent, 0, &Transition::Resolve, at_ms * 1000 + 2)
+            .unwrap();
+    }
+    e.release(u64::MAX);
+    id
+}
+
+/// A shard at `conversations_max` makes room for a new conversation by forgetting its oldest
+/// closed ones (state, keys, and the log's index of them; the records stay), and answers 503
+/// only when none is closed. Recovery of the same log holds no more and forgets the same ones.
+#[test]
+fn a_full_shard_forgets_its_oldest_closed_conversations_and_so_does_recovery() {
+    let mut log = IndexedLog {
+        mem: MemLog::default(),
+        forgotten: Vec::new(),
+        entries_max: usize::MAX,
+    };
+    let mut e = engine_holding(4);
+    let first = open_one(&mut e, &mut log, 1, true);
+    let second = open_one(&mut e, &mut log, 2, true);
+    let third = open_one(&mut e, &mut log, 3, false);
+    let fourth = open_one(&mut e, &mut log, 4, false);
+    // Resolved at ~1-2 ms, idle time 1 s: both close.
+    e.tick(&mut log, 5_000);
+    e.release(u64::MAX);
+    assert_eq!(e.state(first).unwrap().0, ConversationState::Closed);
+    assert_eq!(e.state(second).unwrap().0, ConversationState::Closed);
+    assert_eq!(e.conversations_forgotten(), 0);
+    // Full: the fifth start forgets the closed ones, oldest first.
+    let fifth = open_one(&mut e, &mut log, 6, false);
+    assert_eq!(e.conversations_forgotten(), 2);
+    assert_eq!(log.forgotten, [first, second]);
+    assert_eq!(e.conversations_len(), 3);
+    let visitor = |id| Actor::Visitor {
+        tenant: 0,
+        conversation_id: id,
+    };
+    assert_eq!(e.view(first, &visitor(first)).unwrap_err().status(), 404);
+    assert!(e.view(third, &visitor(third)).is_ok());
+    let sixth = open_one(&mut e, &mut log, 7, false);
+    // Full, and nothing closed: 503.
+    let err = e
+        .create(&mut log, 0, "Ann", "web", None, Some("support"), 8_000_000)
+        .unwrap_err();
+    assert_eq!(err.status(), 503, "{err}");
+    // Recovery of the same records: the same four conversations, and the log forgets the same
+    // two once recovery is done.
+    let mut r = engine_holding(4);
+    for (h, p) in &log.mem.frames {
+        r.recover_record(h, p).unwrap();
+    }
+    r.finish_recovery(9_000);
+    let mut reopened = IndexedLog {
+        mem: MemLog::default(),
+        forgotten: Vec::new(),
+        entries_max: usize::MAX,
+    };
+    r.forget_in_log_after_recovery(&mut reopened);
+    assert_eq!(r.conversations_len(), 4);
+    assert_eq!(reopened.forgotten, [first, second]);
+    for id in [third, fourth, fifth, sixth] {
+        assert!(r.view(id, &visitor(id)).is_ok());
+    }
+    assert_eq!(r.view(second, &visitor(second)).unwrap_err().status(), 404);
+}
+
+/// When the log's conversation index passes 90% of its limit, the shard's tick forgets closed
+/// conversations until it is under 80% (or none closed is left), before appends would fail.
+#[test]
+fn a_filling_conversation_index_makes_the_shard_forget_closed_conversations() {
+    let mut log = IndexedLog {
+        mem: MemLog::default(),
+        forgotten: Vec::new(),
+        entries_max: usize::MAX,
+    };
+    let mut e = engine_holding(100);
+    let closed: Vec<u64> = (0..6)
+        .map(|i| open_one(&mut e, &mut log, i, true))
+        .collect();
+    let open = open_one(&mut e, &mut log, 10, false);
+    e.tick(&mut log, 5_000);
+    e.release(u64::MAX);
+    let (entries, _) = log.conversation_index();
+    // Under the high-water mark: nothing forgotten.
+    log.entries_max = entries * 100 / 89;
+    e.tick(&mut log, 5_001);
+    assert_eq!(e.conversations_forgotten(), 0);
+    // Past it: closed conversations go, oldest first, until the index is under 80%.
+    log.entries_max = entries * 100 / 91;
+    e.tick(&mut log, 5_002);
+    let (after, max) = log.conversation_index();
+    assert!(after * 100 < max * 80, "{after} of {max}");
+    assert!(e.conversations_forgotten() > 0);
+    assert_eq!(log.forgotten[..], closed[..log.forgotten.len()]);
+    assert!(!log.forgotten.contains(&open));
+}
