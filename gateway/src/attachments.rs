@@ -21,7 +21,8 @@
 //! [`AttachmentMeta::conversation`]).
 //!
 //! The calls block on the file system (writes of one request chunk, one fsync at the end); the
-//! gateway runs them where a short block is acceptable or on a blocking helper thread.
+//! gateway runs uploads on [`UploadWriter`]'s thread, so a shard never waits for a 10 MiB
+//! write and its fsyncs.
 
 use std::fs::File;
 use std::io::Write;
@@ -382,6 +383,80 @@ impl Drop for Upload {
     fn drop(&mut self) {
         if self.file.is_some() {
             self.discard();
+        }
+    }
+}
+
+/// Uploads queued for the writer thread at once; one more is answered 503.
+pub const UPLOADS_QUEUED_MAX: usize = 16;
+
+/// One upload for the writer thread: the started upload, its whole body, and where the result
+/// goes.
+pub struct UploadJob {
+    pub upload: Upload,
+    pub body: Vec<u8>,
+    pub reply: std::sync::Arc<crate::shard::ReplySlot<Result<AttachmentMeta, AttachmentError>>>,
+}
+
+/// A thread that writes and syncs uploads, so a shard thread never blocks on one: a 10 MiB
+/// upload's write and its three fsyncs took the shard (and every connection on it) off the
+/// CPU for tens of milliseconds. Bounded: at most [`UPLOADS_QUEUED_MAX`] uploads wait, with
+/// their bodies (so at most that many times the largest attachment limit in memory).
+pub struct UploadWriter {
+    jobs: crossbeam_queue::ArrayQueue<Box<UploadJob>>,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl UploadWriter {
+    /// Starts the writer thread (`kefu-uploads`).
+    pub fn start() -> std::io::Result<(std::sync::Arc<Self>, std::thread::JoinHandle<()>)> {
+        let writer = std::sync::Arc::new(Self {
+            jobs: crossbeam_queue::ArrayQueue::new(UPLOADS_QUEUED_MAX),
+            thread: std::sync::OnceLock::new(),
+            stop: std::sync::atomic::AtomicBool::new(false),
+        });
+        let w = writer.clone();
+        let handle = std::thread::Builder::new()
+            .name("kefu-uploads".into())
+            .spawn(move || w.run())?;
+        let _ = writer.thread.set(handle.thread().clone());
+        Ok((writer, handle))
+    }
+
+    /// Queues an upload; gives it back when the queue is full.
+    pub fn submit(&self, job: Box<UploadJob>) -> Result<(), Box<UploadJob>> {
+        self.jobs.push(job)?;
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+        Ok(())
+    }
+
+    /// Stops the thread once the queued uploads are done.
+    pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+
+    fn run(&self) {
+        loop {
+            while let Some(job) = self.jobs.pop() {
+                let UploadJob {
+                    mut upload,
+                    body,
+                    reply,
+                } = *job;
+                let result = upload.write_chunk(&body).and_then(|()| upload.finish());
+                drop(body);
+                reply.put(result);
+            }
+            if self.stop.load(std::sync::atomic::Ordering::Acquire) && self.jobs.is_empty() {
+                return;
+            }
+            std::thread::park();
         }
     }
 }

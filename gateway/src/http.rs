@@ -1249,13 +1249,25 @@ async fn upload(
     let store = &ctx.shared.attachments;
     let err =
         |e: crate::attachments::AttachmentError| HttpError::new(e.http_status(), e.to_string());
-    // A short block of the shard thread: the body is already in memory (bounded by the
-    // tenant's size limit), so this is one write and one fsync.
-    let mut upload = store
+    // Checks, the temp file's creation: short. The write and the fsyncs run on the upload
+    // writer's thread while this shard serves on.
+    let upload = store
         .begin(name, id, content_type, Some(body.len() as u64), limits)
         .map_err(err)?;
-    upload.write_chunk(body).map_err(err)?;
-    let meta = upload.finish().map_err(err)?;
+    let reply = crate::shard::ReplySlot::new();
+    let job = Box::new(crate::attachments::UploadJob {
+        upload,
+        body: body.to_vec(),
+        reply: reply.clone(),
+    });
+    if ctx.shared.uploads.submit(job).is_err() {
+        // The upload dropped with the job removes its temp file.
+        return Err(HttpError::new(
+            503,
+            "too many uploads in progress; retry shortly",
+        ));
+    }
+    let meta = reply.wait().await.map_err(err)?;
     let json = kefu_protocol::model::AttachmentResponse {
         attachment_id: meta.id,
         size: meta.size,

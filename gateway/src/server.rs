@@ -50,6 +50,8 @@ pub struct Shared {
     pub ready: AtomicUsize,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub attachments: crate::attachments::AttachmentStore,
+    /// Writes and syncs uploads off the shard threads.
+    pub uploads: Arc<crate::attachments::UploadWriter>,
     /// Body limit of JSON endpoints; the parser's limit is the larger attachment limit.
     pub json_body_bytes_max: usize,
     /// Client connections of the whole process, within what the open-file limit leaves.
@@ -514,6 +516,8 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
     if cleanup.temp_files_removed + cleanup.orphans_removed > 0 {
         eprintln!("kefu: attachments: removed leftovers of interrupted uploads: {cleanup:?}");
     }
+    let (uploads, uploads_thread) =
+        crate::attachments::UploadWriter::start().context("starting the upload writer thread")?;
     // Uploads may be larger than JSON bodies: the parser admits the largest attachment limit
     // and the JSON endpoints check their own.
     let attachment_bytes_max = config
@@ -555,6 +559,7 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
         ready: AtomicUsize::new(0),
         tls,
         attachments,
+        uploads: uploads.clone(),
         json_body_bytes_max,
         connections: ConnectionBudget::new(connections_max),
         config,
@@ -622,6 +627,9 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
     for t in threads {
         let _ = t.join();
     }
+    // Uploads already answered are durable; the queue is empty once the shards are gone.
+    uploads.stop();
+    let _ = uploads_thread.join();
     eprintln!("kefu: stopped");
     Ok(())
 }
