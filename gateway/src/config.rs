@@ -132,6 +132,9 @@ pub struct FileConfig {
 pub struct ServerFile {
     pub http: String,
     pub tcp: String,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz` to anyone who reaches it; nothing
+    /// else). Empty: none, and `/metrics` is answered on the HTTP listener to loopback peers.
+    pub admin: String,
     pub data_dir: PathBuf,
     pub shards: usize,
     pub backlog: u32,
@@ -149,6 +152,7 @@ impl Default for ServerFile {
         Self {
             http: "127.0.0.1:8080".into(),
             tcp: "127.0.0.1:7070".into(),
+            admin: String::new(),
             data_dir: "./kefu-data".into(),
             shards: 0,
             backlog: 1024,
@@ -536,6 +540,7 @@ pub struct Flags {
     pub config: Option<PathBuf>,
     pub http: Option<String>,
     pub tcp: Option<String>,
+    pub admin: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub shards: Option<String>,
     pub durability: Option<String>,
@@ -551,7 +556,7 @@ pub enum Command {
     PrintDefaultConfig,
 }
 
-pub const USAGE: &str = "usage: kefu [serve] [--config PATH] [--http ADDR] [--tcp ADDR] [--data-dir DIR] [--shards N] [--durability always|interval:MS|never]\n       kefu --print-default-config   (the embedded config, a starting point for --config)";
+pub const USAGE: &str = "usage: kefu [serve] [--config PATH] [--http ADDR] [--tcp ADDR] [--admin ADDR] [--data-dir DIR] [--shards N] [--durability always|interval:MS|never]\n       kefu --print-default-config   (the embedded config, a starting point for --config)";
 
 /// The embedded default config as a file would hold it: the defaults, then the demo tenant
 /// that kefu uses when a config names no tenant (`[[tenant]]` and its `[[tenant.agent]]`
@@ -577,7 +582,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
             "--print-default-config" => return Ok(Command::PrintDefaultConfig),
-            "--config" | "--http" | "--tcp" | "--data-dir" | "--shards" | "--durability" => {
+            "--config" | "--http" | "--tcp" | "--admin" | "--data-dir" | "--shards"
+            | "--durability" => {
                 let value = match inline {
                     Some(v) => v,
                     None => args
@@ -595,6 +601,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
                     }
                     "--http" => &mut flags.http,
                     "--tcp" => &mut flags.tcp,
+                    "--admin" => &mut flags.admin,
                     "--shards" => &mut flags.shards,
                     _ => &mut flags.durability,
                 };
@@ -611,6 +618,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
 pub struct Config {
     pub http: SocketAddr,
     pub tcp: SocketAddr,
+    /// `server.admin` / `--admin`: the admin listener, if any.
+    pub admin: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub shards: usize,
     pub backlog: u32,
@@ -696,6 +705,11 @@ pub fn resolve(file: FileConfig, flags: &Flags) -> Result<Config, ConfigError> {
         Some(v) => addr("--tcp", v)?,
         None => addr("server.tcp", &file.server.tcp)?,
     };
+    let admin = match &flags.admin {
+        Some(v) => Some(addr("--admin", v)?),
+        None if file.server.admin.is_empty() => None,
+        None => Some(addr("server.admin", &file.server.admin)?),
+    };
     let shards = match &flags.shards {
         Some(v) => v
             .parse::<usize>()
@@ -756,6 +770,7 @@ pub fn resolve(file: FileConfig, flags: &Flags) -> Result<Config, ConfigError> {
     Ok(Config {
         http,
         tcp,
+        admin,
         data_dir: flags
             .data_dir
             .clone()

@@ -452,6 +452,8 @@ struct HttpConn {
     peer_loopback: bool,
     /// `ratelimit::ip_key` of the peer's address (conversation starts are limited by it).
     peer_ip: u64,
+    /// Accepted on the admin listener: `/metrics` and the health checks only.
+    admin: bool,
     conn_id: u64,
     /// Where its message sends went: a connection moves to their shard ([`crate::migrate`]).
     sends_to: crate::migrate::Follow,
@@ -469,6 +471,8 @@ struct Peer {
     loopback: bool,
     /// `ratelimit::ip_key` of its address.
     ip: u64,
+    /// On the admin listener.
+    admin: bool,
 }
 
 /// How an HTTP connection ended: closed, or handed over to a WebSocket or stream session,
@@ -498,6 +502,7 @@ pub async fn serve(
     tls: Option<crate::conn::TlsSession>,
     conn_id: u64,
     moves: u8,
+    admin: bool,
 ) -> Served {
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let peer = stream.peer_addr().ok();
@@ -526,6 +531,7 @@ pub async fn serve(
         peer_port,
         peer_loopback,
         peer_ip,
+        admin,
         conn_id,
         sends_to: crate::migrate::Follow::moved(moves),
         partial: None,
@@ -660,6 +666,7 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
         peer_port,
         peer_loopback,
         peer_ip,
+        admin,
         conn_id,
         sends_to,
         partial,
@@ -668,6 +675,7 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
     let peer = Peer {
         loopback: *peer_loopback,
         ip: *peer_ip,
+        admin: *admin,
     };
     let mut read_at_ns = 0;
     if !*parse_pending {
@@ -932,6 +940,12 @@ async fn route(
     let done = Next::Continue { keep_alive };
     let mut segments = [""; PATH_SEGMENTS_MAX + 1];
     let n = path_segments(head.path, &mut segments);
+    if peer.admin && !matches!(&segments[..n], ["healthz" | "readyz" | "metrics"]) {
+        return Err(HttpError::new(
+            404,
+            "the admin listener serves /metrics, /healthz and /readyz only",
+        ));
+    }
     match (head.method, &segments[..n]) {
         (Method::Get, ["healthz"]) => {
             write_json(out, 200, keep_alive, br#"{"status":"ok"}"#);
@@ -946,10 +960,17 @@ async fn route(
             Ok(done)
         }
         (Method::Get, ["metrics"]) => {
-            if !peer.loopback {
+            // With an admin listener, there only; else to loopback peers.
+            if ctx.shared.config.admin.is_some() && !peer.admin {
                 return Err(HttpError::new(
                     403,
-                    "metrics are served to loopback clients only",
+                    "metrics are served on the admin listener (server.admin)",
+                ));
+            }
+            if !peer.admin && !peer.loopback {
+                return Err(HttpError::new(
+                    403,
+                    "metrics are served to loopback clients only (or on server.admin)",
                 ));
             }
             let text = metrics_text(ctx).await?;

@@ -211,7 +211,7 @@ pub async fn adopt(ctx: Rc<ShardCtx>) {
             }
         };
         ctx.metrics.connection_arrived();
-        crate::server::serve_http(&ctx, stream, tls, moves);
+        crate::server::serve_http(&ctx, stream, tls, moves, false);
     }
     ctx.forget_conn(me);
     // Arrivals after the stop are closed: the shard no longer serves.

@@ -52,6 +52,8 @@ pub struct Shared {
     pub attachments: crate::attachments::AttachmentStore,
     /// Writes and syncs uploads off the shard threads.
     pub uploads: Arc<crate::attachments::UploadWriter>,
+    /// The admin listener (`server.admin`), until shard 0 takes it.
+    pub admin_listener: std::sync::Mutex<Option<std::net::TcpListener>>,
     /// Body limit of JSON endpoints; the parser's limit is the larger attachment limit.
     pub json_body_bytes_max: usize,
     /// Client connections of the whole process, within what the open-file limit leaves.
@@ -491,6 +493,13 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let (http_listeners, http_addr) = bind_listeners(config.http, shards, config.backlog)?;
     let (tcp_listeners, tcp_addr) = bind_listeners(config.tcp, shards, config.backlog)?;
+    let (admin_listener, admin_addr) = match config.admin {
+        Some(addr) => {
+            let (mut one, bound) = bind_listeners(addr, 1, config.backlog)?;
+            (one.pop(), Some(bound))
+        }
+        None => (None, None),
+    };
     let l = &config.limits;
     let http_limits = HttpLimits {
         request_line_bytes_max: l.request_uri_bytes_max,
@@ -560,6 +569,7 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
         tls,
         attachments,
         uploads: uploads.clone(),
+        admin_listener: std::sync::Mutex::new(admin_listener),
         json_body_bytes_max,
         connections: ConnectionBudget::new(connections_max),
         config,
@@ -601,8 +611,9 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
         }
         writeln!(
             out,
-            "kefu ready http={http_addr} tcp={tcp_addr} shards={shards} data={}",
-            shared.config.data_dir.display()
+            "kefu ready http={http_addr} tcp={tcp_addr} shards={shards} data={}{}",
+            shared.config.data_dir.display(),
+            admin_addr.map_or(String::new(), |a| format!(" admin={a}"))
         )?;
         out.flush()?;
     }
@@ -820,6 +831,20 @@ async fn shard_main(
         }
     });
     let http_task = monoio::spawn(accept_loop(ctx.clone(), http, Proto::Http));
+    // Shard 0 serves the admin listener, if there is one.
+    let admin = shared
+        .admin_listener
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let admin_task = match admin {
+        Some(l) => {
+            let l =
+                monoio::net::TcpListener::from_std(l).context("registering the admin listener")?;
+            Some(monoio::spawn(accept_loop(ctx.clone(), l, Proto::Admin)))
+        }
+        None => None,
+    };
     let tcp_task = monoio::spawn(accept_loop(ctx.clone(), tcp, Proto::Binary));
     let adopt_task = monoio::spawn(crate::migrate::adopt(ctx.clone()));
     shared.ready.fetch_add(1, Ordering::AcqRel);
@@ -838,6 +863,9 @@ async fn shard_main(
     ctx.stop_all();
     let _ = http_task.await;
     let _ = tcp_task.await;
+    if let Some(t) = admin_task {
+        t.await;
+    }
     adopt_task.await;
     // Drain: connections finish their current request and close; wait a bounded time.
     let deadline = std::time::Instant::now() + Duration::from_millis(SHUTDOWN_DRAIN_MS);
@@ -861,6 +889,8 @@ async fn shard_main(
 pub enum Proto {
     Http,
     Binary,
+    /// The admin listener: HTTP, `/metrics` and the health checks only.
+    Admin,
 }
 
 /// Tells a connection refused for the connection limit why, if it can be done without
@@ -873,6 +903,13 @@ fn answer_refused(ctx: &ShardCtx, stream: &monoio::net::TcpStream, proto: Proto)
     let tls = ctx.shared.config.tls.as_ref();
     let mut out = Vec::with_capacity(256);
     match proto {
+        Proto::Admin => {
+            let head = kefu_protocol::http::ResponseHead::new(503)
+                .content_type("application/json")
+                .keep_alive(false)
+                .retry_after_secs(1);
+            kefu_protocol::http::write_json_error(&mut out, &head, REASON);
+        }
         Proto::Http if !tls.is_some_and(|t| t.http) => {
             let head = kefu_protocol::http::ResponseHead::new(503)
                 .content_type("application/json")
@@ -940,7 +977,8 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
         let _ = stream.set_nodelay(true);
         ctx.metrics.connection_opened();
         match proto {
-            Proto::Http => serve_http(&ctx, stream, None, 0),
+            Proto::Http => serve_http(&ctx, stream, None, 0, false),
+            Proto::Admin => serve_http(&ctx, stream, None, 0, true),
             Proto::Binary => {
                 ctx.open_changed();
                 let ctx = ctx.clone();
@@ -964,6 +1002,7 @@ pub(crate) fn serve_http(
     stream: monoio::net::TcpStream,
     tls: Option<crate::conn::TlsSession>,
     moves: u8,
+    admin: bool,
 ) {
     ctx.open_changed();
     let ctx = ctx.clone();
@@ -973,7 +1012,14 @@ pub(crate) fn serve_http(
     // The HTTP phase is boxed before the spawn, so the task holds a pointer to it (an idle
     // keep-alive connection's task stays a few words). An upgraded connection's session then
     // runs in a task of its own, sized for it, and this one (with the HTTP state) is freed.
-    let http = Box::pin(crate::http::serve(ctx.clone(), stream, tls, conn, moves));
+    let http = Box::pin(crate::http::serve(
+        ctx.clone(),
+        stream,
+        tls,
+        conn,
+        moves,
+        admin,
+    ));
     monoio::spawn(async move {
         match http.await {
             crate::http::Served::Closed(why) => ended(&ctx, conn, why),

@@ -2129,6 +2129,50 @@ fn a_firehose_cut_short_ends_in_a_reset_not_an_end_of_file() {
     assert!(got < all.len());
 }
 
+/// With an admin listener (`--admin`), `/metrics` is served there (to anyone who reaches it)
+/// and nowhere else; the admin listener serves only `/metrics` and the health checks. The
+/// ready line names it.
+#[test]
+fn the_admin_listener_serves_metrics_and_health_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &[]);
+    let kefu = Kefu::start(
+        Path::new(BIN),
+        &dir.path().join("data"),
+        &["--config", &cfg, "--shards", "2", "--admin", "127.0.0.1:0"],
+    );
+    let admin: std::net::SocketAddr = kefu
+        .ready_line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("admin="))
+        .expect("the ready line names the admin listener")
+        .parse()
+        .unwrap();
+    let mut ops = Http::connect(admin);
+    let r = ops.get("/metrics", None);
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("kefu_connections_open{shard=\"1\"}"));
+    assert_eq!(ops.get("/healthz", None).status, 200);
+    assert_eq!(ops.get("/readyz", None).status, 200);
+    let r = ops.post(
+        "/v1/conversations",
+        None,
+        &json!({"visitor": {"name": "v"}, "channel": "web"}).to_string(),
+    );
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    // The API listener no longer answers /metrics, even to loopback peers.
+    let mut http = kefu.http();
+    let r = http.get("/metrics", None);
+    assert_eq!(r.status, 403);
+    assert!(String::from_utf8_lossy(&r.body).contains("server.admin"));
+    create_conversation(&mut http, None);
+    // Without one, the ready line has no admin= and /metrics is on the API listener.
+    let plain = tempfile::tempdir().unwrap();
+    let k = start(&plain, "1", "never");
+    assert!(!k.ready_line.contains("admin="), "{}", k.ready_line);
+    assert_eq!(k.http().get("/metrics", None).status, 200);
+}
+
 /// Starting conversations is limited per peer address (here with loopback peers counted):
 /// the burst passes, the next start gets 429 with `Retry-After` and creates nothing, and
 /// conversations already started go on.
