@@ -652,6 +652,14 @@ impl Engine {
         forgotten
     }
 
+    /// During recovery, between reads of the log: drops the conversations recovery forgot so
+    /// far from the log's index (which the read builds), so it never holds them all.
+    pub fn forget_in_log_during_recovery(&mut self, log: &mut dyn RecordLog) {
+        for id in self.forgotten_in_recovery.drain(..) {
+            log.forget_conversation(id);
+        }
+    }
+
     /// After recovery: drops the conversations recovery forgot from the log's index too, then
     /// forgets closed conversations while the index is past its high-water mark (the log
     /// indexes every record when it opens, forgotten conversations' too).

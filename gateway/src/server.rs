@@ -735,6 +735,9 @@ async fn shard_main(
     // Room for the largest message record the limits let through (worst-case escaping).
     log_config.record_bytes_max =
         u32::try_from(config.limits.record_bytes_max()).unwrap_or(u32::MAX);
+    // The conversation index is built below as recovery reads the log, and conversations the
+    // engine forgets leave it as they go: a long log's index never holds all of it at once.
+    log_config.index_conversations_at_open = false;
     let (mut log, report) = Log::open(log_config).context("opening the shard log")?;
     if let Some(t) = &report.truncated {
         eprintln!("kefu: shard {id}: log tail cut at recovery: {t:?}");
@@ -743,9 +746,10 @@ async fn shard_main(
     engine.use_delivery_returns(shared.delivery_returns[id as usize].clone());
     let mut from = log.start_offset();
     let mut failure = None;
+    let mut unindexed = 0;
     loop {
-        let next = log
-            .read_range(from, 4096, |fr| {
+        let (next, left_out) = log
+            .read_range_indexing(from, 4096, |fr| {
                 if failure.is_none()
                     && let Err(e) = engine.recover_record(&fr.header, fr.payload)
                 {
@@ -756,10 +760,17 @@ async fn shard_main(
         if let Some(e) = failure.take() {
             anyhow::bail!("recovery: {e}");
         }
+        unindexed += left_out;
+        engine.forget_in_log_during_recovery(&mut log);
         if next == from {
             break;
         }
         from = next;
+    }
+    if unindexed > 0 {
+        eprintln!(
+            "kefu: shard {id}: {unindexed} records out of seq order left out of the conversation index"
+        );
     }
     engine.finish_recovery(now_ms());
     engine.forget_in_log_after_recovery(&mut log);

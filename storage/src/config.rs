@@ -111,6 +111,12 @@ pub struct LogConfig {
     /// round trip. Costs one spare segment of disk, one segment of zero writes at open and
     /// one per `segment_bytes_max` of records.
     pub zero_fill_segments: bool,
+    /// Build the conversation index while [`crate::Log::open`] scans the segments (every
+    /// record of the log, 24 bytes each). `false`: open leaves it empty, and the caller indexes
+    /// as it reads the log back with [`crate::Log::read_range_indexing`], forgetting the
+    /// conversations it is done with as it goes, so the index of a long log never holds all
+    /// of it at once. Appends must wait until that read is done.
+    pub index_conversations_at_open: bool,
     /// The file-system calls that can fail in interesting ways (sync, allocate), replaceable
     /// to inject faults in tests.
     pub io: Arc<dyn LogIo>,
@@ -135,6 +141,7 @@ impl LogConfig {
             segments_max: 10_000,
             conversation_index_entries_max: 16 << 20,
             zero_fill_segments: false,
+            index_conversations_at_open: true,
             io: Arc::new(StdIo),
         }
     }

@@ -856,12 +856,17 @@ impl Log {
         let data: &[u8] = mapped.as_deref().unwrap_or(&bytes);
         let conv = &mut self.conv;
         let unindexed = &mut report.unindexed_records;
+        let index = self.cfg.index_conversations_at_open;
         let scan = segment::scan(
             data,
             base,
             end_max,
             self.cfg.index_interval_bytes,
-            |h, pos| Self::index_conv(conv, unindexed, h, pos),
+            |h, pos| {
+                if index {
+                    Self::index_conv(conv, unindexed, h, pos)
+                }
+            },
         );
         let expected_end = next_base.unwrap_or(scan.end);
         let damaged = match &scan.stop {
@@ -923,12 +928,17 @@ impl Log {
         advise_active(&map);
         let conv = &mut self.conv;
         let unindexed = &mut report.unindexed_records;
+        let index = self.cfg.index_conversations_at_open;
         let scan = segment::scan(
             &map,
             base,
             u64::MAX,
             self.cfg.index_interval_bytes,
-            |h, pos| Self::index_conv(conv, unindexed, h, pos),
+            |h, pos| {
+                if index {
+                    Self::index_conv(conv, unindexed, h, pos)
+                }
+            },
         );
         if let Stop::Damaged {
             reason,
@@ -1615,6 +1625,17 @@ impl Log {
         &mut self,
         from: u64,
         max_records: usize,
+        f: impl FnMut(FrameRef<'_>),
+    ) -> Result<u64> {
+        self.read_range_inner(from, max_records, None, f)
+    }
+
+    /// [`Log::read_range`], indexing what it reads when given a count of the records left out.
+    fn read_range_inner(
+        &mut self,
+        from: u64,
+        max_records: usize,
+        mut index: Option<&mut u64>,
         mut f: impl FnMut(FrameRef<'_>),
     ) -> Result<u64> {
         let end = self.durable_offset;
@@ -1643,6 +1664,9 @@ impl Log {
                         format!("record carries offset {}", fr.header.log_offset),
                     ));
                 }
+                if let Some(unindexed) = index.as_deref_mut() {
+                    Self::index_conv(&mut self.conv, unindexed, &fr.header, pos as u32);
+                }
                 f(fr);
                 pos += used;
                 off += 1;
@@ -1650,6 +1674,22 @@ impl Log {
             }
         }
         Ok(off)
+    }
+
+    /// [`Log::read_range`] that also puts each record it reads into the conversation index,
+    /// for a log opened without `index_conversations_at_open`: read the whole log back once,
+    /// from [`Log::start_offset`], before the first append, and forget conversations as they
+    /// are done with. A record whose seq does not follow its conversation's last one is left
+    /// out of the index (as open does); returns the next offset and how many were left out.
+    pub fn read_range_indexing(
+        &mut self,
+        from: u64,
+        max_records: usize,
+        f: impl FnMut(FrameRef<'_>),
+    ) -> Result<(u64, u64)> {
+        let mut unindexed = 0;
+        let next = self.read_range_inner(from, max_records, Some(&mut unindexed), f)?;
+        Ok((next, unindexed))
     }
 
     /// Calls `f` with a conversation's durable records with `seq > after_seq`, oldest first,

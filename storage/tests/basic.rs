@@ -445,6 +445,61 @@ fn a_forgotten_conversation_frees_the_index_and_a_reopen_indexes_everything() {
     log.append(&header(3, 1, 1), b"three").unwrap();
 }
 
+/// Opened without `index_conversations_at_open`, the index starts empty and is built by
+/// `read_range_indexing` as the caller reads the log back, forgetting as it goes: it never
+/// holds the forgotten conversations' records, and what it holds answers reads and keeps
+/// appends' seqs in order as an index built at open would.
+#[test]
+fn a_log_opened_without_its_index_is_indexed_as_it_is_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = small_cfg(dir.path());
+    let (mut log, _) = Log::open(cfg.clone()).unwrap();
+    for s in 1..=3 {
+        log.append(&header(1, s, 1), &payload(s, 700)).unwrap();
+        log.append(&header(2, s, 1), &payload(s, 700)).unwrap();
+    }
+    log.append(&frame::Header::new(Kind::Event, 3, 0, 1), b"no seq")
+        .unwrap();
+    log.sync(0).unwrap();
+    assert!(log.segment_count() > 1, "spans segments");
+    drop(log);
+    cfg.index_conversations_at_open = false;
+    let (mut log, _) = Log::open(cfg).unwrap();
+    assert_eq!(log.conversation_index_entries(), 0);
+    let mut from = log.start_offset();
+    let mut seen = Vec::new();
+    let mut most = 0;
+    loop {
+        let (next, unindexed) = log
+            .read_range_indexing(from, 2, |fr| {
+                seen.push((fr.header.conversation_id, fr.header.seq))
+            })
+            .unwrap();
+        assert_eq!(unindexed, 0);
+        most = most.max(log.conversation_index_entries());
+        // Conversation 1 is done with once its last record is read.
+        if seen.contains(&(1, 3)) {
+            log.forget_conversation(1);
+        }
+        if next == from {
+            break;
+        }
+        from = next;
+    }
+    assert_eq!(seen.len(), 7);
+    assert_eq!(log.conversation_index_entries(), 3);
+    assert!(most <= 6, "{most}");
+    let mut got = Vec::new();
+    log.read_conversation(2, 1, 10, |f| got.push((f.header.seq, f.payload.to_vec())))
+        .unwrap();
+    assert_eq!(got, [(2, payload(2, 700)), (3, payload(3, 700))]);
+    assert!(matches!(
+        log.append(&header(2, 3, 1), b"again"),
+        Err(Error::SeqNotIncreasing { .. })
+    ));
+    log.append(&header(2, 4, 1), b"next").unwrap();
+}
+
 #[test]
 fn limits_are_enforced() {
     let dir = tempfile::tempdir().unwrap();
