@@ -196,12 +196,17 @@ pub struct Limits {
     /// `POST /v1/conversations` per peer address and shard: sustained rate (0: no limit) and
     /// burst, over a table of at most `conversation_create_ips_tracked_max` addresses (429
     /// with `Retry-After` beyond). IPv6 peers count by /64. Loopback peers are not limited
-    /// unless `conversation_creates_limit_loopback` (a reverse proxy on the same host then
+    /// unless `ip_limits_include_loopback` (a reverse proxy on the same host then
     /// counts as one address).
     pub conversation_creates_per_ip_per_s: u32,
     pub conversation_creates_per_ip_burst: u32,
     pub conversation_create_ips_tracked_max: usize,
-    pub conversation_creates_limit_loopback: bool,
+    /// Client connections per peer address and shard (IPv6 by /64; 0: no limit); beyond, a new
+    /// connection is answered 503 (HTTP) or an error frame (binary) and closed.
+    pub connections_per_ip_max: usize,
+    /// Apply the per-address limits (`conversation_creates_per_ip_*`,
+    /// `connections_per_ip_max`) to loopback peers too.
+    pub ip_limits_include_loopback: bool,
     pub long_poll_timeout_ms_max: u64,
     pub history_limit_max: usize,
     pub conversations_per_shard_max: usize,
@@ -245,7 +250,8 @@ impl Default for Limits {
             conversation_creates_per_ip_per_s: 2,
             conversation_creates_per_ip_burst: 20,
             conversation_create_ips_tracked_max: 65_536,
-            conversation_creates_limit_loopback: false,
+            connections_per_ip_max: 4096,
+            ip_limits_include_loopback: false,
             long_poll_timeout_ms_max: 60_000,
             history_limit_max: 1000,
             conversations_per_shard_max: 100_000,
@@ -412,6 +418,12 @@ impl Limits {
                     ),
                 ));
             }
+        }
+        if self.connections_per_ip_max > 1 << 24 {
+            return Err(ConfigError::new(
+                "limits.connections_per_ip_max",
+                format!("{} is not in 0..=16777216", self.connections_per_ip_max),
+            ));
         }
         if !(1024..=(1 << 30)).contains(&self.upload_bytes_per_s_min) {
             return Err(ConfigError::new(

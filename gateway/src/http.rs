@@ -1356,7 +1356,7 @@ async fn create(
     // Anyone may start a conversation, and each one is kept: starts are limited per peer
     // address (before the body is even parsed), so one client cannot fill the conversation
     // table.
-    if (!peer.loopback || ctx.shared.config.limits.conversation_creates_limit_loopback)
+    if (!peer.loopback || ctx.shared.config.limits.ip_limits_include_loopback)
         && let Some(limiter) = ctx.create_limiter.borrow_mut().as_mut()
         && let Err(limited) = limiter.check(peer.ip, crate::shard::now_ms())
     {

@@ -211,7 +211,9 @@ pub async fn adopt(ctx: Rc<ShardCtx>) {
             }
         };
         ctx.metrics.connection_arrived();
-        crate::server::serve_http(&ctx, stream, tls, moves, false);
+        // Counted against its address here (not refused: it was admitted where it came from).
+        let ip = ctx.ip_limited(stream.peer_addr().ok());
+        crate::server::serve_http(&ctx, stream, tls, moves, false, ip);
     }
     ctx.forget_conn(me);
     // Arrivals after the stop are closed: the shard no longer serves.

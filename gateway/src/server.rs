@@ -161,6 +161,11 @@ pub struct ShardCtx {
     /// Conversation starts per peer address on this shard (`limits.conversation_creates_per_ip_*`;
     /// `None` when turned off). Loopback peers are not limited.
     pub create_limiter: RefCell<Option<crate::ratelimit::RateLimiter>>,
+    /// Open connections per peer address on this shard (`limits.connections_per_ip_max`),
+    /// and each counted connection's address, by connection id. Only addresses the limit
+    /// applies to are counted.
+    ip_conns: RefCell<HashMap<u64, u32, foldhash::fast::RandomState>>,
+    conn_ips: RefCell<HashMap<u64, u64, foldhash::fast::RandomState>>,
 }
 
 /// A `stop_waiters` entry that waits for shutdown only.
@@ -256,6 +261,40 @@ impl ShardCtx {
 
     pub fn forget_conn(&self, conn: u64) {
         self.stop_waiters.borrow_mut().remove(&conn);
+        if let Some(ip) = self.conn_ips.borrow_mut().remove(&conn) {
+            let mut counts = self.ip_conns.borrow_mut();
+            if let Some(n) = counts.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// The limiter key of `peer` if `limits.connections_per_ip_max` applies to it.
+    pub fn ip_limited(&self, peer: Option<SocketAddr>) -> Option<u64> {
+        let limits = &self.shared.config.limits;
+        let peer = peer?;
+        (limits.connections_per_ip_max > 0
+            && (!peer.ip().is_loopback() || limits.ip_limits_include_loopback))
+            .then(|| crate::ratelimit::ip_key(peer.ip()))
+    }
+
+    /// Whether address `ip` has `connections_per_ip_max` connections open on this shard.
+    fn ip_full(&self, ip: u64) -> bool {
+        self.ip_conns
+            .borrow()
+            .get(&ip)
+            .is_some_and(|&n| n as usize >= self.shared.config.limits.connections_per_ip_max)
+    }
+
+    /// Counts connection `conn` against address `ip` until [`ShardCtx::forget_conn`].
+    pub fn count_ip(&self, conn: u64, ip: Option<u64>) {
+        if let Some(ip) = ip {
+            *self.ip_conns.borrow_mut().entry(ip).or_insert(0) += 1;
+            self.conn_ips.borrow_mut().insert(conn, ip);
+        }
     }
 
     fn stop_all(&self) {
@@ -791,6 +830,8 @@ async fn shard_main(
         stop_waiters: RefCell::new(HashMap::default()),
         epoch: Instant::now(),
         next_conn_id: Cell::new(1),
+        ip_conns: RefCell::new(HashMap::default()),
+        conn_ips: RefCell::new(HashMap::default()),
         create_limiter: RefCell::new((config.limits.conversation_creates_per_ip_per_s > 0).then(
             || {
                 crate::ratelimit::RateLimiter::new(&crate::tenant::RateLimitConfig {
@@ -909,8 +950,7 @@ pub enum Proto {
 /// plain binary one (nothing on TLS listeners: that would take a handshake). Whatever the
 /// client already sent is read and dropped first, so the close is a FIN after the answer, not
 /// a reset that could discard it.
-fn answer_refused(ctx: &ShardCtx, stream: &monoio::net::TcpStream, proto: Proto) {
-    const REASON: &str = "the gateway has too many connections; retry shortly";
+fn answer_refused(ctx: &ShardCtx, stream: &monoio::net::TcpStream, proto: Proto, reason: &str) {
     let tls = ctx.shared.config.tls.as_ref();
     let mut out = Vec::with_capacity(256);
     match proto {
@@ -919,17 +959,17 @@ fn answer_refused(ctx: &ShardCtx, stream: &monoio::net::TcpStream, proto: Proto)
                 .content_type("application/json")
                 .keep_alive(false)
                 .retry_after_secs(1);
-            kefu_protocol::http::write_json_error(&mut out, &head, REASON);
+            kefu_protocol::http::write_json_error(&mut out, &head, reason);
         }
         Proto::Http if !tls.is_some_and(|t| t.http) => {
             let head = kefu_protocol::http::ResponseHead::new(503)
                 .content_type("application/json")
                 .keep_alive(false)
                 .retry_after_secs(1);
-            kefu_protocol::http::write_json_error(&mut out, &head, REASON);
+            kefu_protocol::http::write_json_error(&mut out, &head, reason);
         }
         Proto::Binary if !tls.is_some_and(|t| t.tcp) => {
-            crate::binary::error_frame(&mut out, 0, 503, None, REASON);
+            crate::binary::error_frame(&mut out, 0, 503, None, reason);
         }
         _ => return,
     }
@@ -969,7 +1009,7 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
             r = listener.accept() => r,
             _ = ctx.stopped(me) => break,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -978,22 +1018,41 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
                 continue;
             }
         };
+        let ip = ctx.ip_limited(Some(peer));
+        if ip.is_some_and(|ip| ctx.ip_full(ip)) {
+            let refused = &ctx.metrics.connections_refused;
+            refused.set(refused.get() + 1);
+            answer_refused(
+                &ctx,
+                &stream,
+                proto,
+                "too many connections from this address",
+            );
+            drop(stream);
+            continue;
+        }
         if ctx.metrics.connections_open.get() >= limit || !ctx.shared.connections.take() {
             let refused = &ctx.metrics.connections_refused;
             refused.set(refused.get() + 1);
-            answer_refused(&ctx, &stream, proto);
+            answer_refused(
+                &ctx,
+                &stream,
+                proto,
+                "the gateway has too many connections; retry shortly",
+            );
             drop(stream);
             continue;
         }
         let _ = stream.set_nodelay(true);
         ctx.metrics.connection_opened();
         match proto {
-            Proto::Http => serve_http(&ctx, stream, None, 0, false),
-            Proto::Admin => serve_http(&ctx, stream, None, 0, true),
+            Proto::Http => serve_http(&ctx, stream, None, 0, false, ip),
+            Proto::Admin => serve_http(&ctx, stream, None, 0, true, ip),
             Proto::Binary => {
                 ctx.open_changed();
                 let ctx = ctx.clone();
                 let conn = ctx.next_conn_id();
+                ctx.count_ip(conn, ip);
                 monoio::spawn(async move {
                     let why = crate::binary::serve(ctx.clone(), stream, conn).await;
                     ended(&ctx, conn, why);
@@ -1014,12 +1073,14 @@ pub(crate) fn serve_http(
     tls: Option<crate::conn::TlsSession>,
     moves: u8,
     admin: bool,
+    ip: Option<u64>,
 ) {
     ctx.open_changed();
     let ctx = ctx.clone();
     // One spawn per protocol, so each connection's task is sized for its own protocol's
     // future (an idle HTTP connection does not pay for the binary session's state).
     let conn = ctx.next_conn_id();
+    ctx.count_ip(conn, ip);
     // The HTTP phase is boxed before the spawn, so the task holds a pointer to it (an idle
     // keep-alive connection's task stays a few words). An upgraded connection's session then
     // runs in a task of its own, sized for it, and this one (with the HTTP state) is freed.

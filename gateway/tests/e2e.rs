@@ -2173,6 +2173,65 @@ fn the_admin_listener_serves_metrics_and_health_only() {
     assert_eq!(k.http().get("/metrics", None).status, 200);
 }
 
+/// `limits.connections_per_ip_max` (here 2, loopback included) counts an address's open
+/// connections of every kind on a shard: the next one is answered 503 with the reason and
+/// closed; once one of them closes, the address may connect again.
+#[test]
+fn connections_are_limited_per_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start_with(
+        &dir,
+        "1",
+        "never",
+        &[
+            (
+                "connections_per_ip_max = 4096",
+                "connections_per_ip_max = 2",
+            ),
+            (
+                "ip_limits_include_loopback = false",
+                "ip_limits_include_loopback = true",
+            ),
+        ],
+    );
+    let mut http = kefu.http();
+    let (_, visitor) = create_conversation(&mut http, None);
+    // The second: a WebSocket (counted for as long as it is open).
+    let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).expect("upgrade");
+    let mut over = kefu.http();
+    over.send_raw(b"GET /healthz HTTP/1.1\r\nHost: k\r\n\r\n");
+    let r = over.read_response();
+    assert_eq!(r.status, 503);
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("too many connections from this address"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(over.is_closed());
+    // A binary connection counts too.
+    let mut bin = Bin::connect(kefu.tcp);
+    bin.send(&ClientMsg::Ping { nonce: 1 });
+    assert!(matches!(bin.recv(), Some(BinMsg::Error { code: 503, .. })));
+    // Those still open work; once the WebSocket is gone, a new connection is taken.
+    assert_eq!(http.get("/healthz", None).status, 200);
+    ws.send_raw(&[0x88, 0x80, 0, 0, 0, 0]);
+    drop(ws);
+    let mut again = None;
+    // Bounded: 50 tries, 20 ms apart (the server counts the close when it sees it).
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(20));
+        let mut h = kefu.http();
+        h.send_raw(b"GET /healthz HTTP/1.1\r\nHost: k\r\n\r\n");
+        let status = h.read_response().status;
+        if status == 200 {
+            again = Some(h);
+            break;
+        }
+        assert_eq!(status, 503);
+    }
+    assert!(again.is_some(), "no connection taken after one closed");
+}
+
 /// Starting conversations is limited per peer address (here with loopback peers counted):
 /// the burst passes, the next start gets 429 with `Retry-After` and creates nothing, and
 /// conversations already started go on.
@@ -2189,8 +2248,8 @@ fn conversation_starts_are_rate_limited_per_address() {
                 "conversation_creates_per_ip_burst = 3",
             ),
             (
-                "conversation_creates_limit_loopback = false",
-                "conversation_creates_limit_loopback = true",
+                "ip_limits_include_loopback = false",
+                "ip_limits_include_loopback = true",
             ),
         ],
     );
