@@ -953,25 +953,22 @@ pub enum Proto {
 fn answer_refused(ctx: &ShardCtx, stream: &monoio::net::TcpStream, proto: Proto, reason: &str) {
     let tls = ctx.shared.config.tls.as_ref();
     let mut out = Vec::with_capacity(256);
+    // The admin listener is always plain.
+    let plain = match proto {
+        Proto::Admin => true,
+        Proto::Http => !tls.is_some_and(|t| t.http),
+        Proto::Binary => !tls.is_some_and(|t| t.tcp),
+    };
     match proto {
-        Proto::Admin => {
+        _ if !plain => return,
+        Proto::Admin | Proto::Http => {
             let head = kefu_protocol::http::ResponseHead::new(503)
                 .content_type("application/json")
                 .keep_alive(false)
                 .retry_after_secs(1);
             kefu_protocol::http::write_json_error(&mut out, &head, reason);
         }
-        Proto::Http if !tls.is_some_and(|t| t.http) => {
-            let head = kefu_protocol::http::ResponseHead::new(503)
-                .content_type("application/json")
-                .keep_alive(false)
-                .retry_after_secs(1);
-            kefu_protocol::http::write_json_error(&mut out, &head, reason);
-        }
-        Proto::Binary if !tls.is_some_and(|t| t.tcp) => {
-            crate::binary::error_frame(&mut out, 0, 503, None, reason);
-        }
-        _ => return,
+        Proto::Binary => crate::binary::error_frame(&mut out, 0, 503, None, reason),
     }
     let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
     let mut scratch = [0u8; 4096];

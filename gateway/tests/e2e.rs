@@ -1892,6 +1892,16 @@ fn connect_small_rcvbuf(addr: std::net::SocketAddr) -> std::net::TcpStream {
     }
 }
 
+/// Whether shard 0 dropped a connection for the write timeout within 10 s (looks 100 times,
+/// 100 ms apart).
+fn write_timed_out(http: &mut Http) -> bool {
+    let timed_out = "kefu_disconnects_total{shard=\"0\",reason=\"write_timeout\"}";
+    (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        shard0_metric(http, timed_out) == Some(1)
+    })
+}
+
 /// A client that stops reading in the middle of a response is dropped once a write has taken
 /// nothing for `write_timeout_ms` (counted as `write_timeout`), instead of holding its
 /// connection for ever; everyone else is served meanwhile.
@@ -1928,17 +1938,10 @@ fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
                 .as_bytes(),
         )
         .unwrap();
-    let timed_out = "kefu_disconnects_total{shard=\"0\",reason=\"write_timeout\"}";
-    // Bounded: 100 looks, 100 ms apart.
-    let mut dropped = false;
-    for _ in 0..100 {
-        std::thread::sleep(Duration::from_millis(100));
-        if shard0_metric(&mut http, timed_out) == Some(1) {
-            dropped = true;
-            break;
-        }
-    }
-    assert!(dropped, "the stalled download was not dropped");
+    assert!(
+        write_timed_out(&mut http),
+        "the stalled download was not dropped"
+    );
     // What the socket buffers held arrives, then the end: never the whole attachment.
     reader
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -2098,17 +2101,10 @@ fn a_firehose_cut_short_ends_in_a_reset_not_an_end_of_file() {
     // Stalled: dropped after the write timeout, and the reader then sees a reset.
     let mut stalled = connect_small_rcvbuf(kefu.http);
     stalled.write_all(request.as_bytes()).unwrap();
-    let timed_out = "kefu_disconnects_total{shard=\"0\",reason=\"write_timeout\"}";
-    let mut dropped = false;
-    // Bounded: 100 looks, 100 ms apart.
-    for _ in 0..100 {
-        std::thread::sleep(Duration::from_millis(100));
-        if shard0_metric(&mut http, timed_out) == Some(1) {
-            dropped = true;
-            break;
-        }
-    }
-    assert!(dropped, "the stalled firehose was not dropped");
+    assert!(
+        write_timed_out(&mut http),
+        "the stalled firehose was not dropped"
+    );
     stalled
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
