@@ -1016,27 +1016,17 @@ async fn accept_loop(ctx: Rc<ShardCtx>, listener: monoio::net::TcpListener, prot
             }
         };
         let ip = ctx.ip_limited(Some(peer));
-        if ip.is_some_and(|ip| ctx.ip_full(ip)) {
+        let refusal = if ip.is_some_and(|ip| ctx.ip_full(ip)) {
+            Some("too many connections from this address")
+        } else if ctx.metrics.connections_open.get() >= limit || !ctx.shared.connections.take() {
+            Some("the gateway has too many connections; retry shortly")
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
             let refused = &ctx.metrics.connections_refused;
             refused.set(refused.get() + 1);
-            answer_refused(
-                &ctx,
-                &stream,
-                proto,
-                "too many connections from this address",
-            );
-            drop(stream);
-            continue;
-        }
-        if ctx.metrics.connections_open.get() >= limit || !ctx.shared.connections.take() {
-            let refused = &ctx.metrics.connections_refused;
-            refused.set(refused.get() + 1);
-            answer_refused(
-                &ctx,
-                &stream,
-                proto,
-                "the gateway has too many connections; retry shortly",
-            );
+            answer_refused(&ctx, &stream, proto, reason);
             drop(stream);
             continue;
         }
