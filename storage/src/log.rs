@@ -1795,19 +1795,53 @@ impl Log {
     /// Deletes the oldest sealed segments while the log is over `retention_bytes_max` or
     /// their newest record is older than `retention_age_ms`. The active segment stays.
     pub fn enforce_retention(&mut self, now_ms: u64) -> Result<RetentionReport> {
+        self.enforce_retention_below(now_ms, u64::MAX)
+    }
+
+    /// Where [`Log::enforce_retention`] would start the log now: the base of the oldest
+    /// segment it would keep (the current start if it would delete nothing).
+    pub fn retention_target(&self, now_ms: u64) -> u64 {
+        let mut total = self.disk_bytes();
+        let mut segments = self.segments.values().peekable();
+        while let Some(seg) = segments.next() {
+            // The active (last) segment always stays.
+            if segments.peek().is_none() || !self.retention_wants(seg, total, now_ms) {
+                return seg.base;
+            }
+            total -= seg.disk_bytes;
+        }
+        self.next_offset
+    }
+
+    fn retention_wants(&self, oldest: &Segment, total_bytes: u64, now_ms: u64) -> bool {
+        let over_size = self
+            .cfg
+            .retention_bytes_max
+            .is_some_and(|max| total_bytes > max);
+        let too_old = self
+            .cfg
+            .retention_age_ms
+            .is_some_and(|age| oldest.max_timestamp_us / 1000 + age < now_ms);
+        over_size || too_old
+    }
+
+    /// [`Log::enforce_retention`] that keeps every record at or above `keep_from`: a segment
+    /// goes only if all its records are below it (the caller still needs the rest).
+    pub fn enforce_retention_below(
+        &mut self,
+        now_ms: u64,
+        keep_from: u64,
+    ) -> Result<RetentionReport> {
         let mut report = RetentionReport::default();
         let mut total = self.disk_bytes();
         loop {
             if self.segments.len() <= 1 {
                 break;
             }
-            let oldest = self.segments.values().next().expect("non-empty");
-            let over_size = self.cfg.retention_bytes_max.is_some_and(|max| total > max);
-            let too_old = self
-                .cfg
-                .retention_age_ms
-                .is_some_and(|age| oldest.max_timestamp_us / 1000 + age < now_ms);
-            if !(over_size || too_old) {
+            let mut two = self.segments.values();
+            let oldest = two.next().expect("non-empty");
+            let next_base = two.next().expect("two segments").base;
+            if next_base > keep_from || !self.retention_wants(oldest, total, now_ms) {
                 break;
             }
             let base = oldest.base;

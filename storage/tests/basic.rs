@@ -312,6 +312,46 @@ fn failed_allocation_fails_the_append_without_poisoning() {
     log.sync(0).unwrap();
 }
 
+/// `retention_target` says where retention would start the log; `enforce_retention_below`
+/// deletes only segments whose records all lie below the floor it is given, and with the
+/// floor at the target it deletes what `enforce_retention` would.
+#[test]
+fn retention_below_a_floor_keeps_every_record_at_or_above_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = small_cfg(dir.path());
+    cfg.retention_bytes_max = Some(3 * 4096);
+    let (mut log, _) = Log::open(cfg.clone()).unwrap();
+    for i in 0..300u64 {
+        log.append(&header(i % 2, i / 2 + 1, i), &payload(i, 100))
+            .unwrap();
+    }
+    log.sync(0).unwrap();
+    let target = log.retention_target(0);
+    assert!(target > 0);
+    // Nothing deleted yet.
+    assert_eq!(log.start_offset(), 0);
+    let segments = log.segment_count();
+    // Offset 1 is in the first segment: it stays, and so does everything after it.
+    let r = log.enforce_retention_below(0, 1).unwrap();
+    assert_eq!(r.segments_deleted, 0);
+    assert_eq!(log.start_offset(), 0);
+    // With the floor at the target, what plain retention would delete goes.
+    let r = log.enforce_retention_below(0, target).unwrap();
+    assert!(r.segments_deleted > 0);
+    assert_eq!(r.start_offset, target);
+    assert_eq!(log.start_offset(), target);
+    assert!(log.segment_count() < segments);
+    assert!(log.disk_bytes() <= 3 * 4096);
+    // At the target now: nothing more to delete.
+    assert_eq!(log.retention_target(0), target);
+    assert_eq!(
+        log.enforce_retention_below(0, u64::MAX)
+            .unwrap()
+            .segments_deleted,
+        0
+    );
+}
+
 #[test]
 fn retention_by_size_and_age_deletes_whole_old_segments() {
     let dir = tempfile::tempdir().unwrap();
