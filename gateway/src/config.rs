@@ -218,6 +218,13 @@ pub struct Limits {
     pub overload_inflight_per_shard_max: usize,
     /// Size of one log segment file (pre-allocated).
     pub segment_bytes_max: u64,
+    /// Log retention per shard (0: keep everything, the default): the oldest segments go while
+    /// the log is larger than `log_retention_bytes_max`, or while their newest record is older
+    /// than `log_retention_age_ms`, but never a record of an open conversation (its first
+    /// record on is kept) or of the active segment. Closed conversations that began in a
+    /// deleted segment are forgotten first (404, as when a full shard forgets them).
+    pub log_retention_bytes_max: u64,
+    pub log_retention_age_ms: u64,
     /// Group-commit syncs of one shard's log running at once (pipelined group commit).
     pub syncs_in_flight_max: usize,
     /// Append into log segments written full of zeros ahead of time (storage's
@@ -262,6 +269,8 @@ impl Default for Limits {
             stream_chunk_bytes_max: 1 << 20,
             overload_inflight_per_shard_max: 4096,
             segment_bytes_max: 64 << 20,
+            log_retention_bytes_max: 0,
+            log_retention_age_ms: 0,
             syncs_in_flight_max: 1,
             zero_fill_segments: true,
         }
@@ -418,6 +427,18 @@ impl Limits {
                     ),
                 ));
             }
+        }
+        if self.log_retention_bytes_max != 0
+            && self.log_retention_bytes_max < 2 * self.segment_bytes_max
+        {
+            return Err(ConfigError::new(
+                "limits.log_retention_bytes_max",
+                format!(
+                    "{} is below two segments (2 x segment_bytes_max = {}); 0 keeps everything",
+                    self.log_retention_bytes_max,
+                    2 * self.segment_bytes_max
+                ),
+            ));
         }
         if self.connections_per_ip_max > 1 << 24 {
             return Err(ConfigError::new(

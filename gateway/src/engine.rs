@@ -430,6 +430,9 @@ struct Conversation {
     subscribers: Vec<Arc<Outbox>>,
     /// System auto-replies sent so far (bounded per conversation by the tenant).
     auto_replies_sent: u32,
+    /// Log offset of its first record: log retention keeps everything from the oldest held
+    /// conversation's on ([`Engine::retention_floor`]).
+    first_offset: u64,
 }
 
 /// Answer to a create.
@@ -517,6 +520,11 @@ pub struct Engine {
     /// Conversations forgotten during recovery, which the log has not forgotten yet
     /// ([`Engine::forget_in_log_after_recovery`]).
     forgotten_in_recovery: Vec<u64>,
+    /// Where the log being recovered starts: above 0, retention deleted its head, and records
+    /// of conversations opened before it are skipped ([`Engine::begin_recovery`]).
+    recovery_log_start: u64,
+    /// Records recovery skipped for that reason.
+    recovery_skipped: u64,
     registry: Arc<TenantRegistry>,
     /// The agent accepting a conversation, so its `assigned` event names who did it (audit).
     accepted_by: Option<(u64, Participant)>,
@@ -591,6 +599,8 @@ impl Engine {
             closed: VecDeque::new(),
             forgotten_total: 0,
             forgotten_in_recovery: Vec::new(),
+            recovery_log_start: 0,
+            recovery_skipped: 0,
             registry,
             accepted_by: None,
             queue_reason: None,
@@ -638,18 +648,83 @@ impl Engine {
                 break;
             }
             self.closed.pop_front();
-            let conv = self.conversations.remove(&id).expect("looked up");
-            self.keys.kept = self.keys.kept.saturating_sub(conv.idempotency.len());
-            let tenant = &mut self.tenants[conv.tenant as usize];
-            tenant.auto_close.cancel(id);
-            match log.as_deref_mut() {
-                Some(log) => log.forget_conversation(id),
-                None => self.forgotten_in_recovery.push(id),
+            match &mut log {
+                Some(l) => self.forget_one(Some(&mut **l), id),
+                None => self.forget_one(None, id),
             }
             forgotten += 1;
         }
-        self.forgotten_total += forgotten as u64;
         forgotten
+    }
+
+    /// Forgets conversation `id` (see [`Engine::forget_closed`]); its entry in `closed` is
+    /// skipped when it comes up.
+    fn forget_one(&mut self, log: Option<&mut dyn RecordLog>, id: u64) {
+        let Some(conv) = self.conversations.remove(&id) else {
+            return;
+        };
+        self.keys.kept = self.keys.kept.saturating_sub(conv.idempotency.len());
+        self.tenants[conv.tenant as usize].auto_close.cancel(id);
+        match log {
+            Some(log) => log.forget_conversation(id),
+            None => self.forgotten_in_recovery.push(id),
+        }
+        self.forgotten_total += 1;
+    }
+
+    /// Before recovery: the log starts at `log_start` (above 0 when retention deleted its
+    /// head). Retention keeps every record from the first record of each conversation the
+    /// engine held on ([`Engine::retention_floor`]), so a record whose conversation opened
+    /// before `log_start` belongs to one that was closed and forgotten before its head went:
+    /// recovery skips it instead of failing on it.
+    pub fn begin_recovery(&mut self, log_start: u64) {
+        self.recovery_log_start = log_start;
+    }
+
+    /// Records recovery skipped as belonging to conversations forgotten before retention.
+    pub fn recovery_skipped(&self) -> u64 {
+        self.recovery_skipped
+    }
+
+    /// In recovery: `id` is unknown and the log lost its head, so it opened before the log's
+    /// start (see [`Engine::begin_recovery`]); counted, and left out of the log's index.
+    fn opened_before_log_start(&mut self, id: u64) -> bool {
+        if self.recovery_log_start == 0 || self.conversations.contains_key(&id) {
+            return false;
+        }
+        self.recovery_skipped += 1;
+        self.forgotten_in_recovery.push(id);
+        true
+    }
+
+    /// The offset log retention may delete records below: at most `cut` (where retention
+    /// would start the log by its own rules). Closed conversations that began below `cut`
+    /// are forgotten first (their records would go); the open conversation that began first
+    /// holds the floor where it began, as everything from there on is still needed to
+    /// rebuild it.
+    pub fn retention_floor(&mut self, log: &mut dyn RecordLog, cut: u64) -> u64 {
+        let doomed: Vec<u64> = self
+            .closed
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.conversations.get(id).is_some_and(|c| {
+                    c.state == ConversationState::Closed
+                        && c.first_offset < cut
+                        && c.released_seq == c.last_seq
+                })
+            })
+            .collect();
+        for id in doomed {
+            self.forget_one(Some(&mut *log), id);
+        }
+        let floor = self
+            .conversations
+            .values()
+            .map(|c| c.first_offset)
+            .min()
+            .unwrap_or(u64::MAX);
+        cut.min(floor)
     }
 
     /// During recovery, between reads of the log: drops the conversations recovery forgot so
@@ -914,6 +989,7 @@ impl Engine {
                 idempotency_order: VecDeque::new(),
                 subscribers: Vec::new(),
                 auto_replies_sent: 0,
+                first_offset: self.appended_end,
             }),
         );
         let position = self.tenants[tenant as usize]
@@ -1803,6 +1879,9 @@ impl Engine {
             Kind::Message => {
                 let record: MessageRecord =
                     serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+                if self.opened_before_log_start(id) {
+                    return Ok(());
+                }
                 let conv = self
                     .conversations
                     .get_mut(&id)
@@ -1843,9 +1922,12 @@ impl Engine {
                             idempotency_order: VecDeque::new(),
                             subscribers: Vec::new(),
                             auto_replies_sent: 0,
+                            first_offset: header.log_offset,
                         }),
                     );
                     self.next_order += 1;
+                } else if self.opened_before_log_start(id) {
+                    return Ok(());
                 }
                 let conv = self
                     .conversations

@@ -269,6 +269,7 @@ impl ShardMetrics {
                 self.disconnects[i].get(),
             );
         }
+        line("kefu_log_start_offset", "", log.start_offset());
         line("kefu_log_next_offset", "", log.next_offset());
         line("kefu_log_durable_offset", "", log.durable_offset());
         line("kefu_log_disk_bytes", "", log.disk_bytes());

@@ -777,6 +777,10 @@ async fn shard_main(
     // The conversation index is built below as recovery reads the log, and conversations the
     // engine forgets leave it as they go: a long log's index never holds all of it at once.
     log_config.index_conversations_at_open = false;
+    log_config.retention_bytes_max = (config.limits.log_retention_bytes_max > 0)
+        .then_some(config.limits.log_retention_bytes_max);
+    log_config.retention_age_ms =
+        (config.limits.log_retention_age_ms > 0).then_some(config.limits.log_retention_age_ms);
     let (mut log, report) = Log::open(log_config).context("opening the shard log")?;
     if let Some(t) = &report.truncated {
         eprintln!("kefu: shard {id}: log tail cut at recovery: {t:?}");
@@ -784,6 +788,7 @@ async fn shard_main(
     let mut engine = build_engine(id, config, &shared.access)?;
     engine.use_delivery_returns(shared.delivery_returns[id as usize].clone());
     let mut from = log.start_offset();
+    engine.begin_recovery(from);
     let mut failure = None;
     let mut unindexed = 0;
     loop {
@@ -805,6 +810,13 @@ async fn shard_main(
             break;
         }
         from = next;
+    }
+    if engine.recovery_skipped() > 0 {
+        eprintln!(
+            "kefu: shard {id}: log starts at offset {} (retention): {} records of conversations closed before it skipped",
+            log.start_offset(),
+            engine.recovery_skipped()
+        );
     }
     if unindexed > 0 {
         eprintln!(

@@ -539,6 +539,12 @@ pub async fn committer(
         .then(|| Flusher::spawn(&inbox, engine.borrow().shard(), sync_realtime));
 
     let mut held: VecDeque<Held> = VecDeque::new();
+    // Log retention, when the config asks for it: checked every RETENTION_CHECK_MS.
+    let retention = {
+        let cfg = log.borrow().config().clone();
+        cfg.retention_bytes_max.is_some() || cfg.retention_age_ms.is_some()
+    };
+    let mut next_retention_ms = 0;
     let next_tick = match sync {
         SyncWay::Inline => Some(NextTick::new().expect("a socketpair for the committer")),
         SyncWay::Ring | SyncWay::Thread => None,
@@ -606,6 +612,10 @@ pub async fn committer(
                 handle(&mut engine, &mut log, cmd, &mut held, &metrics);
             }
             engine.tick(&mut *log, now);
+            if retention && now >= next_retention_ms {
+                next_retention_ms = now + RETENTION_CHECK_MS;
+                enforce_retention(&mut engine, &mut log, now);
+            }
         }
         metrics.commands(handled as u64);
         let mut synced_inline = false;
@@ -688,6 +698,24 @@ pub async fn committer(
         flusher.stop.store(true, Ordering::Release);
         flusher.thread.unpark();
         let _ = thread.join();
+    }
+}
+
+/// How often a shard applies log retention (when configured).
+const RETENTION_CHECK_MS: u64 = 10_000;
+
+/// Deletes the log's oldest segments that retention allows and the engine no longer needs:
+/// closed conversations that began in them are forgotten, and the first record of the open
+/// conversation that began first bounds what goes ([`Engine::retention_floor`]). A failure is
+/// said on stderr and tried again at the next check; the log is not poisoned by it.
+fn enforce_retention(engine: &mut Engine, log: &mut Log, now_ms: u64) {
+    let cut = log.retention_target(now_ms);
+    if cut <= log.start_offset() {
+        return;
+    }
+    let floor = engine.retention_floor(log, cut);
+    if let Err(e) = log.enforce_retention_below(now_ms, floor) {
+        eprintln!("kefu: shard {}: log retention: {e}", engine.shard());
     }
 }
 

@@ -1161,3 +1161,81 @@ fn a_full_shard_forgets_closed_conversations_and_keeps_taking_new_ones() {
     });
     create(&mut http, "acme", "my order is broken");
 }
+
+/// With `limits.log_retention_bytes_max`, a restart deletes the oldest segments, as far as no
+/// open conversation needs them: a closed conversation that began there is forgotten (404),
+/// an open one keeps its whole history, and a further SIGKILL restart recovers from the
+/// shortened log (skipping what is left of the forgotten conversation).
+#[test]
+fn log_retention_deletes_closed_conversations_and_keeps_open_ones_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        start_replacing(
+            dir.path(),
+            "1",
+            300,
+            600_000,
+            &[(
+                "log_retention_bytes_max = 0 ",
+                "log_retention_bytes_max = 8388608 ",
+            )],
+        )
+    };
+    let mut kefu = start();
+    let mut http = kefu.http();
+    status(&mut http, PA, "online");
+    let post = |http: &mut Http, id: &str, token: &str, n: usize| {
+        let body = json!({"text": "r".repeat(7000)}).to_string();
+        for _ in 0..n {
+            let r = http.post(
+                &format!("/v1/conversations/{id}/messages"),
+                Some(token),
+                &body,
+            );
+            assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        }
+    };
+    // ~8.4 MB in a conversation that then closes, ~4.2 MB in one that stays open.
+    let (old, old_visitor, _) = create(&mut http, "acme", "my order is broken");
+    post(&mut http, &old, &old_visitor, 1200);
+    assert_eq!(act(&mut http, &old, PA, "resolve", "").status, 200);
+    wait_view(&mut http, &old, Duration::from_secs(6), |v| {
+        v["state"] == "closed"
+    });
+    let (open, open_visitor, _) = create(&mut http, "acme", "my order is broken");
+    post(&mut http, &open, &open_visitor, 600);
+    let open_history = history(&mut http, &open, &open_visitor).len();
+    drop(http);
+    kefu.signal_and_wait(SIGKILL);
+    // The first check runs as the shard starts.
+    let mut kefu = start();
+    let mut http = kefu.http();
+    let metric = |http: &mut Http, name: &str| -> u64 {
+        let text = String::from_utf8(http.get("/metrics", None).body).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}{{shard=\"0\"}} ")))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&mut http, "kefu_log_start_offset") == 0 {
+        assert!(Instant::now() < deadline, "retention deleted nothing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(metric(&mut http, "kefu_log_disk_bytes") <= 8 << 20);
+    let r = http.get(&format!("/v1/conversations/{old}"), Some(ACME_CRM));
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(history(&mut http, &open, &open_visitor).len(), open_history);
+    drop(http);
+    kefu.signal_and_wait(SIGKILL);
+    let kefu = start();
+    let mut http = kefu.http();
+    assert_eq!(history(&mut http, &open, &open_visitor).len(), open_history);
+    post(&mut http, &open, &open_visitor, 1);
+    assert_eq!(
+        history(&mut http, &open, &open_visitor).len(),
+        open_history + 1
+    );
+    let r = http.get(&format!("/v1/conversations/{old}"), Some(ACME_CRM));
+    assert_eq!(r.status, 404);
+}

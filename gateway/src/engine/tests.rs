@@ -1183,3 +1183,66 @@ fn a_filling_conversation_index_makes_the_shard_forget_closed_conversations() {
     assert_eq!(log.forgotten[..], closed[..log.forgotten.len()]);
     assert!(!log.forgotten.contains(&open));
 }
+
+/// Retention's floor: closed conversations that began below the cut are forgotten, and the
+/// open conversation that began first holds the floor at its first record.
+#[test]
+fn the_retention_floor_is_the_first_open_conversation_s_first_record() {
+    let mut log = IndexedLog {
+        mem: MemLog::default(),
+        forgotten: Vec::new(),
+        entries_max: usize::MAX,
+    };
+    let mut e = engine_holding(100);
+    let closed = open_one(&mut e, &mut log, 1, true);
+    let pinning = open_one(&mut e, &mut log, 2, false);
+    let later = open_one(&mut e, &mut log, 3, false);
+    e.tick(&mut log, 5_000);
+    e.release(u64::MAX);
+    let first_of = |log: &IndexedLog, id: u64| {
+        log.mem
+            .frames
+            .iter()
+            .find(|(h, _)| h.conversation_id == id)
+            .unwrap()
+            .0
+            .log_offset
+    };
+    let pinned_at = first_of(&log, pinning);
+    assert!(first_of(&log, closed) < pinned_at && pinned_at < first_of(&log, later));
+    let end = log.mem.frames.len() as u64;
+    assert_eq!(e.retention_floor(&mut log, end), pinned_at);
+    assert_eq!(log.forgotten, [closed]);
+    assert_eq!(e.conversations_len(), 2);
+    // A cut below every conversation's first record forgets nothing more.
+    assert_eq!(e.retention_floor(&mut log, 0), 0);
+    assert_eq!(log.forgotten, [closed]);
+}
+
+/// Recovery of a log whose head retention deleted skips the records of conversations opened
+/// before its start; from a log that starts at 0 such a record is an error, as before.
+#[test]
+fn recovery_skips_what_is_left_of_conversations_opened_before_the_log_start() {
+    let mut log = MemLog::default();
+    let mut e = engine_holding(100);
+    let gone = open_one(&mut e, &mut log, 1, true);
+    e.tick(&mut log, 5_000);
+    e.release(u64::MAX);
+    let kept = open_one(&mut e, &mut log, 6, false);
+    // The log loses the first record of `gone` (its opening).
+    let rest: Vec<_> = log.frames[1..].to_vec();
+    let mut r = engine_holding(100);
+    r.begin_recovery(1);
+    for (h, p) in &rest {
+        r.recover_record(h, p).unwrap();
+    }
+    assert!(r.recovery_skipped() > 0);
+    assert_eq!(r.conversations_len(), 1);
+    assert!(r.state(kept).is_some() && r.state(gone).is_none());
+    let mut strict = engine_holding(100);
+    let err = rest
+        .iter()
+        .try_for_each(|(h, p)| strict.recover_record(h, p))
+        .unwrap_err();
+    assert!(err.contains("before opening"), "{err}");
+}
