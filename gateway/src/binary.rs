@@ -517,6 +517,8 @@ async fn session_loop(
 ) -> Result<Disconnect, (u16, u64, bool)> {
     let mut buf: Option<Vec<u8>> = None;
     let mut out: Vec<u8> = Vec::new();
+    // When the peer last sent a whole frame: bytes of an incomplete one do not count, so a
+    // peer that trickles a frame is closed by the idle timeout like a silent one.
     let mut last_rx = Instant::now();
     loop {
         // Decode and handle every complete frame.
@@ -544,6 +546,9 @@ async fn session_loop(
                 }
             }
             b.drain(..used_total);
+            if used_total > 0 {
+                last_rx = Instant::now();
+            }
         }
         let mut pending = take_vec(&PENDING_POOL);
         for msg in messages.drain(..) {
@@ -699,11 +704,10 @@ async fn session_loop(
                 buf = Some(b);
                 match res {
                     Ok(0) => return Ok(Disconnect::Closed),
-                    Ok(_) => last_rx = Instant::now(),
-                    // TLS records without data: traffic all the same.
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        last_rx = Instant::now()
-                    }
+                    // Traffic once whole frames are decoded from it (above).
+                    Ok(_) => {}
+                    // TLS records without data (a key update): nothing to decode.
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => return Ok(Disconnect::IoError),
                 }
             }

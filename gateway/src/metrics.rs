@@ -66,6 +66,17 @@ const STAGES: [(Stage, &str); 4] = [
     (Stage::Deliver, "deliver"),
 ];
 
+/// What `/metrics` shows of a shard's engine.
+pub struct EngineFigures {
+    pub conversations: usize,
+    /// Conversations forgotten so far (`Engine::forget_closed`).
+    pub forgotten: u64,
+    /// Idempotency keys kept (`Engine::idempotency_keys`).
+    pub idempotency_keys: usize,
+    /// Typing notices dropped over their sender's rate limit.
+    pub notices_dropped: u64,
+}
+
 pub struct ShardMetrics {
     pub connections_open: Cell<u64>,
     pub connections_total: Cell<u64>,
@@ -190,17 +201,14 @@ impl ShardMetrics {
         self.latency(Stage::LogSync, us);
     }
 
-    /// This shard's series in Prometheus text format.
-    /// `idempotency_keys`: the keys the shard's engine keeps (`Engine::idempotency_keys`);
-    /// `conversations`: the engine's conversations and those it forgot so far
-    /// (`Engine::forget_closed`).
-    pub fn render(
-        &self,
-        shard: u16,
-        (conversations, forgotten): (usize, u64),
-        idempotency_keys: usize,
-        log: &Log,
-    ) -> String {
+    /// This shard's series in Prometheus text format, with its engine's figures.
+    pub fn render(&self, shard: u16, engine: EngineFigures, log: &Log) -> String {
+        let EngineFigures {
+            conversations,
+            forgotten,
+            idempotency_keys,
+            notices_dropped,
+        } = engine;
         let mut out = String::with_capacity(4096);
         let s = shard;
         let mut line = |name: &str, labels: &str, value: u64| {
@@ -245,6 +253,7 @@ impl ShardMetrics {
         );
         line("kefu_conversations", "", conversations as u64);
         line("kefu_conversations_forgotten_total", "", forgotten);
+        line("kefu_notices_dropped_total", "", notices_dropped);
         line(
             "kefu_log_conversation_index_entries",
             "",

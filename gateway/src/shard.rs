@@ -971,12 +971,13 @@ fn handle(
             hold(reply, Outcome::Runs(runs), false, engine);
         }
         Command::Metrics { reply } => {
-            let mut text = metrics.render(
-                engine.shard(),
-                (engine.conversations_len(), engine.conversations_forgotten()),
-                engine.idempotency_keys().0,
-                log,
-            );
+            let figures = crate::metrics::EngineFigures {
+                conversations: engine.conversations_len(),
+                forgotten: engine.conversations_forgotten(),
+                idempotency_keys: engine.idempotency_keys().0,
+                notices_dropped: engine.notices_dropped(),
+            };
+            let mut text = metrics.render(engine.shard(), figures, log);
             crate::wake::render_metrics(&mut text);
             hold(reply, Outcome::Text(text), false, engine);
         }

@@ -653,7 +653,9 @@ struct Socket {
     /// Received bytes not yet decoded (an incomplete frame), in a pooled buffer; `None`
     /// between messages.
     buf: Option<Vec<u8>>,
-    /// When the peer last sent something, and when we last pinged ([`now_ms`]).
+    /// When the peer last sent a whole frame, and when we last pinged ([`now_ms`]). Bytes of
+    /// a frame that is not complete yet do not count: a peer that trickles a frame (one byte
+    /// a minute) is closed by the idle timeout like a silent one.
     last_rx: u32,
     last_ping: u32,
     conn_id: u64,
@@ -788,9 +790,10 @@ impl Socket {
                 self.buf = Some(b);
                 match res {
                     Ok(0) => return Err(Disconnect::Closed),
-                    Ok(_) => self.last_rx = now_ms(),
-                    // TLS records without data: traffic all the same.
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.last_rx = now_ms(),
+                    // Counted as traffic once `decode` finds whole frames in it.
+                    Ok(_) => {}
+                    // TLS records without data (a key update): nothing to decode.
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => return Err(Disconnect::IoError),
                 }
             }
@@ -1018,6 +1021,9 @@ impl Socket {
             }
         }
         b.drain(..used_total);
+        if used_total > 0 {
+            self.last_rx = now_ms();
+        }
         closing
     }
 

@@ -2285,6 +2285,90 @@ fn conversation_starts_are_rate_limited_per_address() {
     assert_eq!(http.post("/v1/conversations", None, &body).status, 201);
 }
 
+/// A WebSocket or binary-protocol peer that trickles a frame (one byte every 100 ms, each
+/// arriving as traffic) is closed by the idle timeout (600 ms here), as a silent one is: only
+/// whole frames count as traffic.
+#[test]
+fn a_trickled_frame_does_not_keep_a_websocket_or_binary_session_alive() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start_with(
+        &dir,
+        "1",
+        "never",
+        &[
+            ("idle_timeout_ms = 60000", "idle_timeout_ms = 600"),
+            ("ws_ping_interval_ms = 20000", "ws_ping_interval_ms = 500"),
+        ],
+    );
+    let mut http = kefu.http();
+    let (_, visitor) = create_conversation(&mut http, None);
+    // A masked text frame announcing 200 bytes, then its mask and payload a byte at a time.
+    let mut ws = Ws::connect(kefu.http, &format!("/v1/ws?token={visitor}")).expect("upgrade");
+    let mut frame = vec![0x81u8, 0x80 | 126, 0, 200, 1, 2, 3, 4];
+    frame.extend(std::iter::repeat_n(b'x', 200));
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    // Bounded: 60 bytes, 100 ms apart (6 s), far past the idle timeout.
+    for byte in frame.iter().take(60) {
+        ws.send_raw(&[*byte]);
+        std::thread::sleep(Duration::from_millis(100));
+        ws.stream_mut()
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .unwrap();
+        let mut probe = [0u8; 512];
+        match ws.stream_mut().read(&mut probe) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            // Pings, then the close frame (1001); the socket closes after it.
+            Ok(n) if probe[..n].windows(2).any(|w| w == [0x88, 0x02]) => {
+                closed = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(closed, "a trickled WebSocket frame kept the socket open");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The binary protocol: a Hello frame's bytes one at a time.
+    let mut hello = Vec::new();
+    kefu_protocol::binproto::encode_client(&ClientMsg::Hello { token: &visitor }, 0, &mut hello)
+        .unwrap();
+    assert!(hello.len() > 60);
+    let mut bin = std::net::TcpStream::connect(kefu.tcp).unwrap();
+    bin.set_read_timeout(Some(Duration::from_millis(1)))
+        .unwrap();
+    let mut closed = false;
+    for byte in hello.iter().take(60) {
+        if bin.write_all(&[*byte]).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mut probe = [0u8; 512];
+        match bin.read(&mut probe) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(closed, "a trickled binary frame kept the session open");
+}
+
 #[test]
 fn overload_answers_503_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
@@ -2661,6 +2745,11 @@ fn typing_and_read_notices_beyond_the_rate_limit_are_dropped_or_refused() {
         let reason = e["error"].as_str().unwrap();
         assert!(reason.contains("rate limit"), "{e}");
     }
+    // The typing notices dropped are counted.
+    assert_eq!(
+        shard0_metric(&mut http, "kefu_notices_dropped_total{shard=\"0\"}"),
+        Some(7)
+    );
 }
 
 /// Files the config names are part of the config: a missing TLS certificate or intents file is
