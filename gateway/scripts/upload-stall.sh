@@ -10,11 +10,12 @@ $BIN --http 127.0.0.1:0 --tcp 127.0.0.1:0 --data-dir $D/data --shards 1 > $D/out
 PID=$!
 for _ in $(seq 100); do grep -q '^kefu ready' $D/out && break; sleep 0.1; done
 PORT=$(grep -o 'http=127.0.0.1:[0-9]*' $D/out | cut -d: -f2)
-R=$(curl -s -X POST 127.0.0.1:$PORT/v1/conversations -d '{"visitor":{"name":"U"},"channel":"web"}')
-CID=$(echo "$R" | python3 -c 'import json,sys; print(json.load(sys.stdin)["conversation_id"])')
-TOK=$(echo "$R" | python3 -c 'import json,sys; print(json.load(sys.stdin)["visitor_token"])')
 if [[ $UP == 1 ]]; then
+  # A conversation per upload: one conversation takes at most 100 MiB of attachments.
   ( end=$((SECONDS + 14)); n=0; while (( SECONDS < end )); do
+      R=$(curl -s -X POST 127.0.0.1:$PORT/v1/conversations -d '{"visitor":{"name":"U"},"channel":"web"}')
+      CID=$(echo "$R" | python3 -c 'import json,sys; print(json.load(sys.stdin)["conversation_id"])')
+      TOK=$(echo "$R" | python3 -c 'import json,sys; print(json.load(sys.stdin)["visitor_token"])')
       curl -s -o /dev/null -H "Authorization: Bearer $TOK" -H 'Content-Type: image/png' --data-binary @$D/blob 127.0.0.1:$PORT/v1/conversations/$CID/attachments; n=$((n+1)); done; echo "uploads: $n" ) &
   UPID=$!
 fi

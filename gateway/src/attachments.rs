@@ -24,9 +24,11 @@
 //! gateway runs uploads on [`UploadWriter`]'s thread, so a shard never waits for a 10 MiB
 //! write and its fsyncs.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -47,6 +49,8 @@ const META_SUFFIX: &str = ".json";
 pub enum AttachmentError {
     #[error("attachment larger than size_bytes_max = {size_bytes_max}")]
     TooLarge { size_bytes_max: u64 },
+    #[error("the conversation's attachments are at their limit ({limit})")]
+    ConversationFull { limit: String },
     #[error("content type {content_type:?} is not allowed")]
     UnsupportedType { content_type: String },
     #[error("body has {received} bytes but Content-Length said {declared}")]
@@ -62,7 +66,7 @@ pub enum AttachmentError {
 impl AttachmentError {
     pub fn http_status(&self) -> u16 {
         match self {
-            AttachmentError::TooLarge { .. } => 413,
+            AttachmentError::TooLarge { .. } | AttachmentError::ConversationFull { .. } => 413,
             AttachmentError::UnsupportedType { .. } => 415,
             AttachmentError::LengthMismatch { .. } => 400,
             AttachmentError::NotFound => 404,
@@ -96,6 +100,54 @@ pub struct Cleanup {
 #[derive(Debug, Clone)]
 pub struct AttachmentStore {
     root: PathBuf,
+    /// Attachments per conversation, stored or being uploaded (see [`Usage`]).
+    usage: Arc<Mutex<HashMap<u64, Usage>>>,
+}
+
+/// A conversation's attachments: count and bytes, the uploads in progress included (reserved
+/// at [`AttachmentStore::begin`] with their declared length, given back if they fail). Built
+/// at open from the metadata files. Behind a mutex taken once per upload start and end, never
+/// on the message path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub count: u32,
+    pub bytes: u64,
+}
+
+/// An upload's hold on its conversation's [`Usage`], given back on drop unless kept.
+#[derive(Debug)]
+struct Reservation {
+    usage: Arc<Mutex<HashMap<u64, Usage>>>,
+    conversation: u64,
+    bytes: u64,
+    kept: bool,
+}
+
+impl Reservation {
+    /// The upload is stored, with `size` bytes: its usage stays.
+    fn keep(&mut self, size: u64) {
+        let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(u) = usage.get_mut(&self.conversation) {
+            u.bytes = u.bytes.saturating_sub(self.bytes) + size;
+        }
+        self.kept = true;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(u) = usage.get_mut(&self.conversation) {
+            u.count = u.count.saturating_sub(1);
+            u.bytes = u.bytes.saturating_sub(self.bytes);
+            if u.count == 0 {
+                usage.remove(&self.conversation);
+            }
+        }
+    }
 }
 
 /// The lowercase `type/subtype` of a `Content-Type` value, without parameters; `None` if it is
@@ -146,11 +198,22 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl AttachmentStore {
+    /// A conversation's attachments, stored or in progress.
+    pub fn usage(&self, conversation: u64) -> Usage {
+        self.usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&conversation)
+            .copied()
+            .unwrap_or_default()
+    }
+
     /// Opens (creating) `<data_dir>/attachments` and removes what interrupted uploads left.
     pub fn open(data_dir: &Path) -> std::io::Result<(Self, Cleanup)> {
         let root = data_dir.join(ATTACHMENTS_DIR);
         std::fs::create_dir_all(&root)?;
         let mut cleanup = Cleanup::default();
+        let mut usage: HashMap<u64, Usage> = HashMap::new();
         for tenant_dir in std::fs::read_dir(&root)? {
             let tenant_dir = tenant_dir?;
             if !tenant_dir.file_type()?.is_dir() {
@@ -168,13 +231,27 @@ impl AttachmentStore {
                     // Data renamed into place but the metadata never committed.
                     std::fs::remove_file(entry.path())?;
                     cleanup.orphans_removed += 1;
+                } else if let Some(id) = name.strip_suffix(META_SUFFIX)
+                    && valid_id(id)
+                    && let Ok(text) = std::fs::read(entry.path())
+                    && let Ok(meta) = serde_json::from_slice::<AttachmentMeta>(&text)
+                {
+                    let u = usage.entry(meta.conversation).or_default();
+                    u.count += 1;
+                    u.bytes += meta.size;
                 }
             }
             if cleanup != Cleanup::default() {
                 File::open(&dir)?.sync_all()?;
             }
         }
-        Ok((Self { root }, cleanup))
+        Ok((
+            Self {
+                root,
+                usage: Arc::new(Mutex::new(usage)),
+            },
+            cleanup,
+        ))
     }
 
     /// The tenant's directory. Tenant names are validated at config load ([A-Za-z0-9_-]); a name
@@ -214,6 +291,36 @@ impl AttachmentStore {
             });
         }
         let dir = self.tenant_dir(tenant)?;
+        // Without a declared length the upload may be as large as the limit.
+        let bytes = declared_len.unwrap_or(limits.size_bytes_max);
+        let reservation = {
+            let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+            let u = usage.entry(conversation).or_default();
+            if u.count >= limits.per_conversation_count_max {
+                return Err(AttachmentError::ConversationFull {
+                    limit: format!(
+                        "per_conversation_count_max = {}",
+                        limits.per_conversation_count_max
+                    ),
+                });
+            }
+            if u.bytes + bytes > limits.per_conversation_bytes_max {
+                return Err(AttachmentError::ConversationFull {
+                    limit: format!(
+                        "per_conversation_bytes_max = {}, {} used",
+                        limits.per_conversation_bytes_max, u.bytes
+                    ),
+                });
+            }
+            u.count += 1;
+            u.bytes += bytes;
+            Reservation {
+                usage: self.usage.clone(),
+                conversation,
+                bytes,
+                kept: false,
+            }
+        };
         std::fs::create_dir_all(&dir)?;
         let id = new_id()?;
         let tmp_path = dir.join(format!("{UPLOAD_PREFIX}{id}{TMP_SUFFIX}"));
@@ -222,6 +329,7 @@ impl AttachmentStore {
             .create_new(true)
             .open(&tmp_path)?;
         Ok(Upload {
+            reservation,
             dir,
             tmp_path,
             file: Some(file),
@@ -291,6 +399,8 @@ impl AttachmentStore {
 /// An upload in progress. Dropping it without [`Upload::finish`] removes its temp file.
 #[derive(Debug)]
 pub struct Upload {
+    /// Its conversation's usage, held until the upload is stored (then kept) or fails.
+    reservation: Reservation,
     dir: PathBuf,
     tmp_path: PathBuf,
     file: Option<File>,
@@ -367,8 +477,11 @@ impl Upload {
             }
             Ok(meta)
         })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&self.tmp_path);
+        match &result {
+            Ok(meta) => self.reservation.keep(meta.size),
+            Err(_) => {
+                let _ = std::fs::remove_file(&self.tmp_path);
+            }
         }
         result
     }
@@ -469,7 +582,83 @@ mod tests {
         AttachmentConfig {
             size_bytes_max,
             content_types: vec!["image/*".into(), "application/pdf".into()],
+            per_conversation_count_max: 100,
+            per_conversation_bytes_max: 100 * size_bytes_max,
         }
+    }
+
+    /// Stores one attachment of `len` bytes in `conversation`.
+    fn store_one(
+        store: &AttachmentStore,
+        conversation: u64,
+        len: usize,
+        limits: &AttachmentConfig,
+    ) -> Result<AttachmentMeta, AttachmentError> {
+        let mut upload =
+            store.begin("acme", conversation, "image/png", Some(len as u64), limits)?;
+        upload.write_chunk(&vec![7u8; len])?;
+        upload.finish()
+    }
+
+    /// A conversation takes at most `per_conversation_count_max` attachments and
+    /// `per_conversation_bytes_max` bytes of them (413 beyond, nothing written); a failed
+    /// upload gives its share back; other conversations are not affected; a reopened store
+    /// counts what is on disk.
+    #[test]
+    fn a_conversation_s_attachments_are_bounded_in_count_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = AttachmentStore::open(dir.path()).unwrap();
+        let mut l = limits(1000);
+        l.per_conversation_count_max = 3;
+        l.per_conversation_bytes_max = 2500;
+        store_one(&store, 1, 1000, &l).unwrap();
+        store_one(&store, 1, 1000, &l).unwrap();
+        // 2000 + 1000 > 2500.
+        let e = store_one(&store, 1, 1000, &l).unwrap_err();
+        assert_eq!(e.http_status(), 413);
+        assert!(e.to_string().contains("per_conversation_bytes_max"), "{e}");
+        // A failed upload (length mismatch) gives back what it reserved.
+        let mut upload = store.begin("acme", 1, "image/png", Some(400), &l).unwrap();
+        upload.write_chunk(&[1; 10]).unwrap();
+        assert!(upload.finish().is_err());
+        assert_eq!(
+            store.usage(1),
+            Usage {
+                count: 2,
+                bytes: 2000
+            }
+        );
+        store_one(&store, 1, 400, &l).unwrap();
+        let e = store_one(&store, 1, 1, &l).unwrap_err();
+        assert!(
+            e.to_string().contains("per_conversation_count_max = 3"),
+            "{e}"
+        );
+        store_one(&store, 2, 1000, &l).unwrap();
+        let before = files(dir.path()).len();
+        assert!(store_one(&store, 1, 1, &l).is_err());
+        assert_eq!(
+            files(dir.path()).len(),
+            before,
+            "a refused upload writes nothing"
+        );
+        drop(store);
+        let (store, _) = AttachmentStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.usage(1),
+            Usage {
+                count: 3,
+                bytes: 2400
+            }
+        );
+        assert_eq!(
+            store.usage(2),
+            Usage {
+                count: 1,
+                bytes: 1000
+            }
+        );
+        assert!(store_one(&store, 1, 1, &l).is_err());
     }
 
     /// Every file under the store, relative, sorted.
@@ -598,8 +787,8 @@ mod tests {
         assert!(store.open_for_download("acme", &meta.id).is_ok());
         // An empty allow-list turns attachments off.
         let off = AttachmentConfig {
-            size_bytes_max: 10,
             content_types: vec![],
+            ..limits(10)
         };
         assert_eq!(
             store

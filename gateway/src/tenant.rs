@@ -15,7 +15,7 @@
 //! route_on_one_shard = true           # false: per-shard routing (capacity per shard), all cores for this tenant
 //! auto_replies_per_conversation_max = 3
 //! visitor_rate_limit = { messages_per_s = 5, burst = 20, visitors_tracked_max = 65536 }
-//! attachments = { size_bytes_max = 10485760, content_types = ["image/*", "application/pdf"] }
+//! attachments = { size_bytes_max = 10485760, content_types = ["image/*", "application/pdf"], per_conversation_count_max = 100, per_conversation_bytes_max = 104857600 }
 //!
 //! [[tenant.agent]]
 //! name = "alice"
@@ -247,18 +247,24 @@ impl Default for RateLimitConfig {
 }
 
 /// Upload limits: 413 above `size_bytes_max`, 415 for a type not in `content_types`
-/// (`type/subtype` or `type/*`, lowercase; parameters such as `; charset=` are ignored).
+/// (`type/subtype` or `type/*`, lowercase; parameters such as `; charset=` are ignored), and
+/// 413 once a conversation holds `per_conversation_count_max` attachments or would hold more
+/// than `per_conversation_bytes_max` bytes of them.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AttachmentConfig {
     pub size_bytes_max: u64,
     pub content_types: Vec<String>,
+    pub per_conversation_count_max: u32,
+    pub per_conversation_bytes_max: u64,
 }
 
 impl Default for AttachmentConfig {
     fn default() -> Self {
         Self {
             size_bytes_max: 10 * 1024 * 1024,
+            per_conversation_count_max: 100,
+            per_conversation_bytes_max: 100 * 1024 * 1024,
             content_types: [
                 "image/png",
                 "image/jpeg",
@@ -600,6 +606,21 @@ impl TenantConfig {
                 format!(
                     "{} is not in 1..={ATTACHMENT_SIZE_BYTES_MAX}",
                     attachments.size_bytes_max
+                ),
+            ));
+        }
+        if attachments.per_conversation_count_max == 0 {
+            return Err(bad(
+                format!("{at}.attachments.per_conversation_count_max"),
+                "must be at least 1".to_owned(),
+            ));
+        }
+        if attachments.per_conversation_bytes_max < attachments.size_bytes_max {
+            return Err(bad(
+                format!("{at}.attachments.per_conversation_bytes_max"),
+                format!(
+                    "{} is below size_bytes_max = {}",
+                    attachments.per_conversation_bytes_max, attachments.size_bytes_max
                 ),
             ));
         }

@@ -1854,6 +1854,48 @@ fn a_trickled_request_gets_408_and_a_body_too_large_for_its_endpoint_413_from_it
     assert_eq!(http.get("/healthz", None).status, 200);
 }
 
+/// A conversation takes at most the tenant's `attachments.per_conversation_count_max`
+/// uploads (here 2): the next is answered 413 naming the limit, and another conversation may
+/// still upload.
+#[test]
+fn a_conversation_s_attachments_are_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let kefu = start_with(
+        &dir,
+        "1",
+        "never",
+        &[(
+            "name = \"demo\"",
+            "name = \"demo\"\nattachments = { per_conversation_count_max = 2 }",
+        )],
+    );
+    let mut http = kefu.http();
+    let (id, visitor) = create_conversation(&mut http, None);
+    let (other, other_visitor) = create_conversation(&mut http, None);
+    let upload = |http: &mut Http, id: &str, token: &str| {
+        let body = [1u8; 100];
+        let mut req = format!(
+            "POST /v1/conversations/{id}/attachments HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer {token}\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&body);
+        http.send_raw(&req);
+        http.read_response()
+    };
+    for _ in 0..2 {
+        assert_eq!(upload(&mut http, &id, &visitor).status, 201);
+    }
+    let r = upload(&mut http, &id, &visitor);
+    assert_eq!(r.status, 413);
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("per_conversation_count_max = 2"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(upload(&mut http, &other, &other_visitor).status, 201);
+}
+
 /// A TCP connection to `addr` whose receive buffer is 4 KiB, set before the handshake so the
 /// window the peer sees stays small.
 fn connect_small_rcvbuf(addr: std::net::SocketAddr) -> std::net::TcpStream {
