@@ -1008,6 +1008,14 @@ impl Engine {
         };
         let appended = self.append_event(log, id, None, queued, Some(opened), now_us);
         if let Err(e) = appended {
+            // Its opening record was not stored (a refusal of the log, e.g. its conversation
+            // index is full, does not poison the engine): the conversation must not exist
+            // either, or later records of it would have no opening and recovery would fail.
+            self.conversations.remove(&id);
+            let _ = self.tenants[tenant as usize]
+                .router
+                .resolve(id, &mut effects);
+            effects.clear();
             self.effects = effects;
             return Err(e);
         }

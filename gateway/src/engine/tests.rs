@@ -1246,3 +1246,68 @@ fn recovery_skips_what_is_left_of_conversations_opened_before_the_log_start() {
         .unwrap_err();
     assert!(err.contains("before opening"), "{err}");
 }
+
+/// A log that refuses every record without writing it (as a full conversation index does).
+struct RefusingLog {
+    mem: MemLog,
+    refuse: bool,
+}
+
+impl RecordLog for RefusingLog {
+    fn append(&mut self, header: &Header, payload: &[u8]) -> Result<u64, String> {
+        self.mem.append(header, payload)
+    }
+
+    fn append_record(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        frame: &mut Vec<u8>,
+    ) -> Result<u64, AppendError> {
+        if self.refuse {
+            return Err(AppendError::Refused("conversation index full".into()));
+        }
+        self.append_framed(header, payload, frame)
+            .map_err(AppendError::from_message)
+    }
+
+    fn read_conversation(
+        &mut self,
+        conv: u64,
+        after_seq: u64,
+        limit: usize,
+        each: &mut dyn FnMut(&Header, &[u8]),
+    ) -> Result<(), String> {
+        self.mem.read_conversation(conv, after_seq, limit, each)
+    }
+}
+
+/// A start whose opening record the log refuses leaves nothing behind: no conversation, no
+/// queue place (the next start is first in its queue), the engine not poisoned, and the log
+/// recovers.
+#[test]
+fn a_start_the_log_refuses_leaves_no_conversation_behind() {
+    let mut log = RefusingLog {
+        mem: MemLog::default(),
+        refuse: false,
+    };
+    let mut e = engine(0);
+    log.refuse = true;
+    let err = e
+        .create(&mut log, 0, "Ann", "web", None, Some("support"), 1_000)
+        .unwrap_err();
+    assert_eq!(err.status(), 503, "{err}");
+    assert_eq!(e.conversations_len(), 0);
+    log.refuse = false;
+    let c = e
+        .create(&mut log, 0, "Bo", "web", None, Some("support"), 2_000)
+        .unwrap();
+    assert_eq!(c.queue_position, Some(1));
+    assert_eq!(e.conversations_len(), 1);
+    e.release(u64::MAX);
+    let mut r = engine(0);
+    for (h, p) in &log.mem.frames {
+        r.recover_record(h, p).unwrap();
+    }
+    assert_eq!(r.conversations_len(), 1);
+}
