@@ -89,6 +89,10 @@ pub trait RecordLog {
     }
 }
 
+/// Entries of the log's conversation index a command needs free before it starts (see
+/// `Engine::check_room`): more than any one command appends.
+pub const INDEX_ROOM_MIN: usize = 256;
+
 /// Closed conversations forgotten at once when room is needed (a create on a full shard, the
 /// log's conversation index filling up).
 pub const FORGET_BATCH: usize = 64;
@@ -921,6 +925,21 @@ impl Engine {
         }
     }
 
+    /// Refuses a command (503) while the log's conversation index is within
+    /// [`INDEX_ROOM_MIN`] entries of its limit (only when none of the shard's conversations is
+    /// closed: the tick forgets those first). Checked before the command changes anything, so
+    /// the index's own refusal does not come halfway through it, after the router moved.
+    fn check_room(&self, log: &dyn RecordLog) -> Result<(), EngineError> {
+        let (entries, max) = log.conversation_index();
+        if entries.saturating_add(INDEX_ROOM_MIN) > max {
+            return Err(EngineError::Overloaded(format!(
+                "the shard log's conversation index is full ({entries} of {max} entries) and \
+                 none of its conversations is closed"
+            )));
+        }
+        Ok(())
+    }
+
     /// Opens a conversation owned by this shard.
     #[allow(clippy::too_many_arguments)]
     pub fn create(
@@ -934,6 +953,7 @@ impl Engine {
         now_us: u64,
     ) -> Result<Created, EngineError> {
         self.check_writable()?;
+        self.check_room(log)?;
         if self.conversations.len() >= self.limits.conversations_max {
             self.forget_closed(Some(log), FORGET_BATCH);
         }
@@ -1437,6 +1457,7 @@ impl Engine {
             });
         }
         self.check_writable()?;
+        self.check_room(log)?;
         match conv.state {
             ConversationState::Closed => {
                 return Err(EngineError::Conflict {
@@ -1540,6 +1561,7 @@ impl Engine {
         now_us: u64,
     ) -> Result<ConversationState, EngineError> {
         self.check_writable()?;
+        self.check_room(log)?;
         let conv = self.conv(id)?;
         if conv.tenant != tenant {
             return Err(EngineError::Forbidden(
@@ -1670,6 +1692,7 @@ impl Engine {
         online: bool,
         now_us: u64,
     ) -> Result<(), EngineError> {
+        self.check_room(log)?;
         let Some(t) = self.tenants.get_mut(tenant as usize) else {
             return Err(EngineError::BadRequest("unknown tenant".into()));
         };

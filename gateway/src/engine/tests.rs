@@ -1311,3 +1311,39 @@ fn a_start_the_log_refuses_leaves_no_conversation_behind() {
     }
     assert_eq!(r.conversations_len(), 1);
 }
+
+/// With the log's conversation index within `INDEX_ROOM_MIN` entries of its limit and nothing
+/// closed to forget, commands are refused (503) before they change anything; with room again
+/// they go on.
+#[test]
+fn a_full_conversation_index_refuses_commands_before_they_start() {
+    let mut log = IndexedLog {
+        mem: MemLog::default(),
+        forgotten: Vec::new(),
+        entries_max: usize::MAX,
+    };
+    let mut e = engine_holding(100);
+    let id = open_one(&mut e, &mut log, 1, false);
+    let (entries, _) = log.conversation_index();
+    log.entries_max = entries + INDEX_ROOM_MIN - 1;
+    let visitor = Actor::Visitor {
+        tenant: 0,
+        conversation_id: id,
+    };
+    let err = e
+        .create(&mut log, 0, "Ann", "web", None, Some("support"), 2_000)
+        .unwrap_err();
+    assert_eq!(err.status(), 503);
+    assert!(
+        err.to_string().contains("conversation index is full"),
+        "{err}"
+    );
+    let err = e
+        .send(&mut log, id, &visitor, "hi", None, 2_001)
+        .unwrap_err();
+    assert_eq!(err.status(), 503);
+    assert_eq!(e.conversations_len(), 1);
+    assert_eq!(log.conversation_index().0, entries, "nothing written");
+    log.entries_max = entries + INDEX_ROOM_MIN;
+    e.send(&mut log, id, &visitor, "hi", None, 2_002).unwrap();
+}
