@@ -529,6 +529,11 @@ pub struct Engine {
     recovery_log_start: u64,
     /// Records recovery skipped for that reason.
     recovery_skipped: u64,
+    /// Log offset of the opening record of the newest conversation (the highest local id) the
+    /// shard opened. Retention keeps it: recovery takes the next id from the records it reads,
+    /// and an id must never be handed out twice (an old visitor token would open the new
+    /// conversation).
+    newest_opening: u64,
     registry: Arc<TenantRegistry>,
     /// The agent accepting a conversation, so its `assigned` event names who did it (audit).
     accepted_by: Option<(u64, Participant)>,
@@ -605,6 +610,7 @@ impl Engine {
             forgotten_in_recovery: Vec::new(),
             recovery_log_start: 0,
             recovery_skipped: 0,
+            newest_opening: 0,
             registry,
             accepted_by: None,
             queue_reason: None,
@@ -702,33 +708,39 @@ impl Engine {
     }
 
     /// The offset log retention may delete records below: at most `cut` (where retention
-    /// would start the log by its own rules). Closed conversations that began below `cut`
-    /// are forgotten first (their records would go); the open conversation that began first
-    /// holds the floor where it began, as everything from there on is still needed to
-    /// rebuild it.
-    pub fn retention_floor(&mut self, log: &mut dyn RecordLog, cut: u64) -> u64 {
+    /// would start the log by its own rules), never past the first record of a conversation
+    /// the shard still needs (every one but those closed with all their records released),
+    /// nor past the opening record of the newest conversation (see `newest_opening`).
+    pub fn retention_floor(&self, cut: u64) -> u64 {
+        let needed = self
+            .conversations
+            .values()
+            .filter(|c| !(c.state == ConversationState::Closed && c.released_seq == c.last_seq))
+            .map(|c| c.first_offset)
+            .min()
+            .unwrap_or(u64::MAX);
+        cut.min(needed).min(self.newest_opening)
+    }
+
+    /// After retention moved the log's start to `start`: forgets the closed conversations that
+    /// began below it (their first records are gone; what is left of them is skipped by a
+    /// later recovery), and drops the stale entries of `closed`.
+    pub fn forget_below(&mut self, log: &mut dyn RecordLog, start: u64) {
         let doomed: Vec<u64> = self
             .closed
             .iter()
             .copied()
             .filter(|id| {
-                self.conversations.get(id).is_some_and(|c| {
-                    c.state == ConversationState::Closed
-                        && c.first_offset < cut
-                        && c.released_seq == c.last_seq
-                })
+                self.conversations
+                    .get(id)
+                    .is_some_and(|c| c.first_offset < start)
             })
             .collect();
         for id in doomed {
             self.forget_one(Some(&mut *log), id);
         }
-        let floor = self
-            .conversations
-            .values()
-            .map(|c| c.first_offset)
-            .min()
-            .unwrap_or(u64::MAX);
-        cut.min(floor)
+        let conversations = &self.conversations;
+        self.closed.retain(|id| conversations.contains_key(id));
     }
 
     /// During recovery, between reads of the log: drops the conversations recovery forgot so
@@ -737,6 +749,8 @@ impl Engine {
         for id in self.forgotten_in_recovery.drain(..) {
             log.forget_conversation(id);
         }
+        // As live: closed conversations go while the index is past its high-water mark.
+        self.relieve_index(log);
     }
 
     /// After recovery: drops the conversations recovery forgot from the log's index too, then
@@ -1012,6 +1026,7 @@ impl Engine {
                 first_offset: self.appended_end,
             }),
         );
+        self.newest_opening = self.appended_end;
         let position = self.tenants[tenant as usize]
             .router
             .position(id)
@@ -1370,6 +1385,7 @@ impl Engine {
     fn close_idle(&mut self, log: &mut dyn RecordLog, now_ms: u64) {
         for tenant in 0..self.tenants.len() {
             while self.poisoned.is_none()
+                && self.check_room(log).is_ok()
                 && let Some(id) = self.tenants[tenant].auto_close.pop_due(now_ms)
             {
                 self.close_one_idle(log, id, now_ms);
@@ -1957,6 +1973,9 @@ impl Engine {
                         }),
                     );
                     self.next_order += 1;
+                    if local + 1 >= self.next_local {
+                        self.newest_opening = header.log_offset;
+                    }
                 } else if self.opened_before_log_start(id) {
                     return Ok(());
                 }
@@ -2036,8 +2055,14 @@ impl Engine {
 
     /// Time-driven routing work (agents whose socket grace ran out).
     pub fn tick(&mut self, log: &mut dyn RecordLog, now_ms: u64) {
-        self.close_idle(log, now_ms);
         self.relieve_index(log);
+        // The timers' work writes records: it waits (its timers stay due) while the log's
+        // index has no room, like commands do (`check_room`), rather than being cut off
+        // halfway with the router moved and the records refused.
+        if self.check_room(log).is_err() {
+            return;
+        }
+        self.close_idle(log, now_ms);
         self.notice_lost_sockets(now_ms);
         for tenant in 0..self.tenants.len() {
             let mut effects = std::mem::take(&mut self.effects);

@@ -704,18 +704,21 @@ pub async fn committer(
 /// How often a shard applies log retention (when configured).
 const RETENTION_CHECK_MS: u64 = 10_000;
 
-/// Deletes the log's oldest segments that retention allows and the engine no longer needs:
-/// closed conversations that began in them are forgotten, and the first record of the open
-/// conversation that began first bounds what goes ([`Engine::retention_floor`]). A failure is
+/// Deletes the log's oldest segments that retention allows and the engine no longer needs
+/// ([`Engine::retention_floor`]: the first record of every conversation not closed, and the
+/// newest conversation's opening, stay), then forgets the closed conversations that began in
+/// them ([`Engine::forget_below`]). A failure is
 /// said on stderr and tried again at the next check; the log is not poisoned by it.
 fn enforce_retention(engine: &mut Engine, log: &mut Log, now_ms: u64) {
     let cut = log.retention_target(now_ms);
     if cut <= log.start_offset() {
         return;
     }
-    let floor = engine.retention_floor(log, cut);
-    if let Err(e) = log.enforce_retention_below(now_ms, floor) {
-        eprintln!("kefu: shard {}: log retention: {e}", engine.shard());
+    let floor = engine.retention_floor(cut);
+    match log.enforce_retention_below(now_ms, floor) {
+        Ok(r) if r.segments_deleted > 0 => engine.forget_below(log, r.start_offset),
+        Ok(_) => {}
+        Err(e) => eprintln!("kefu: shard {}: log retention: {e}", engine.shard()),
     }
 }
 

@@ -1184,8 +1184,9 @@ fn a_filling_conversation_index_makes_the_shard_forget_closed_conversations() {
     assert!(!log.forgotten.contains(&open));
 }
 
-/// Retention's floor: closed conversations that began below the cut are forgotten, and the
-/// open conversation that began first holds the floor at its first record.
+/// Retention's floor: the first record of every conversation not closed, and the opening of
+/// the newest conversation; `forget_below` then forgets the closed ones that began below the
+/// log's new start.
 #[test]
 fn the_retention_floor_is_the_first_open_conversation_s_first_record() {
     let mut log = IndexedLog {
@@ -1211,12 +1212,71 @@ fn the_retention_floor_is_the_first_open_conversation_s_first_record() {
     let pinned_at = first_of(&log, pinning);
     assert!(first_of(&log, closed) < pinned_at && pinned_at < first_of(&log, later));
     let end = log.mem.frames.len() as u64;
-    assert_eq!(e.retention_floor(&mut log, end), pinned_at);
+    assert_eq!(e.retention_floor(end), pinned_at);
+    assert_eq!(e.retention_floor(0), 0);
+    // The log now starts at the floor: the closed conversation that began below it goes.
+    e.forget_below(&mut log, pinned_at);
     assert_eq!(log.forgotten, [closed]);
     assert_eq!(e.conversations_len(), 2);
-    // A cut below every conversation's first record forgets nothing more.
-    assert_eq!(e.retention_floor(&mut log, 0), 0);
-    assert_eq!(log.forgotten, [closed]);
+}
+
+/// Retention never deletes the opening of the newest conversation, so a recovery of what it
+/// kept hands out new ids only: an id given again would let an old visitor token open a
+/// stranger's conversation.
+#[test]
+fn retention_keeps_the_newest_opening_so_ids_are_never_given_twice() {
+    let mut log = MemLog::default();
+    let mut e = engine_holding(100);
+    let a = e
+        .create(&mut log, 0, "Ann", "web", None, Some("support"), 1_000)
+        .unwrap()
+        .conversation_id;
+    let b = open_one(&mut e, &mut log, 2, true);
+    let visitor_a = Actor::Visitor {
+        tenant: 0,
+        conversation_id: a,
+    };
+    for i in 0..5 {
+        e.send(&mut log, a, &visitor_a, "more", None, 3_000 + i)
+            .unwrap();
+    }
+    // A closes too: nothing is open, so only the newest opening holds the floor.
+    let agent = match e.view(a, &visitor_a).unwrap().agent {
+        Some(agent) => agent,
+        None => {
+            e.transition(&mut log, a, "bob", 0, &Transition::Accept, 4_000)
+                .unwrap();
+            "bob".to_owned()
+        }
+    };
+    e.transition(&mut log, a, &agent, 0, &Transition::Resolve, 4_001)
+        .unwrap();
+    e.release(u64::MAX);
+    e.tick(&mut log, 10_000);
+    e.release(u64::MAX);
+    assert_eq!(e.state(a).unwrap().0, ConversationState::Closed);
+    assert_eq!(e.state(b).unwrap().0, ConversationState::Closed);
+    let end = log.frames.len() as u64;
+    let floor = e.retention_floor(end);
+    let b_opening = log
+        .frames
+        .iter()
+        .find(|(h, _)| h.conversation_id == b)
+        .unwrap()
+        .0
+        .log_offset;
+    assert_eq!(floor, b_opening);
+    // A recovery of what retention keeps.
+    let mut r = engine_holding(100);
+    r.begin_recovery(floor);
+    for (h, p) in log.frames.iter().filter(|(h, _)| h.log_offset >= floor) {
+        r.recover_record(h, p).unwrap();
+    }
+    let next = r
+        .create(&mut log, 0, "Cy", "web", None, Some("support"), 20_000)
+        .unwrap()
+        .conversation_id;
+    assert!(next != a && next != b, "id {next:#x} given twice");
 }
 
 /// Recovery of a log whose head retention deleted skips the records of conversations opened
