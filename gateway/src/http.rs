@@ -241,9 +241,11 @@ fn check_body_framing(
     let too_large = match head.body {
         kefu_protocol::http::BodyFraming::None => false,
         kefu_protocol::http::BodyFraming::Length(n) => n > max,
-        // Chunk size lines and CRLFs: generously a quarter of the data plus 1 KiB.
+        // Chunk size lines and CRLFs: at most `CHUNKS_COUNT_MAX` chunks (the parser refuses
+        // more), each with up to 16 bytes of framing, plus the last chunk and trailers.
         kefu_protocol::http::BodyFraming::Chunked => {
-            buffered.saturating_sub(head.head_len) as u64 > max + max / 4 + 1024
+            let framing = u64::from(kefu_protocol::http::CHUNKS_COUNT_MAX) * 16 + 1024;
+            buffered.saturating_sub(head.head_len) as u64 > max + framing
         }
     };
     if too_large {
@@ -511,7 +513,8 @@ pub async fn serve(
     let peer_ip = peer.map_or(0, |a| crate::ratelimit::ip_key(a.ip()));
     let conn = match (&ctx.shared.tls, tls) {
         (_, Some(session)) => Conn::resume(stream, session),
-        (Some(cfg), None) if ctx.shared.config.tls.as_ref().is_some_and(|t| t.http) => {
+        // The admin listener is plain, whatever `tls.http` says.
+        (Some(cfg), None) if !admin && ctx.shared.config.tls.as_ref().is_some_and(|t| t.http) => {
             match Conn::tls(stream, cfg.clone()) {
                 Ok(c) => c,
                 Err(_) => return Served::Closed(Disconnect::IoError),
@@ -784,16 +787,25 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
             rec.route = route_id(&req.head);
         }
         let trace_ref = traced.then_some(&trace);
-        let routed = match message_send_target(&req.head) {
+        // (The admin listener serves no sends: `route` answers them 404.)
+        let send_target = if peer.admin {
+            None
+        } else {
+            message_send_target(&req.head)
+        };
+        let routed = match send_target {
             // The hot path: its future is small, so it runs inline in this burst's box (one
             // allocation and copy less per message).
             Some(id) => {
-                if let Ok(cid) = ConversationId::parse(id) {
+                let sent = send_message(ctx, &req.head, id, body, keep_alive, out, trace_ref).await;
+                // Only sends that were taken count towards moving the connection: refused ones
+                // (a bad token) must not steer it to another shard.
+                if sent.is_ok()
+                    && let Ok(cid) = ConversationId::parse(id)
+                {
                     sends_to.sent(ctx.id, kefu_protocol::frame::shard_of(cid.0));
                 }
-                send_message(ctx, &req.head, id, body, keep_alive, out, trace_ref)
-                    .await
-                    .map(|()| Next::Continue { keep_alive })
+                sent.map(|()| Next::Continue { keep_alive })
             }
             // Boxed: the other handlers' state is large and only lives during a request, so
             // the burst's box stays small (see the idle-memory figures in the README).

@@ -210,9 +210,17 @@ pub async fn adopt(ctx: Rc<ShardCtx>) {
                 continue;
             }
         };
-        ctx.metrics.connection_arrived();
-        // Counted against its address here (not refused: it was admitted where it came from).
+        // Counted against its address here. An address already at its limit on this shard
+        // does not get one more by moving it (its connections could otherwise be steered
+        // here one by one past the limit): the connection is closed, between requests.
         let ip = ctx.ip_limited(stream.peer_addr().ok());
+        if ip.is_some_and(|ip| ctx.ip_full(ip)) {
+            let refused = &ctx.metrics.connections_refused;
+            refused.set(refused.get() + 1);
+            ctx.shared.connections.give();
+            continue;
+        }
+        ctx.metrics.connection_arrived();
         crate::server::serve_http(&ctx, stream, tls, moves, false, ip);
     }
     ctx.forget_conn(me);

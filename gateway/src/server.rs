@@ -282,7 +282,7 @@ impl ShardCtx {
     }
 
     /// Whether address `ip` has `connections_per_ip_max` connections open on this shard.
-    fn ip_full(&self, ip: u64) -> bool {
+    pub fn ip_full(&self, ip: u64) -> bool {
         self.ip_conns
             .borrow()
             .get(&ip)
@@ -677,7 +677,8 @@ pub fn run(config: Config, demo_lines: Vec<String>) -> anyhow::Result<()> {
     for t in threads {
         let _ = t.join();
     }
-    // Uploads already answered are durable; the queue is empty once the shards are gone.
+    // The writer finishes what is queued (stored and counted, even where the shard's bounded
+    // drain gave up on the client waiting for it), then stops.
     uploads.stop();
     let _ = uploads_thread.join();
     eprintln!("kefu: stopped");
@@ -895,7 +896,7 @@ async fn shard_main(
         }
     });
     let http_task = monoio::spawn(accept_loop(ctx.clone(), http, Proto::Http));
-    // Shard 0 serves the admin listener, if there is one.
+    // The first shard to get here serves the admin listener, if there is one.
     let admin = shared
         .admin_listener
         .lock()

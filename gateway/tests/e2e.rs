@@ -1844,6 +1844,35 @@ fn a_trickled_request_gets_408_and_a_body_too_large_for_its_endpoint_413_from_it
          {visitor}\r\nContent-Length: 70000\r\n\r\n"
     ));
     assert!(refused.starts_with("HTTP/1.1 413 "), "{refused:?}");
+    // A chunked body just within the limit (62 KB) in 4,000 small chunks (84 KB on the wire),
+    // arriving in two writes, is not taken for a large one.
+    let json_body = format!(
+        "{}{}",
+        json!({"visitor": {"name": "v"}, "channel": "web"}),
+        " ".repeat(62_000)
+    );
+    let mut chunked = String::new();
+    for part in json_body.as_bytes().chunks(json_body.len().div_ceil(4000)) {
+        chunked.push_str(&format!("{:x}\r\n", part.len()));
+        chunked.push_str(std::str::from_utf8(part).unwrap());
+        chunked.push_str("\r\n");
+    }
+    chunked.push_str("0\r\n\r\n");
+    assert!(chunked.len() > 83_000, "{}", chunked.len());
+    let mut c = std::net::TcpStream::connect(kefu.http).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(
+        b"POST /v1/conversations HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .unwrap();
+    let (first, second) = chunked.as_bytes().split_at(chunked.len() - 1000);
+    c.write_all(first).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    c.write_all(second).unwrap();
+    let mut answer = [0u8; 4096];
+    let n = c.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 201 "), "{answer:?}");
     // The same size as an attachment upload (limit 10 MiB) is waited for.
     let go_on = head_only(format!(
         "POST /v1/conversations/{id}/attachments HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer \
@@ -2203,7 +2232,30 @@ fn the_admin_listener_serves_metrics_and_health_only() {
     let r = http.get("/metrics", None);
     assert_eq!(r.status, 403);
     assert!(String::from_utf8_lossy(&r.body).contains("server.admin"));
-    create_conversation(&mut http, None);
+    // Sends are API requests too: not on the admin listener, valid token or not, and bogus
+    // ones cannot move the admin connection to another shard (where it would serve the API).
+    let (id, visitor) = create_conversation(&mut http, None);
+    let send = format!("/v1/conversations/{id}/messages");
+    let body = json!({"text": "hi"}).to_string();
+    assert_eq!(ops.post(&send, Some(&visitor), &body).status, 404);
+    let other_shard = format!(
+        "{}",
+        ConversationId(ConversationId::parse(&id).unwrap().0 ^ (1 << 48))
+    );
+    for _ in 0..3 {
+        let r = ops.post(
+            &format!("/v1/conversations/{other_shard}/messages"),
+            Some("bogus"),
+            &body,
+        );
+        assert_eq!(r.status, 404);
+    }
+    let r = ops.post(
+        "/v1/conversations",
+        None,
+        &json!({"visitor": {"name": "v"}, "channel": "web"}).to_string(),
+    );
+    assert_eq!(r.status, 404);
     // Without one, the ready line has no admin= and /metrics is on the API listener.
     let plain = tempfile::tempdir().unwrap();
     let k = start(&plain, "1", "never");
