@@ -2384,7 +2384,6 @@ fn conversation_starts_are_rate_limited_per_address() {
 /// whole frames count as traffic.
 #[test]
 fn a_trickled_frame_does_not_keep_a_websocket_or_binary_session_alive() {
-    use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let kefu = start_with(
         &dir,
@@ -2402,33 +2401,10 @@ fn a_trickled_frame_does_not_keep_a_websocket_or_binary_session_alive() {
     let mut frame = vec![0x81u8, 0x80 | 126, 0, 200, 1, 2, 3, 4];
     frame.extend(std::iter::repeat_n(b'x', 200));
     let started = std::time::Instant::now();
-    let mut closed = false;
-    // Bounded: 60 bytes, 100 ms apart (6 s), far past the idle timeout.
-    for byte in frame.iter().take(60) {
-        ws.send_raw(&[*byte]);
-        std::thread::sleep(Duration::from_millis(100));
-        ws.stream_mut()
-            .set_read_timeout(Some(Duration::from_millis(1)))
-            .unwrap();
-        let mut probe = [0u8; 512];
-        match ws.stream_mut().read(&mut probe) {
-            Ok(0) => {
-                closed = true;
-                break;
-            }
-            // Pings, then the close frame (1001); the socket closes after it.
-            Ok(n) if probe[..n].windows(2).any(|w| w == [0x88, 0x02]) => {
-                closed = true;
-                break;
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => {
-                closed = true;
-                break;
-            }
-        }
-    }
+    // Pings come meanwhile; the close frame (1001) is 0x88 0x02, and the socket closes after.
+    let closed = trickle_until_closed(ws.stream_mut(), &frame, |got| {
+        got.windows(2).any(|w| w == [0x88, 0x02])
+    });
     assert!(closed, "a trickled WebSocket frame kept the socket open");
     assert!(started.elapsed() < Duration::from_secs(5));
     // The binary protocol: a Hello frame's bytes one at a time.
@@ -2437,30 +2413,37 @@ fn a_trickled_frame_does_not_keep_a_websocket_or_binary_session_alive() {
         .unwrap();
     assert!(hello.len() > 60);
     let mut bin = std::net::TcpStream::connect(kefu.tcp).unwrap();
-    bin.set_read_timeout(Some(Duration::from_millis(1)))
+    let closed = trickle_until_closed(&mut bin, &hello, |_| false);
+    assert!(closed, "a trickled binary frame kept the session open");
+}
+
+/// Sends the first 60 bytes of `bytes` one at a time, 100 ms apart; true once the peer closed
+/// (end of file, an error, or what it sent passes `closing`).
+fn trickle_until_closed(
+    stream: &mut std::net::TcpStream,
+    bytes: &[u8],
+    closing: impl Fn(&[u8]) -> bool,
+) -> bool {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(1)))
         .unwrap();
-    let mut closed = false;
-    for byte in hello.iter().take(60) {
-        if bin.write_all(&[*byte]).is_err() {
-            closed = true;
-            break;
+    // Bounded: 60 bytes, 100 ms apart (6 s).
+    for byte in bytes.iter().take(60) {
+        if stream.write_all(&[*byte]).is_err() {
+            return true;
         }
         std::thread::sleep(Duration::from_millis(100));
         let mut probe = [0u8; 512];
-        match bin.read(&mut probe) {
-            Ok(0) => {
-                closed = true;
-                break;
-            }
+        match stream.read(&mut probe) {
+            Ok(0) => return true,
+            Ok(n) if closing(&probe[..n]) => return true,
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => {
-                closed = true;
-                break;
-            }
+            Err(_) => return true,
         }
     }
-    assert!(closed, "a trickled binary frame kept the session open");
+    false
 }
 
 #[test]
