@@ -51,6 +51,8 @@ pub enum AttachmentError {
     TooLarge { size_bytes_max: u64 },
     #[error("the conversation's attachments are at their limit ({limit})")]
     ConversationFull { limit: String },
+    #[error("the tenant's attachments are at tenant_bytes_max = {tenant_bytes_max} ({used} used)")]
+    TenantFull { tenant_bytes_max: u64, used: u64 },
     #[error("content type {content_type:?} is not allowed")]
     UnsupportedType { content_type: String },
     #[error("body has {received} bytes but Content-Length said {declared}")]
@@ -66,7 +68,9 @@ pub enum AttachmentError {
 impl AttachmentError {
     pub fn http_status(&self) -> u16 {
         match self {
-            AttachmentError::TooLarge { .. } | AttachmentError::ConversationFull { .. } => 413,
+            AttachmentError::TooLarge { .. }
+            | AttachmentError::ConversationFull { .. }
+            | AttachmentError::TenantFull { .. } => 413,
             AttachmentError::UnsupportedType { .. } => 415,
             AttachmentError::LengthMismatch { .. } => 400,
             AttachmentError::NotFound => 404,
@@ -100,8 +104,16 @@ pub struct Cleanup {
 #[derive(Debug, Clone)]
 pub struct AttachmentStore {
     root: PathBuf,
-    /// Attachments per conversation, stored or being uploaded (see [`Usage`]).
-    usage: Arc<Mutex<HashMap<u64, Usage>>>,
+    /// Attachments per conversation and bytes per tenant, stored or being uploaded (see
+    /// [`Usage`]).
+    usage: Arc<Mutex<Usages>>,
+}
+
+/// What [`AttachmentStore`] counts.
+#[derive(Debug, Default)]
+struct Usages {
+    conversations: HashMap<u64, Usage>,
+    tenant_bytes: HashMap<String, u64>,
 }
 
 /// A conversation's attachments: count and bytes, the uploads in progress included (reserved
@@ -117,7 +129,8 @@ pub struct Usage {
 /// An upload's hold on its conversation's [`Usage`], given back on drop unless kept.
 #[derive(Debug)]
 struct Reservation {
-    usage: Arc<Mutex<HashMap<u64, Usage>>>,
+    usage: Arc<Mutex<Usages>>,
+    tenant: String,
     conversation: u64,
     bytes: u64,
     kept: bool,
@@ -127,8 +140,11 @@ impl Reservation {
     /// The upload is stored, with `size` bytes: its usage stays.
     fn keep(&mut self, size: u64) {
         let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(u) = usage.get_mut(&self.conversation) {
+        if let Some(u) = usage.conversations.get_mut(&self.conversation) {
             u.bytes = u.bytes.saturating_sub(self.bytes) + size;
+        }
+        if let Some(t) = usage.tenant_bytes.get_mut(&self.tenant) {
+            *t = t.saturating_sub(self.bytes) + size;
         }
         self.kept = true;
     }
@@ -140,12 +156,15 @@ impl Drop for Reservation {
             return;
         }
         let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(u) = usage.get_mut(&self.conversation) {
+        if let Some(u) = usage.conversations.get_mut(&self.conversation) {
             u.count = u.count.saturating_sub(1);
             u.bytes = u.bytes.saturating_sub(self.bytes);
             if u.count == 0 {
-                usage.remove(&self.conversation);
+                usage.conversations.remove(&self.conversation);
             }
+        }
+        if let Some(t) = usage.tenant_bytes.get_mut(&self.tenant) {
+            *t = t.saturating_sub(self.bytes);
         }
     }
 }
@@ -203,7 +222,19 @@ impl AttachmentStore {
         self.usage
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .conversations
             .get(&conversation)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Bytes of a tenant's attachments, stored or in progress.
+    pub fn tenant_bytes(&self, tenant: &str) -> u64 {
+        self.usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tenant_bytes
+            .get(tenant)
             .copied()
             .unwrap_or_default()
     }
@@ -213,7 +244,7 @@ impl AttachmentStore {
         let root = data_dir.join(ATTACHMENTS_DIR);
         std::fs::create_dir_all(&root)?;
         let mut cleanup = Cleanup::default();
-        let mut usage: HashMap<u64, Usage> = HashMap::new();
+        let mut usage = Usages::default();
         for tenant_dir in std::fs::read_dir(&root)? {
             let tenant_dir = tenant_dir?;
             if !tenant_dir.file_type()?.is_dir() {
@@ -236,9 +267,10 @@ impl AttachmentStore {
                     && let Ok(text) = std::fs::read(entry.path())
                     && let Ok(meta) = serde_json::from_slice::<AttachmentMeta>(&text)
                 {
-                    let u = usage.entry(meta.conversation).or_default();
+                    let u = usage.conversations.entry(meta.conversation).or_default();
                     u.count += 1;
                     u.bytes += meta.size;
+                    *usage.tenant_bytes.entry(meta.tenant).or_default() += meta.size;
                 }
             }
             if cleanup != Cleanup::default() {
@@ -295,7 +327,14 @@ impl AttachmentStore {
         let bytes = declared_len.unwrap_or(limits.size_bytes_max);
         let reservation = {
             let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
-            let u = usage.entry(conversation).or_default();
+            let tenant_used = usage.tenant_bytes.get(tenant).copied().unwrap_or_default();
+            if limits.tenant_bytes_max > 0 && tenant_used + bytes > limits.tenant_bytes_max {
+                return Err(AttachmentError::TenantFull {
+                    tenant_bytes_max: limits.tenant_bytes_max,
+                    used: tenant_used,
+                });
+            }
+            let u = usage.conversations.entry(conversation).or_default();
             if u.count >= limits.per_conversation_count_max {
                 return Err(AttachmentError::ConversationFull {
                     limit: format!(
@@ -314,8 +353,10 @@ impl AttachmentStore {
             }
             u.count += 1;
             u.bytes += bytes;
+            *usage.tenant_bytes.entry(tenant.to_owned()).or_default() += bytes;
             Reservation {
                 usage: self.usage.clone(),
+                tenant: tenant.to_owned(),
                 conversation,
                 bytes,
                 kept: false,
@@ -584,7 +625,39 @@ mod tests {
             content_types: vec!["image/*".into(), "application/pdf".into()],
             per_conversation_count_max: 100,
             per_conversation_bytes_max: 100 * size_bytes_max,
+            tenant_bytes_max: 0,
         }
+    }
+
+    /// With `tenant_bytes_max`, a tenant's attachments stop there across its conversations
+    /// (413), another tenant's are not affected, a failed upload gives its bytes back, and a
+    /// reopened store counts the disk.
+    #[test]
+    fn a_tenant_s_attachments_stop_at_tenant_bytes_max() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = AttachmentStore::open(dir.path()).unwrap();
+        let mut l = limits(1000);
+        l.tenant_bytes_max = 2500;
+        store_one(&store, 1, 1000, &l).unwrap();
+        store_one(&store, 2, 1000, &l).unwrap();
+        let e = store_one(&store, 3, 1000, &l).unwrap_err();
+        assert_eq!(e.http_status(), 413);
+        assert!(e.to_string().contains("tenant_bytes_max = 2500"), "{e}");
+        assert_eq!(store.tenant_bytes("acme"), 2000);
+        let mut upload = store
+            .begin("globex", 9, "image/png", Some(1000), &l)
+            .unwrap();
+        upload.write_chunk(&[1; 1000]).unwrap();
+        upload.finish().unwrap();
+        let mut failing = store.begin("acme", 3, "image/png", Some(400), &l).unwrap();
+        assert_eq!(store.tenant_bytes("acme"), 2400);
+        failing.write_chunk(&[1; 10]).unwrap();
+        assert!(failing.finish().is_err());
+        assert_eq!(store.tenant_bytes("acme"), 2000);
+        drop(store);
+        let (store, _) = AttachmentStore::open(dir.path()).unwrap();
+        assert_eq!(store.tenant_bytes("acme"), 2000);
+        assert_eq!(store.tenant_bytes("globex"), 1000);
     }
 
     /// Stores one attachment of `len` bytes in `conversation`.

@@ -15,7 +15,7 @@
 //! route_on_one_shard = true           # false: per-shard routing (capacity per shard), all cores for this tenant
 //! auto_replies_per_conversation_max = 3
 //! visitor_rate_limit = { messages_per_s = 5, burst = 20, visitors_tracked_max = 65536 }
-//! attachments = { size_bytes_max = 10485760, content_types = ["image/*", "application/pdf"], per_conversation_count_max = 100, per_conversation_bytes_max = 104857600 }
+//! attachments = { size_bytes_max = 10485760, content_types = ["image/*", "application/pdf"], per_conversation_count_max = 100, per_conversation_bytes_max = 104857600, tenant_bytes_max = 0 }
 //!
 //! [[tenant.agent]]
 //! name = "alice"
@@ -249,7 +249,8 @@ impl Default for RateLimitConfig {
 /// Upload limits: 413 above `size_bytes_max`, 415 for a type not in `content_types`
 /// (`type/subtype` or `type/*`, lowercase; parameters such as `; charset=` are ignored), and
 /// 413 once a conversation holds `per_conversation_count_max` attachments or would hold more
-/// than `per_conversation_bytes_max` bytes of them.
+/// than `per_conversation_bytes_max` bytes of them, or the tenant's would pass
+/// `tenant_bytes_max` (0: no tenant limit).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AttachmentConfig {
@@ -257,6 +258,7 @@ pub struct AttachmentConfig {
     pub content_types: Vec<String>,
     pub per_conversation_count_max: u32,
     pub per_conversation_bytes_max: u64,
+    pub tenant_bytes_max: u64,
 }
 
 impl Default for AttachmentConfig {
@@ -265,6 +267,7 @@ impl Default for AttachmentConfig {
             size_bytes_max: 10 * 1024 * 1024,
             per_conversation_count_max: 100,
             per_conversation_bytes_max: 100 * 1024 * 1024,
+            tenant_bytes_max: 0,
             content_types: [
                 "image/png",
                 "image/jpeg",
