@@ -330,7 +330,9 @@ impl Conn {
                 }
                 None => {}
             }
-            let (res, out) = ring_write_all(&mut self.stream, out).await;
+            // Boxed: the slow path's state (a ring op under a timer) would otherwise sit in
+            // every caller's future, which a connection moves and keeps per burst.
+            let (res, out) = Box::pin(ring_write_all(&mut self.stream, out)).await;
             give_tls_buf(out);
             res?;
         }
@@ -357,7 +359,8 @@ impl Conn {
                 }
                 None => {}
             }
-            let (res, mut buf) = ring_write_all(&mut self.stream, buf).await;
+            // Boxed, as in `flush_tls`: only when the socket did not take it all.
+            let (res, mut buf) = Box::pin(ring_write_all(&mut self.stream, buf)).await;
             buf.clear();
             return (res, buf);
         }

@@ -573,7 +573,8 @@ pub async fn serve(
                         out.clear();
                         write_error(&mut out, &err, false);
                         ctx.metrics.response(err.status);
-                        let _ = c.conn.write_all(out).await;
+                        // Boxed: rare, and the idle connection's future stays small.
+                        let _ = Box::pin(c.conn.write_all(out)).await;
                         return Served::Closed(Disconnect::RequestTimeout);
                     }
                     Woken::Deadline => return Served::Closed(Disconnect::IdleTimeout),
