@@ -703,7 +703,10 @@ impl Engine {
             return false;
         }
         self.recovery_skipped += 1;
-        self.forgotten_in_recovery.push(id);
+        // A conversation's skipped records mostly come in a row: one entry for them.
+        if self.forgotten_in_recovery.last() != Some(&id) {
+            self.forgotten_in_recovery.push(id);
+        }
         true
     }
 

@@ -451,11 +451,7 @@ struct HttpConn {
     parse_pending: bool,
     local_port: u16,
     peer_port: u16,
-    peer_loopback: bool,
-    /// `ratelimit::ip_key` of the peer's address (conversation starts are limited by it).
-    peer_ip: u64,
-    /// Accepted on the admin listener: `/metrics` and the health checks only.
-    admin: bool,
+    peer: Peer,
     conn_id: u64,
     /// Where its message sends went: a connection moves to their shard ([`crate::migrate`]).
     sends_to: crate::migrate::Follow,
@@ -473,7 +469,7 @@ struct Peer {
     loopback: bool,
     /// `ratelimit::ip_key` of its address.
     ip: u64,
-    /// On the admin listener.
+    /// Accepted on the admin listener: `/metrics` and the health checks only.
     admin: bool,
 }
 
@@ -532,9 +528,11 @@ pub async fn serve(
         parse_pending: false,
         local_port,
         peer_port,
-        peer_loopback,
-        peer_ip,
-        admin,
+        peer: Peer {
+            loopback: peer_loopback,
+            ip: peer_ip,
+            admin,
+        },
         conn_id,
         sends_to: crate::migrate::Follow::moved(moves),
         partial: None,
@@ -668,19 +666,12 @@ async fn burst(ctx: &Rc<ShardCtx>, c: &mut HttpConn) -> After {
         parse_pending,
         local_port,
         peer_port,
-        peer_loopback,
-        peer_ip,
-        admin,
+        peer,
         conn_id,
         sends_to,
         partial,
     } = c;
-    let (local_port, peer_port, conn_id) = (*local_port, *peer_port, *conn_id);
-    let peer = Peer {
-        loopback: *peer_loopback,
-        ip: *peer_ip,
-        admin: *admin,
-    };
+    let (local_port, peer_port, peer, conn_id) = (*local_port, *peer_port, *peer, *conn_id);
     let mut read_at_ns = 0;
     if !*parse_pending {
         let b = buf.take().unwrap_or_else(|| ctx.pool.take());

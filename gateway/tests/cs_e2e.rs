@@ -128,6 +128,12 @@ fn start_replacing(
     )
 }
 
+/// One shard, auto-close after 300 ms, a socket grace long enough not to matter, and one line
+/// of the default config replaced: for the tests that SIGKILL and restart on the same dir.
+fn start_restartable(dir: &Path, replace: (&str, &str)) -> Kefu {
+    start_replacing(dir, "1", 300, 600_000, &[replace])
+}
+
 /// One shard, auto-close after 600 ms, socket grace 800 ms.
 fn start(dir: &tempfile::TempDir) -> Kefu {
     start_with(dir.path(), "1", 600, 800)
@@ -1093,15 +1099,12 @@ fn an_agent_socket_gets_assignments_made_right_after_its_upgrade() {
 fn a_full_shard_forgets_closed_conversations_and_keeps_taking_new_ones() {
     let dir = tempfile::tempdir().unwrap();
     let start = || {
-        start_replacing(
+        start_restartable(
             dir.path(),
-            "1",
-            300,
-            600_000,
-            &[(
+            (
                 "conversations_per_shard_max = 100000",
                 "conversations_per_shard_max = 3",
-            )],
+            ),
         )
     };
     let mut kefu = start();
@@ -1170,15 +1173,12 @@ fn a_full_shard_forgets_closed_conversations_and_keeps_taking_new_ones() {
 fn log_retention_deletes_closed_conversations_and_keeps_open_ones_whole() {
     let dir = tempfile::tempdir().unwrap();
     let start = || {
-        start_replacing(
+        start_restartable(
             dir.path(),
-            "1",
-            300,
-            600_000,
-            &[(
+            (
                 "log_retention_bytes_max = 0 ",
                 "log_retention_bytes_max = 8388608 ",
-            )],
+            ),
         )
     };
     let mut kefu = start();
